@@ -1,0 +1,56 @@
+# The commands people type. Each target installs what it needs into .venv (pinned in requirements*.txt).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Builds from several shells (or agents) at once would trample build/: serialise them.
+LOCK   := flock /tmp/credit-ops-build.lock
+
+.PHONY: all deps build test test-fast train experiment bench gpu-check lint format cmake clean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.deps: requirements.txt requirements-dev.txt | $(PY)
+	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+deps: $(VENV)/.deps
+
+build: deps
+	$(LOCK) $(PIP) install --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q tests
+
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" tests
+
+train: build
+	$(PY) -m credit_ops.trainer $(ARGS)
+
+experiment: build
+	$(PY) -m credit_ops.trainer.experiment $(ARGS)
+
+bench: build
+	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,ops --benchmark-sort=name $(ARGS)
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+lint: deps
+	$(VENV)/bin/ruff check credit_ops triton_kernels trainer tests benchmarks scripts
+
+format: deps
+	$(VENV)/bin/ruff format credit_ops triton_kernels trainer tests benchmarks scripts
+
+cmake:
+	cmake -S . -B build/cmake -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DPython_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cmake -j
+	cd build/cmake && ctest --output-on-failure
+
+clean:
+	rm -rf build *.egg-info credit_ops/*.so

@@ -1,0 +1,22 @@
+"""credit-ops: fused kernels for process-level credit assignment in GRPO-style reinforcement learning.
+
+Importing the package registers the ``torch.ops.credit.*`` custom ops (C++ CPU kernels, CUDA kernels when
+built with CUDA, Triton kernels when Triton is installed) with their fake kernels and autograd formulas.
+"""
+
+try:
+    from credit_ops import _C  # noqa: F401  (registers the C++/CUDA ops)
+except ImportError as e:  # pragma: no cover - only when the extension was never built
+    raise ImportError(
+        "credit_ops._C is not built: run `pip install --no-build-isolation -e .` (or `make build`) "
+        f"in the credit-ops checkout first ({e})"
+    ) from e
+
+from credit_ops import _autograd, _meta, _triton_ops  # noqa: F401,E402  (registration side effects)
+from credit_ops._backend import get_backend, use_backend  # noqa: E402
+from credit_ops._checks import set_value_checks  # noqa: E402
+from credit_ops.ops import token_logprobs  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["get_backend", "set_value_checks", "token_logprobs", "use_backend"]

@@ -1,0 +1,55 @@
+"""The public API of credit-ops: typed wrappers that validate input, pick a backend and call the ops.
+
+Every function accepts tensors on CPU or CUDA; see credit_ops._backend for how the implementation is chosen
+and credit_ops._checks for how (and when) value checks run.
+"""
+
+import torch
+from torch import Tensor
+
+from credit_ops import _checks, reference
+from credit_ops._backend import pick
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probability of each label under softmax(logits / temperature), and optionally the entropy.
+
+    logp[i] = log softmax(logits[i] / T)[labels[i]],   H[i] = -sum_v p[i, v] log p[i, v]
+
+    One pass over the logits with an online log-sum-exp in fp32; under ``torch.no_grad()`` nothing of size
+    (..., V) is allocated. Differentiable w.r.t. ``logits`` through both outputs. Positions whose label equals
+    ``ignore_index`` give 0 for both and receive no gradient.
+
+    Shapes:
+        logits: (..., V) bfloat16 / float16 / float32 / float64, e.g. (B, T, V) or packed (N, V)
+        labels: (...) int32 / int64, values in [0, V) or ``ignore_index``
+        returns: logprobs (...) float32 (float64 for float64 logits); with ``return_entropy`` also
+            entropy (...) of the same dtype
+    """
+    _checks.tensor("logits", logits, dtypes=_checks.FLOAT_DTYPES, min_dim=1)
+    _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES)
+    _checks.same_device(logits=logits, labels=labels)
+    _checks.shape("labels", labels, logits.shape[:-1], "(the leading dimensions of logits)")
+    _checks.check(temperature > 0, f"temperature must be > 0, got {temperature}")
+    V = logits.shape[-1]
+    _checks.check(V > 0, "logits must have a non-empty vocabulary dimension")
+    _checks.ids_in_range("labels", labels, V, ignore_index=ignore_index)
+
+    backend = pick(logits.device, gpu="triton")
+    if backend == "reference":
+        return reference.token_logprobs(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        )
+    op = torch.ops.credit.token_logprobs_fwd_triton if backend == "triton" else torch.ops.credit.token_logprobs_fwd
+    logprobs, entropy, _ = op(
+        logits.reshape(-1, V), labels.reshape(-1), float(temperature), int(ignore_index), bool(return_entropy)
+    )
+    logprobs = logprobs.view(labels.shape)
+    return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs

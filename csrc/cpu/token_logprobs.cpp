@@ -1,0 +1,235 @@
+// CPU kernels for credit::token_logprobs_{fwd,bwd}: rows in parallel, two passes over each row
+// (max, then exp-sums) on an fp32 copy; entropy comes from the same exp-sums at no extra exp.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/vec_math.h"
+
+namespace credit::cpu {
+namespace {
+
+constexpr int kLanes = 16;  // independent accumulators: lets GCC vectorise the reductions
+
+// Softmax statistics of z / T for one row: log-sum-exp and entropy (sum_j p_j log p_j, negated).
+template <typename acc_t>
+__attribute__((always_inline)) inline void row_stats_impl(const acc_t* z, int64_t V, acc_t inv_t, acc_t* lse,
+                                                          acc_t* entropy) {
+  acc_t mx[kLanes];
+  std::fill(mx, mx + kLanes, -std::numeric_limits<acc_t>::infinity());
+  int64_t body = V - V % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) mx[l] = z[i + l] > mx[l] ? z[i + l] : mx[l];
+  acc_t m = *std::max_element(mx, mx + kLanes);
+  for (int64_t i = body; i < V; ++i) m = std::max(m, z[i]);
+  m *= inv_t;  // max commutes with the positive scale 1 / T
+
+  acc_t s[kLanes] = {}, t[kLanes] = {};
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      // -inf logits: clamp the shifted value so exp -> ~0 and e * d stays finite instead of 0 * -inf.
+      acc_t d = std::max(z[i + l] * inv_t - m, acc_t(-87));
+      acc_t e = fast_exp(d);
+      s[l] += e;
+      t[l] += e * d;
+    }
+  acc_t S = 0, Tt = 0;
+  for (int l = 0; l < kLanes; ++l) S += s[l], Tt += t[l];
+  for (int64_t i = body; i < V; ++i) {
+    acc_t d = std::max(z[i] * inv_t - m, acc_t(-87));
+    acc_t e = fast_exp(d);
+    S += e;
+    Tt += e * d;
+  }
+  *lse = m + std::log(S);
+  *entropy = std::log(S) - Tt / S;
+}
+
+// d/dz of (g * logp_y + ge * H): (1/T) * (g * (onehot_y - p) - ge * p * (log p + H)).
+template <typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void row_grad_impl(const acc_t* z, int64_t V, acc_t inv_t, acc_t lse, acc_t H,
+                                                         acc_t g, acc_t ge, int64_t label, scalar_t* out) {
+  for (int64_t j = 0; j < V; ++j) {
+    acc_t logp = std::max(z[j] * inv_t - lse, acc_t(-87));
+    acc_t p = fast_exp(logp);
+    out[j] = static_cast<scalar_t>(inv_t * (-g * p - ge * p * (logp + H)));
+  }
+  out[label] = static_cast<scalar_t>(static_cast<acc_t>(out[label]) + inv_t * g);
+}
+
+// The fp32 paths run most of the time: compile them once per ISA and pick at load time (ifunc).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void row_stats_f32(const float* z, int64_t V,
+                                                                                 float inv_t, float* lse,
+                                                                                 float* entropy) {
+  row_stats_impl<float>(z, V, inv_t, lse, entropy);
+}
+
+template <typename scalar_t>
+void row_stats(const float* z, int64_t V, float inv_t, float* lse, float* entropy) {
+  row_stats_f32(z, V, inv_t, lse, entropy);
+}
+template <typename scalar_t>
+void row_stats(const double* z, int64_t V, double inv_t, double* lse, double* entropy) {
+  row_stats_impl<double>(z, V, inv_t, lse, entropy);
+}
+
+#define CREDIT_ROW_GRAD_F32(scalar_t, name)                                                                  \
+  __attribute__((target_clones("avx512f", "avx2", "default"))) void name(                                  \
+      const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge, int64_t label,          \
+      scalar_t* out) {                                                                                       \
+    row_grad_impl<float, scalar_t>(z, V, inv_t, lse, H, g, ge, label, out);                                \
+  }
+CREDIT_ROW_GRAD_F32(float, row_grad_f32)
+CREDIT_ROW_GRAD_F32(at::BFloat16, row_grad_bf16)
+CREDIT_ROW_GRAD_F32(at::Half, row_grad_f16)
+#undef CREDIT_ROW_GRAD_F32
+
+inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge, int64_t label,
+                     float* out) {
+  row_grad_f32(z, V, inv_t, lse, H, g, ge, label, out);
+}
+inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge, int64_t label,
+                     at::BFloat16* out) {
+  row_grad_bf16(z, V, inv_t, lse, H, g, ge, label, out);
+}
+inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge, int64_t label,
+                     at::Half* out) {
+  row_grad_f16(z, V, inv_t, lse, H, g, ge, label, out);
+}
+inline void row_grad(const double* z, int64_t V, double inv_t, double lse, double H, double g, double ge,
+                     int64_t label, double* out) {
+  for (int64_t j = 0; j < V; ++j) {
+    double logp = z[j] * inv_t - lse;
+    double p = std::exp(logp);
+    out[j] = p == 0.0 ? 0.0 : inv_t * (-g * p - ge * p * (logp + H));  // p log p -> 0 as p -> 0
+  }
+  out[label] += inv_t * g;
+}
+
+// Row i of the logits as acc_t: the row itself when it already is, else converted into buf.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* row_as_acc(const scalar_t* row, int64_t V, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    buf.resize(V);
+    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<acc_t>(row[j]);
+    return buf.data();
+  }
+}
+
+inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
+
+inline at::ScalarType stats_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::Tensor& logits,
+                                                                      const at::Tensor& labels, double temperature,
+                                                                      int64_t ignore_index, bool return_entropy) {
+  TORCH_CHECK(logits.dim() == 2, "token_logprobs_fwd: logits must be (N, V), got ", logits.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), "token_logprobs_fwd: labels must be (N,)");
+  TORCH_CHECK(temperature > 0, "token_logprobs_fwd: temperature must be > 0");
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor y = labels.contiguous();
+  const int64_t N = x.size(0), V = x.size(1);
+  auto opts = x.options().dtype(stats_dtype(x));
+  at::Tensor logprobs = at::empty({N}, opts);
+  at::Tensor entropy = at::empty({return_entropy ? N : 0}, opts);
+  at::Tensor lse = at::empty({N}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_logprobs_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "token_logprobs_fwd_cpu", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const index_t* yp = y.const_data_ptr<index_t>();
+      acc_t* lp = logprobs.mutable_data_ptr<acc_t>();
+      acc_t* ls = lse.mutable_data_ptr<acc_t>();
+      acc_t* ent = return_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr;
+      const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+      at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buf;
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t label = yp[i];
+          if (label == ignore_index) {
+            lp[i] = 0, ls[i] = 0;
+            if (ent) ent[i] = 0;
+            continue;
+          }
+          TORCH_CHECK(label >= 0 && label < V, "token_logprobs_fwd: label ", label, " out of range [0, ", V, ")");
+          const acc_t* z = row_as_acc<scalar_t, acc_t>(xp + i * V, V, buf);
+          acc_t row_lse, row_entropy;
+          row_stats<scalar_t>(z, V, inv_t, &row_lse, &row_entropy);
+          ls[i] = row_lse;
+          lp[i] = z[label] * inv_t - row_lse;
+          if (ent) ent[i] = row_entropy;
+        }
+      });
+    });
+  });
+  return {logprobs, entropy, lse};
+}
+
+at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+                                  const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                                  const std::optional<at::Tensor>& entropy, double temperature,
+                                  int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, "token_logprobs_bwd: logits must be (N, V)");
+  const bool with_entropy = grad_entropy.has_value() && grad_entropy->defined() && grad_entropy->numel() > 0;
+  TORCH_CHECK(!with_entropy || (entropy.has_value() && entropy->numel() == logits.size(0)),
+              "token_logprobs_bwd: entropy values are needed for its gradient");
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor y = labels.contiguous();
+  const auto acc_dtype = stats_dtype(x);
+  const at::Tensor g = grad_logprobs.to(acc_dtype).contiguous();
+  const at::Tensor ge = with_entropy ? grad_entropy->to(acc_dtype).contiguous() : at::Tensor();
+  const at::Tensor H = with_entropy ? entropy->to(acc_dtype).contiguous() : at::Tensor();
+  const at::Tensor L = lse.to(acc_dtype).contiguous();
+  const int64_t N = x.size(0), V = x.size(1);
+  at::Tensor grad = at::empty_like(x);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_logprobs_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "token_logprobs_bwd_cpu", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const index_t* yp = y.const_data_ptr<index_t>();
+      const acc_t* gp = g.const_data_ptr<acc_t>();
+      const acc_t* gep = with_entropy ? ge.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* hp = with_entropy ? H.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* lp = L.const_data_ptr<acc_t>();
+      scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+      const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+      at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buf;
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t label = yp[i];
+          scalar_t* row_out = out + i * V;
+          if (label == ignore_index) {
+            std::fill(row_out, row_out + V, scalar_t(0));
+            continue;
+          }
+          TORCH_CHECK(label >= 0 && label < V, "token_logprobs_bwd: label ", label, " out of range [0, ", V, ")");
+          const acc_t* z = row_as_acc<scalar_t, acc_t>(xp + i * V, V, buf);
+          row_grad(z, V, inv_t, lp[i], gep ? hp[i] : acc_t(0), gp[i], gep ? gep[i] : acc_t(0), label, row_out);
+        }
+      });
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(credit, CPU, m) {
+  m.impl("token_logprobs_fwd", &token_logprobs_fwd_cpu);
+  m.impl("token_logprobs_bwd", &token_logprobs_bwd_cpu);
+}
+
+}  // namespace credit::cpu

@@ -1,0 +1,1 @@
+"""credit_ops.trainer: the thin accelerate-based GRPO / IBPO / Difference Feedback trainer."""

@@ -1,0 +1,132 @@
+"""Triton kernels for token log-probabilities and entropy over (N, V) logits.
+
+One program per row streams the row once in BLOCK_V chunks, in base 2 (exp2/log2 are the native units):
+a running max m and vector accumulators s = sum 2^(z2 - m), t = sum 2^(z2 - m) * z2 with z2 = z * log2(e) / T,
+rescaled by one scalar per chunk. Then lse = ln2 * (m + log2 s) and H = ln2 * (m + log2 s - t / s).
+"""
+
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)  # jit code may only read globals that are constexpr
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+    stride_row, V, scale, ignore_index,
+    ACC: tl.constexpr, RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 for N * V > 2^31
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        tl.store(logprobs_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if RETURN_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
+        return
+    base = logits_ptr + row * stride_row
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((BLOCK_V,), ACC)
+    t = tl.zeros((BLOCK_V,), ACC)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(ACC) * scale
+        m_new = tl.maximum(m, tl.max(z, 0))
+        alpha = tl.exp2(m - m_new)
+        e = tl.exp2(z - m_new)
+        s = s * alpha + e
+        if RETURN_ENTROPY:
+            t = t * alpha + tl.where(e > 0, e * z, 0.0)  # e == 0 where z == -inf: 0 * -inf would be NaN
+        m = m_new
+    s_sum = tl.sum(s, 0)
+    lse2 = m + tl.log2(s_sum)
+    z_label = tl.load(base + label).to(ACC) * scale
+    tl.store(logprobs_ptr + row, ((z_label - lse2) * LN2).to(ACC))
+    tl.store(lse_ptr + row, (lse2 * LN2).to(ACC))
+    if RETURN_ENTROPY:
+        tl.store(entropy_ptr + row, ((lse2 - tl.sum(t, 0) / s_sum) * LN2).to(ACC))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    grad_ptr, logits_ptr, labels_ptr, lse_ptr, grad_lp_ptr, grad_ent_ptr, entropy_ptr,
+    stride_row, stride_grad, V, scale, inv_t, ignore_index,
+    ACC: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # d/dz (g * logp_y + ge * H) = (1/T) * (g * (onehot_y - p) - ge * p * (log p + H))
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    out = grad_ptr + row * stride_grad
+    if label == ignore_index:
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            tl.store(out + offs, tl.zeros((BLOCK_V,), out.dtype.element_ty), mask=offs < V)
+        return
+    base = logits_ptr + row * stride_row
+    lse2 = tl.load(lse_ptr + row).to(ACC) * LOG2E
+    g = tl.load(grad_lp_ptr + row).to(ACC)
+    if WITH_ENTROPY:
+        ge = tl.load(grad_ent_ptr + row).to(ACC)
+        H = tl.load(entropy_ptr + row).to(ACC)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(ACC) * scale
+        p = tl.exp2(z - lse2)
+        d = -g * p
+        if WITH_ENTROPY:
+            d -= tl.where(p > 0, ge * p * ((z - lse2) * LN2 + H), 0.0)
+        d = tl.where(offs == label, d + g, d) * inv_t
+        tl.store(out + offs, d.to(out.dtype.element_ty), mask=offs < V)
+
+
+def _acc(logits):
+    import torch
+
+    return tl.float64 if logits.dtype == torch.float64 else tl.float32
+
+
+def _block_v(V: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(V, 1)), 4096)
+    return block, (8 if block >= 4096 else 4 if block >= 1024 else 1)
+
+
+def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int, return_entropy: bool):
+    """logits (N, V) with unit stride along V, labels (N,) -> logprobs, entropy or (0,), lse, each (N,)."""
+    import torch
+
+    N, V = logits.shape
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logprobs = torch.empty(N, device=logits.device, dtype=out_dtype)
+    lse = torch.empty(N, device=logits.device, dtype=out_dtype)
+    entropy = torch.empty(N if return_entropy else 0, device=logits.device, dtype=out_dtype)
+    if N == 0:
+        return logprobs, entropy, lse
+    block, warps = _block_v(V)
+    _token_logprobs_fwd_kernel[(N,)](
+        logits, labels, logprobs, entropy, lse,
+        logits.stride(0), V, _LOG2E / temperature, ignore_index,
+        ACC=_acc(logits), RETURN_ENTROPY=return_entropy, BLOCK_V=block, num_warps=warps,
+    )  # fmt: skip
+    return logprobs, entropy, lse
+
+
+def token_logprobs_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    """Gradient (N, V) in the logits' dtype; grad_entropy / entropy are None when entropy got no gradient."""
+    import torch
+
+    N, V = logits.shape
+    grad = torch.empty_like(logits)
+    if N == 0:
+        return grad
+    with_entropy = grad_entropy is not None
+    block, warps = _block_v(V)
+    _token_logprobs_bwd_kernel[(N,)](
+        grad, logits, labels, lse, grad_logprobs,
+        grad_entropy if with_entropy else grad_logprobs, entropy if with_entropy else lse,
+        logits.stride(0), grad.stride(0), V, _LOG2E / temperature, 1.0 / temperature, ignore_index,
+        ACC=_acc(logits), WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
+    )  # fmt: skip
+    return grad
