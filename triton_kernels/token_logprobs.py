@@ -1,8 +1,8 @@
 """Triton kernels for token log-probabilities and entropy over (N, V) logits.
 
 One program per row streams the row once in BLOCK_V chunks, in base 2 (exp2/log2 are the native units):
-a running max m and vector accumulators s = sum 2^(z2 - m), t = sum 2^(z2 - m) * z2 with z2 = z * log2(e) / T,
-rescaled by one scalar per chunk. Then lse = ln2 * (m + log2 s) and H = ln2 * (m + log2 s - t / s).
+a running max m and vector accumulators s = sum 2^(z2 - m), t = sum 2^(z2 - m) * (z2 - m) with
+z2 = z * log2(e) / T, rescaled by one scalar per chunk. Then lse = ln2 * (m + log2 s), H = ln2 * (log2 s - t / s).
 """
 
 import triton
@@ -37,9 +37,13 @@ def _token_logprobs_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, 0))
         alpha = tl.exp2(m - m_new)
         e = tl.exp2(z - m_new)
+        s_old = s
         s = s * alpha + e
         if RETURN_ENTROPY:
-            t = t * alpha + tl.where(e > 0, e * z, 0.0)  # e == 0 where z == -inf: 0 * -inf would be NaN
+            # t holds sum e * (z - m), shifted by the running max: unshifted, H = lse - t / s would cancel
+            # catastrophically for |z| ~ 1e4. e == 0 where z == -inf (0 * -inf would be NaN).
+            shift = tl.where(m > float("-inf"), m - m_new, 0.0)
+            t = alpha * (t + s_old * shift) + tl.where(e > 0, e * (z - m_new), 0.0)
         m = m_new
     s_sum = tl.sum(s, 0)
     lse2 = m + tl.log2(s_sum)
@@ -47,7 +51,7 @@ def _token_logprobs_fwd_kernel(
     tl.store(logprobs_ptr + row, ((z_label - lse2) * LN2).to(ACC))
     tl.store(lse_ptr + row, (lse2 * LN2).to(ACC))
     if RETURN_ENTROPY:
-        tl.store(entropy_ptr + row, ((lse2 - tl.sum(t, 0) / s_sum) * LN2).to(ACC))
+        tl.store(entropy_ptr + row, ((tl.log2(s_sum) - tl.sum(t, 0) / s_sum) * LN2).to(ACC))
 
 
 @triton.jit

@@ -1,0 +1,216 @@
+"""credit_ops.token_logprobs: every backend against a float64 computation, gradients, opcheck, compile, errors."""
+
+import pytest
+import torch
+
+import credit_ops
+from credit_ops import reference
+from tests.conftest import backend_devices
+
+BACKENDS = backend_devices()
+IDS = [f"{b}-{d}" for b, d in BACKENDS]
+
+
+def sample_inputs(shape, V, dtype, device="cpu", scale=3.0, ignore_frac=0.0, label_dtype=torch.int64):
+    logits = (torch.randn(*shape, V, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, V, shape, dtype=label_dtype)
+    if ignore_frac:
+        labels[torch.rand(shape) < ignore_frac] = -100
+    return logits.to(device), labels.to(device)
+
+
+def run(backend, logits, labels, **kw):
+    with credit_ops.use_backend(backend):
+        return credit_ops.token_logprobs(logits, labels, return_entropy=True, **kw)
+
+
+def expected(logits, labels, **kw):
+    """float64 truth on the same (already rounded) input values."""
+    lp, ent = reference.token_logprobs(logits.cpu().double(), labels.cpu(), return_entropy=True, **kw)
+    return lp, ent
+
+
+def assert_close(got, want, tol):
+    got = got.cpu().double()
+    assert torch.isfinite(got).all() == torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item() if want.numel() else 1))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize(
+    "shape,V", [((3, 7), 37), ((5,), 1), ((0,), 11), ((2, 3), 1000), ((4,), 5003)], ids=lambda x: str(x)
+)
+def test_parity(backend, device, dtype, shape, V):
+    logits, labels = sample_inputs(shape, V, dtype, device, ignore_frac=0.2)
+    for temperature in (1.0, 0.7):
+        lp, ent = run(backend, logits, labels, temperature=temperature)
+        assert lp.shape == labels.shape and ent.shape == labels.shape and lp.dtype == torch.float32
+        want_lp, want_ent = expected(logits, labels, temperature=temperature)
+        assert_close(lp, want_lp, 2e-5)
+        assert_close(ent, want_ent, 2e-5)
+        ignored = labels == -100
+        assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+def test_extreme_logits_and_neg_inf(backend, device):
+    logits, labels = sample_inputs((6,), 300, torch.float32, scale=1.0)
+    logits[0, :] = 1e4 * torch.sign(torch.randn(300))
+    logits[1, ::3] = float("-inf")
+    labels[1] = 1  # a finite entry
+    logits[2, 5] = -1e4
+    labels[2] = 5  # log-prob ~ -1e4, still finite
+    logits[3, :] = -1e4
+    logits[3, 7] = 1e4
+    logits = logits.to(device)
+    labels = labels.to(device)
+    lp, ent = run(backend, logits, labels)
+    want_lp, want_ent = expected(logits, labels)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    assert_close(lp, want_lp, 1e-5)
+    assert_close(ent, want_ent, 1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
+def test_leading_dims_and_label_dtypes(backend, device, label_dtype):
+    logits, labels = sample_inputs((2, 3, 4), 129, torch.float32, device, label_dtype=label_dtype)
+    lp, ent = run(backend, logits, labels)
+    flat_lp, flat_ent = run(backend, logits.reshape(-1, 129), labels.reshape(-1))
+    torch.testing.assert_close(lp.reshape(-1), flat_lp)
+    torch.testing.assert_close(ent.reshape(-1), flat_ent)
+    # A non-contiguous view gives the same result as its contiguous copy.
+    wide = torch.randn(2, 3, 4, 300, device=device)
+    lp_view = run(backend, wide[..., :129], labels)[0]
+    torch.testing.assert_close(lp_view, run(backend, wide[..., :129].contiguous(), labels)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+def test_large_vocabulary(backend, device):
+    logits, labels = sample_inputs((3,), 151936, torch.bfloat16, device, scale=4.0)
+    lp, ent = run(backend, logits, labels)
+    want_lp, want_ent = expected(logits, labels)
+    assert_close(lp, want_lp, 2e-5)
+    assert_close(ent, want_ent, 2e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+def test_backward_matches_reference(backend, device):
+    logits, labels = sample_inputs((4, 5), 77, torch.float32, device, ignore_frac=0.25)
+    w_lp, w_ent = torch.randn(4, 5, device=device), torch.randn(4, 5, device=device)
+
+    def grad(b):
+        x = logits.detach().clone().requires_grad_()
+        lp, ent = run(b, x, labels, temperature=0.8)
+        ((lp * w_lp).sum() + (ent * w_ent).sum()).backward()
+        return x.grad
+
+    g, want = grad(backend), grad("reference")
+    torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+    assert (g[labels == -100] == 0).all()
+    # logprobs alone (entropy unused) takes the cheaper backward path.
+    x = logits.detach().clone().requires_grad_()
+    with credit_ops.use_backend(backend):
+        credit_ops.token_logprobs(x, labels).sum().backward()
+    x_ref = logits.detach().clone().requires_grad_()
+    reference.token_logprobs(x_ref, labels).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p[0] != "reference"], ids=lambda x: str(x))
+def test_gradcheck_float64(backend, device):
+    logits, labels = sample_inputs((3, 4), 13, torch.float64, device, scale=1.5, ignore_frac=0.2)
+    logits.requires_grad_()
+
+    def f(x):
+        return run(backend, x, labels, temperature=0.9)
+
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6)
+
+
+def _ops(backend):
+    if backend == "triton":
+        return torch.ops.credit.token_logprobs_fwd_triton, torch.ops.credit.token_logprobs_bwd_triton
+    return torch.ops.credit.token_logprobs_fwd, torch.ops.credit.token_logprobs_bwd
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p[0] != "reference"], ids=lambda x: str(x))
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_opcheck(backend, device, return_entropy):
+    fwd, bwd = _ops(backend)
+    logits, labels = sample_inputs((6,), 33, torch.float32, device, ignore_frac=0.3)
+    for requires_grad in (False, True):
+        x = logits.clone().requires_grad_(requires_grad)
+        torch.library.opcheck(fwd, (x, labels, 0.9, -100, return_entropy))
+    lp, ent, lse = fwd(logits, labels, 0.9, -100, True)
+    g = torch.randn_like(lp)
+    torch.library.opcheck(bwd, (g, g if return_entropy else None, logits, labels, lse, ent if return_entropy else None,
+                                0.9, -100))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p[0] != "reference"], ids=lambda x: str(x))
+def test_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    logits, labels = sample_inputs((2, 5), 50, torch.float32, device, ignore_frac=0.2)
+
+    def step(x, y):
+        with credit_ops.use_backend(backend):
+            lp, ent = credit_ops.token_logprobs(x, y, temperature=0.7, return_entropy=True)
+        return (lp * 2).sum() + ent.mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    out, want = compiled(x1, labels), step(x2, labels)
+    torch.testing.assert_close(out, want)
+    out.backward()
+    want.backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_no_grad_allocates_nothing_of_vocab_size():
+    N, V = 64, 8192
+    logits, labels = sample_inputs((N,), V, torch.bfloat16)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                  profile_memory=True) as prof:  # fmt: skip
+        credit_ops.token_logprobs(logits, labels, return_entropy=True)
+    biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert 0 < biggest < N * V  # outputs only: O(N) floats, nothing O(N * V)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_no_grad_memory():
+    N, V = 512, 32000
+    logits, labels = sample_inputs((N,), V, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        credit_ops.token_logprobs(logits, labels, return_entropy=True)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < N * V
+
+
+# ---- bad input: every error names the argument and comes before any kernel
+def _bad(match, logits, labels, **kw):
+    with pytest.raises(ValueError, match=match):
+        credit_ops.token_logprobs(logits, labels, **kw)
+
+
+def test_bad_input():
+    logits, labels = sample_inputs((4,), 10, torch.float32)
+    _bad("labels must have shape", logits, labels[:3])
+    _bad("labels must lie in", logits, torch.tensor([0, 1, 10, 2]))
+    _bad("labels must lie in", logits, torch.tensor([0, -1, 3, 2]))
+    _bad("temperature must be > 0", logits, labels, temperature=0.0)
+    _bad("temperature must be > 0", logits, labels, temperature=-1.0)
+    _bad("logits must have dtype", logits.long(), labels)
+    _bad("labels must have dtype", logits, labels.to(torch.int16))
+    _bad("labels must have dtype", logits, labels.float())
+    _bad("logits must be a torch.Tensor", logits.tolist(), labels)
+    _bad("non-empty vocabulary", torch.randn(4, 0), labels)
+    _bad("labels must lie in", logits, torch.tensor([0, -100, 3, 2]), ignore_index=-1)
+    if torch.cuda.is_available():
+        _bad("one device", logits.cuda(), labels)
