@@ -16,13 +16,13 @@ def _stats_dtype(logits):
 
 # ---- token_logprobs
 def _token_logprobs_fwd_fake(logits, labels, temperature, ignore_index, return_entropy):
-    n = logits.shape[0]
+    bt = logits.shape[:2]
     new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))  # noqa: E731
-    return new(n), new(n if return_entropy else 0), new(n)
+    return new(bt), new(bt if return_entropy else (0,)), new(bt)
 
 
 def _token_logprobs_bwd_fake(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)
 
 
 _TRITON = _triton_ops.AVAILABLE

@@ -16,8 +16,8 @@ if AVAILABLE:
     def token_logprobs_fwd_triton(
         logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, return_entropy: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return _tlp.token_logprobs_forward(logits.contiguous(), labels.contiguous(), temperature, ignore_index,
-                                           return_entropy)  # fmt: skip
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+        return _tlp.token_logprobs_forward(logits, labels.contiguous(), temperature, ignore_index, return_entropy)
 
     @torch.library.custom_op("credit::token_logprobs_bwd_triton", mutates_args=())
     def token_logprobs_bwd_triton(
@@ -32,5 +32,6 @@ if AVAILABLE:
     ) -> Tensor:
         contiguous = [None if t is None else t.contiguous() for t in (grad_logprobs, grad_entropy, lse, entropy)]
         g, ge, lse, entropy = contiguous
-        return _tlp.token_logprobs_backward(g, ge, logits.contiguous(), labels.contiguous(), lse, entropy,
-                                            temperature, ignore_index)  # fmt: skip
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+        return _tlp.token_logprobs_backward(g, ge, logits, labels.contiguous(), lse, entropy, temperature,
+                                            ignore_index)  # fmt: skip

@@ -48,8 +48,18 @@ def token_logprobs(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
     op = torch.ops.credit.token_logprobs_fwd_triton if backend == "triton" else torch.ops.credit.token_logprobs_fwd
-    logprobs, entropy, _ = op(
-        logits.reshape(-1, V), labels.reshape(-1), float(temperature), int(ignore_index), bool(return_entropy)
-    )
+    x = _as_btv(logits)
+    logprobs, entropy, _ = op(x, labels.reshape(x.shape[:2]), float(temperature), int(ignore_index),
+                              bool(return_entropy))  # fmt: skip
     logprobs = logprobs.view(labels.shape)
     return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs
+
+
+def _as_btv(logits: Tensor) -> Tensor:
+    """(..., V) -> (B, T, V) without a copy where possible: the kernels take strided (B, T) rows, so the usual
+    ``logits[:, :-1]`` slice of a (B, T + 1, V) model output is read in place."""
+    if logits.dim() == 3:
+        return logits
+    if logits.dim() < 3:
+        return logits.reshape((1,) * (3 - logits.dim()) + tuple(logits.shape))
+    return logits.reshape(-1, logits.shape[-2], logits.shape[-1])

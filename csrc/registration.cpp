@@ -13,7 +13,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(credit, m) {
-  // ---- token_logprobs: logits (N, V), labels (N,) -> logprobs (N,), entropy (N,) or (0,), lse (N,)
+  // ---- token_logprobs: logits (B, T, V) with stride(2) == 1, labels (B, T) -> logprobs (B, T),
+  //      entropy (B, T) or (0,), lse (B, T); the backward returns a contiguous (B, T, V) gradient.
   m.def(
       "token_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, "
       "bool return_entropy) -> (Tensor logprobs, Tensor entropy, Tensor lse)");
@@ -23,8 +24,43 @@ TORCH_LIBRARY(credit, m) {
       "Tensor lse, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
 
   // ---- align_edits (issue 4) schemas go here.
+  // a (P, La), b (P, Lb) int32/int64 (same dtype), lengths (P,) int64; insert_anchor 0 prev, 1 next, 2 none.
+  // -> mask_a (P, La) bool, mask_b (P, Lb) bool, region_a (P, La) int32, region_b (P, Lb) int32, distance (P,)
+  m.def(
+      "align_edits(Tensor a, Tensor a_lengths, Tensor b, Tensor b_lengths, int insert_anchor) "
+      "-> (Tensor mask_a, Tensor mask_b, Tensor region_a, Tensor region_b, Tensor distance)");
 
   // ---- credit (issue 5) schemas go here.
+  // group_advantages: rewards (N,), group ids (N,) in [0, num_groups); mode 0 grpo, 1 dr_grpo, 2 rloo, 3 batch.
+  m.def("group_advantages(Tensor rewards, Tensor group_ids, int num_groups, int mode, float eps) -> Tensor");
+  // ibpo_shaping: per sample, its number of correct / valid revisions (N,) int64 -> R' (N,), phi (N,).
+  m.def(
+      "ibpo_shaping(Tensor rewards, Tensor n_correct, Tensor n_valid, float rho, float lam, float threshold) "
+      "-> (Tensor shaped, Tensor phi)");
+  // token_advantages: seq_adv (B,), mask (B, T) bool; tokens outside [starts, lengths) get 0 (int64, optional).
+  m.def(
+      "token_advantages(Tensor seq_adv, Tensor mask, Tensor wrong, Tensor has_repair, Tensor? lengths, "
+      "Tensor? starts, bool sign_guard, float unmasked_weight, bool correct_in_loss) "
+      "-> (Tensor advantages, Tensor gates)");
+  // repair_advantages: +|seq_adv[repair_of]| on the flagged tokens of the selected repair rows (M, T).
+  m.def(
+      "repair_advantages(Tensor seq_adv, Tensor mask, Tensor repair_of, Tensor selected, Tensor? lengths, "
+      "Tensor? starts) -> (Tensor advantages, Tensor gates)");
 
   // ---- policy_loss (issue 3) schemas go here.
+  // Token-level policy losses (grpo/dapo/dr_grpo/bnpo), loss and gradient in one pass over the logits.
+  // logits (B, T, V) with unit stride in V; labels, advantages, weights (= aggregation weight * mask * gate),
+  // old/ref log-probs (B, T); kl_type 0 none, 1 k1, 2 k2, 3 k3; dual_clip 0 = off; old_logprobs None = on-policy.
+  // -> loss (), logprobs (B, T), entropy (B, T), grad = d loss / d logits (B, T, V) contiguous.
+  m.def(
+      "policy_loss_fwd(Tensor logits, Tensor labels, Tensor advantages, Tensor weights, Tensor? old_logprobs, "
+      "Tensor? ref_logprobs, float temperature, int ignore_index, float eps_low, float eps_high, float dual_clip, "
+      "float beta, int kl_type) -> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor grad)");
+  // The same rows written into `grad` (which may be `logits` itself: the in-place-gradient mode and the fused LM
+  // head's chunks). coef_given: `weights` are dL/dlogp (a log-prob backward); write_grad false: log-prob forward.
+  m.def(
+      "policy_loss_rows_(Tensor(a!) grad, Tensor logits, Tensor labels, Tensor? advantages, Tensor weights, "
+      "Tensor? old_logprobs, Tensor? ref_logprobs, float temperature, int ignore_index, float eps_low, "
+      "float eps_high, float dual_clip, float beta, int kl_type, bool coef_given, bool write_grad) "
+      "-> (Tensor loss, Tensor logprobs, Tensor entropy)");
 }

@@ -80,10 +80,17 @@ def test_leading_dims_and_label_dtypes(backend, device, label_dtype):
     flat_lp, flat_ent = run(backend, logits.reshape(-1, 129), labels.reshape(-1))
     torch.testing.assert_close(lp.reshape(-1), flat_lp)
     torch.testing.assert_close(ent.reshape(-1), flat_ent)
-    # A non-contiguous view gives the same result as its contiguous copy.
-    wide = torch.randn(2, 3, 4, 300, device=device)
-    lp_view = run(backend, wide[..., :129], labels)[0]
-    torch.testing.assert_close(lp_view, run(backend, wide[..., :129].contiguous(), labels)[0])
+    # Strided views (the logits[:, :-1] slice of a (B, T + 1, V) output, a sliced vocabulary) give the same
+    # result as their contiguous copies.
+    wide = torch.randn(2, 4, 300, device=device)
+    labels2 = labels[0].to(device)
+    for view in (wide[:, :-1], wide[..., :129], wide[:, 1:, :129]):
+        lbl = labels2[:, : view.shape[1]] if view.shape[-1] == 129 else torch.randint(0, 300, view.shape[:2])
+        lbl = lbl[: view.shape[0], : view.shape[1]].to(device)
+        lp_view, ent_view = run(backend, view, lbl)
+        lp_copy, ent_copy = run(backend, view.contiguous(), lbl)
+        torch.testing.assert_close(lp_view, lp_copy)
+        torch.testing.assert_close(ent_view, ent_copy)
 
 
 @pytest.mark.slow
@@ -140,7 +147,7 @@ def _ops(backend):
 @pytest.mark.parametrize("return_entropy", [False, True])
 def test_opcheck(backend, device, return_entropy):
     fwd, bwd = _ops(backend)
-    logits, labels = sample_inputs((6,), 33, torch.float32, device, ignore_frac=0.3)
+    logits, labels = sample_inputs((2, 3), 33, torch.float32, device, ignore_frac=0.3)
     for requires_grad in (False, True):
         x = logits.clone().requires_grad_(requires_grad)
         torch.library.opcheck(fwd, (x, labels, 0.9, -100, return_entropy))

@@ -16,7 +16,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
-    stride_row, V, scale, ignore_index,
+    stride_b, stride_t, T, V, scale, ignore_index,
     ACC: tl.constexpr, RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 for N * V > 2^31
@@ -27,7 +27,7 @@ def _token_logprobs_fwd_kernel(
         if RETURN_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
         return
-    base = logits_ptr + row * stride_row
+    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     m = tl.full((), float("-inf"), ACC)
     s = tl.zeros((BLOCK_V,), ACC)
     t = tl.zeros((BLOCK_V,), ACC)
@@ -57,19 +57,19 @@ def _token_logprobs_fwd_kernel(
 @triton.jit
 def _token_logprobs_bwd_kernel(
     grad_ptr, logits_ptr, labels_ptr, lse_ptr, grad_lp_ptr, grad_ent_ptr, entropy_ptr,
-    stride_row, stride_grad, V, scale, inv_t, ignore_index,
+    stride_b, stride_t, T, V, scale, inv_t, ignore_index,
     ACC: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     # d/dz (g * logp_y + ge * H) = (1/T) * (g * (onehot_y - p) - ge * p * (log p + H))
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
-    out = grad_ptr + row * stride_grad
+    out = grad_ptr + row * V  # the gradient is allocated contiguous
     if label == ignore_index:
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             tl.store(out + offs, tl.zeros((BLOCK_V,), out.dtype.element_ty), mask=offs < V)
         return
-    base = logits_ptr + row * stride_row
+    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     lse2 = tl.load(lse_ptr + row).to(ACC) * LOG2E
     g = tl.load(grad_lp_ptr + row).to(ACC)
     if WITH_ENTROPY:
@@ -98,31 +98,33 @@ def _block_v(V: int) -> tuple[int, int]:
 
 
 def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int, return_entropy: bool):
-    """logits (N, V) with unit stride along V, labels (N,) -> logprobs, entropy or (0,), lse, each (N,)."""
+    """logits (B, T, V) with unit stride along V, labels (B, T) contiguous -> logprobs, entropy or (0,), lse."""
     import torch
 
-    N, V = logits.shape
+    B, T, V = logits.shape
+    N = B * T
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logprobs = torch.empty(N, device=logits.device, dtype=out_dtype)
-    lse = torch.empty(N, device=logits.device, dtype=out_dtype)
-    entropy = torch.empty(N if return_entropy else 0, device=logits.device, dtype=out_dtype)
+    logprobs = torch.empty(B, T, device=logits.device, dtype=out_dtype)
+    lse = torch.empty(B, T, device=logits.device, dtype=out_dtype)
+    entropy = torch.empty((B, T) if return_entropy else (0,), device=logits.device, dtype=out_dtype)
     if N == 0:
         return logprobs, entropy, lse
     block, warps = _block_v(V)
     _token_logprobs_fwd_kernel[(N,)](
         logits, labels, logprobs, entropy, lse,
-        logits.stride(0), V, _LOG2E / temperature, ignore_index,
+        logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, ignore_index,
         ACC=_acc(logits), RETURN_ENTROPY=return_entropy, BLOCK_V=block, num_warps=warps,
     )  # fmt: skip
     return logprobs, entropy, lse
 
 
 def token_logprobs_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
-    """Gradient (N, V) in the logits' dtype; grad_entropy / entropy are None when entropy got no gradient."""
+    """Contiguous gradient (B, T, V) in the logits' dtype; grad_entropy / entropy are None when unused."""
     import torch
 
-    N, V = logits.shape
-    grad = torch.empty_like(logits)
+    B, T, V = logits.shape
+    N = B * T
+    grad = torch.empty(B, T, V, device=logits.device, dtype=logits.dtype)
     if N == 0:
         return grad
     with_entropy = grad_entropy is not None
@@ -130,7 +132,7 @@ def token_logprobs_backward(grad_logprobs, grad_entropy, logits, labels, lse, en
     _token_logprobs_bwd_kernel[(N,)](
         grad, logits, labels, lse, grad_logprobs,
         grad_entropy if with_entropy else grad_logprobs, entropy if with_entropy else lse,
-        logits.stride(0), grad.stride(0), V, _LOG2E / temperature, 1.0 / temperature, ignore_index,
+        logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature, ignore_index,
         ACC=_acc(logits), WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
     )  # fmt: skip
     return grad

@@ -127,6 +127,19 @@ inline const acc_t* row_as_acc(const scalar_t* row, int64_t V, std::vector<acc_t
 
 inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
+// Rows of (B, T, V) logits with unit stride along V: row r = (b, t) starts at b * stride(0) + t * stride(1), so
+// the usual logits[:, :-1] slice of a (B, T + 1, V) model output needs no copy.
+inline at::Tensor unit_stride_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 3, "token_logprobs: logits must be (B, T, V), got ", logits.sizes());
+  return logits.stride(2) == 1 ? logits : logits.contiguous();
+}
+
+template <typename scalar_t>
+inline const scalar_t* row_ptr(const at::Tensor& x, const scalar_t* base, int64_t r) {
+  const int64_t T = x.size(1);
+  return base + (r / T) * x.stride(0) + (r % T) * x.stride(1);
+}
+
 inline at::ScalarType stats_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -134,16 +147,15 @@ inline at::ScalarType stats_dtype(const at::Tensor& logits) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::Tensor& logits,
                                                                       const at::Tensor& labels, double temperature,
                                                                       int64_t ignore_index, bool return_entropy) {
-  TORCH_CHECK(logits.dim() == 2, "token_logprobs_fwd: logits must be (N, V), got ", logits.sizes());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), "token_logprobs_fwd: labels must be (N,)");
+  const at::Tensor x = unit_stride_rows(logits);
+  TORCH_CHECK(labels.sizes() == x.sizes().slice(0, 2), "token_logprobs_fwd: labels must be (B, T)");
   TORCH_CHECK(temperature > 0, "token_logprobs_fwd: temperature must be > 0");
-  const at::Tensor x = logits.contiguous();
   const at::Tensor y = labels.contiguous();
-  const int64_t N = x.size(0), V = x.size(1);
+  const int64_t N = y.numel(), V = x.size(2);
   auto opts = x.options().dtype(stats_dtype(x));
-  at::Tensor logprobs = at::empty({N}, opts);
-  at::Tensor entropy = at::empty({return_entropy ? N : 0}, opts);
-  at::Tensor lse = at::empty({N}, opts);
+  at::Tensor logprobs = at::empty(y.sizes(), opts);
+  at::Tensor entropy = return_entropy ? at::empty(y.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor lse = at::empty(y.sizes(), opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_logprobs_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -164,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::
             continue;
           }
           TORCH_CHECK(label >= 0 && label < V, "token_logprobs_fwd: label ", label, " out of range [0, ", V, ")");
-          const acc_t* z = row_as_acc<scalar_t, acc_t>(xp + i * V, V, buf);
+          const acc_t* z = row_as_acc<scalar_t, acc_t>(row_ptr(x, xp, i), V, buf);
           acc_t row_lse, row_entropy;
           row_stats<scalar_t>(z, V, inv_t, &row_lse, &row_entropy);
           ls[i] = row_lse;
@@ -181,19 +193,18 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::op
                                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                                   const std::optional<at::Tensor>& entropy, double temperature,
                                   int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2, "token_logprobs_bwd: logits must be (N, V)");
+  const at::Tensor x = unit_stride_rows(logits);
   const bool with_entropy = grad_entropy.has_value() && grad_entropy->defined() && grad_entropy->numel() > 0;
-  TORCH_CHECK(!with_entropy || (entropy.has_value() && entropy->numel() == logits.size(0)),
+  TORCH_CHECK(!with_entropy || (entropy.has_value() && entropy->numel() == labels.numel()),
               "token_logprobs_bwd: entropy values are needed for its gradient");
-  const at::Tensor x = logits.contiguous();
   const at::Tensor y = labels.contiguous();
   const auto acc_dtype = stats_dtype(x);
   const at::Tensor g = grad_logprobs.to(acc_dtype).contiguous();
   const at::Tensor ge = with_entropy ? grad_entropy->to(acc_dtype).contiguous() : at::Tensor();
   const at::Tensor H = with_entropy ? entropy->to(acc_dtype).contiguous() : at::Tensor();
   const at::Tensor L = lse.to(acc_dtype).contiguous();
-  const int64_t N = x.size(0), V = x.size(1);
-  at::Tensor grad = at::empty_like(x);
+  const int64_t N = y.numel(), V = x.size(2);
+  at::Tensor grad = at::empty(x.sizes(), x.options());  // contiguous (B, T, V)
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_logprobs_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -216,7 +227,7 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::op
             continue;
           }
           TORCH_CHECK(label >= 0 && label < V, "token_logprobs_bwd: label ", label, " out of range [0, ", V, ")");
-          const acc_t* z = row_as_acc<scalar_t, acc_t>(xp + i * V, V, buf);
+          const acc_t* z = row_as_acc<scalar_t, acc_t>(row_ptr(x, xp, i), V, buf);
           row_grad(z, V, inv_t, lp[i], gep ? hp[i] : acc_t(0), gp[i], gep ? gep[i] : acc_t(0), label, row_out);
         }
       });
