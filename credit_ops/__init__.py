@@ -16,7 +16,27 @@ from credit_ops import _autograd, _meta, _triton_ops  # noqa: F401,E402  (regist
 from credit_ops._backend import get_backend, use_backend  # noqa: E402
 from credit_ops._checks import set_value_checks  # noqa: E402
 from credit_ops.ops import token_logprobs  # noqa: E402
+from credit_ops.ops import align_edits, segment_steps, step_masks, truncate_regions  # noqa: E402
+from credit_ops.ops import fused_linear_logprobs, fused_linear_policy_loss, policy_loss  # noqa: E402
+from credit_ops.credit_assign import CreditAssignment, credit_assign, group_advantages, ibpo_shaping, token_advantages  # noqa: E402,E501
 
 __version__ = "0.1.0"
 
-__all__ = ["get_backend", "set_value_checks", "token_logprobs", "use_backend"]
+__all__ = [
+    "CreditAssignment",
+    "credit_assign",
+    "group_advantages",
+    "ibpo_shaping",
+    "token_advantages",
+    "align_edits",
+    "get_backend",
+    "segment_steps",
+    "set_value_checks",
+    "step_masks",
+    "token_logprobs",
+    "truncate_regions",
+    "use_backend",
+    "policy_loss",
+    "fused_linear_policy_loss",
+    "fused_linear_logprobs",
+]

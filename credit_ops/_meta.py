@@ -32,3 +32,91 @@ _register(
 _register(
     ["credit::token_logprobs_bwd"] + ["credit::token_logprobs_bwd_triton"] * _TRITON, _token_logprobs_bwd_fake
 )
+
+
+# ---- align_edits
+def _align_edits_fake(a, a_lengths, b, b_lengths, insert_anchor):
+    (P, La), Lb = a.shape, b.shape[1]
+    return (
+        a.new_empty((P, La), dtype=torch.bool),
+        a.new_empty((P, Lb), dtype=torch.bool),
+        a.new_empty((P, La), dtype=torch.int32),
+        a.new_empty((P, Lb), dtype=torch.int32),
+        a.new_empty((P,), dtype=torch.int32),
+    )
+
+
+_register(["credit::align_edits"], _align_edits_fake)
+
+
+# ---- advantages (issue 5)
+def _adv_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("credit::group_advantages")
+def _group_advantages_fake(rewards, group_ids, num_groups, mode, eps):
+    return rewards.new_empty(rewards.shape, dtype=_adv_dtype(rewards))
+
+
+@torch.library.register_fake("credit::ibpo_shaping")
+def _ibpo_shaping_fake(rewards, n_correct, n_valid, rho, lam, threshold):
+    new = lambda: rewards.new_empty(rewards.shape, dtype=_adv_dtype(rewards))  # noqa: E731
+    return new(), new()
+
+
+@torch.library.register_fake("credit::token_advantages")
+def _token_advantages_fake(seq_adv, mask, wrong, has_repair, lengths, starts, sign_guard, unmasked_weight,
+                           correct_in_loss):  # fmt: skip
+    new = lambda: mask.new_empty(mask.shape, dtype=_adv_dtype(seq_adv))  # noqa: E731
+    return new(), new()
+
+
+@torch.library.register_fake("credit::repair_advantages")
+def _repair_advantages_fake(seq_adv, mask, repair_of, selected, lengths, starts):
+    new = lambda: mask.new_empty(mask.shape, dtype=_adv_dtype(seq_adv))  # noqa: E731
+    return new(), new()
+
+
+# ---- policy_loss (issue 3)
+def _policy_loss_fwd_fake(logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, ignore_index,
+                          eps_low, eps_high, dual_clip, beta, kl_type):  # fmt: skip
+    new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))  # noqa: E731
+    bt = logits.shape[:2]
+    return new(()), new(bt), new(bt), logits.new_empty(logits.shape)
+
+
+def _policy_loss_rows_fake(grad, logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature,
+                           ignore_index, eps_low, eps_high, dual_clip, beta, kl_type, coef_given, write_grad):  # fmt: skip
+    new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))  # noqa: E731
+    bt = logits.shape[:2]
+    return new(()), new(bt), new(bt)
+
+
+def _fused_linear_policy_loss_fwd_fake(hidden, weight, bias, labels, advantages, weights, old_logprobs,
+                                       ref_logprobs, temperature, ignore_index, eps_low, eps_high, dual_clip, beta,
+                                       kl_type, chunk_size, use_triton, compute_grad):  # fmt: skip
+    new = lambda size: hidden.new_empty(size, dtype=_stats_dtype(hidden))  # noqa: E731
+    n = hidden.shape[0]
+    if not compute_grad:
+        return new(()), new(n), new(n), hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+    grad_b = hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    return new(()), new(n), new(n), hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_b
+
+
+def _fused_linear_logprobs_fwd_fake(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, use_triton):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=_stats_dtype(hidden)), hidden.new_empty(n, dtype=_stats_dtype(hidden))
+
+
+def _fused_linear_logprobs_bwd_fake(grad_logprobs, hidden, weight, bias, labels, temperature, ignore_index,
+                                    chunk_size, use_triton):  # fmt: skip
+    grad_b = hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_b
+
+
+_register(["credit::policy_loss_fwd"] + ["credit::policy_loss_fwd_triton"] * _TRITON, _policy_loss_fwd_fake)
+_register(["credit::policy_loss_rows_"], _policy_loss_rows_fake)
+_register(["credit::fused_linear_policy_loss_fwd"], _fused_linear_policy_loss_fwd_fake)
+_register(["credit::fused_linear_logprobs_fwd"], _fused_linear_logprobs_fwd_fake)
+_register(["credit::fused_linear_logprobs_bwd"], _fused_linear_logprobs_bwd_fake)

@@ -1,0 +1,202 @@
+// CPU kernels for the credit:: advantage ops: segmented group statistics (two passes, double accumulators,
+// group ids unsorted), IBPO reward shaping, and per-token advantages/gates for sample and repair rows.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "core/advantages.h"
+
+namespace credit::cpu {
+namespace {
+
+using namespace credit::adv;
+
+at::ScalarType out_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_rows(const char* op, const char* name, const at::Tensor& x, int64_t n) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, op, ": ", name, " must be (", n, "), got ", x.sizes());
+}
+
+void check_optional_rows(const char* op, const char* name, const std::optional<at::Tensor>& x, int64_t n) {
+  if (!x.has_value()) return;
+  check_rows(op, name, *x, n);
+  TORCH_CHECK(x->scalar_type() == at::kLong, op, ": ", name, " must be int64");
+}
+
+at::Tensor group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& group_ids, int64_t num_groups,
+                                int64_t mode, double eps) {
+  TORCH_CHECK(rewards.dim() == 1, "group_advantages: rewards must be (N,), got ", rewards.sizes());
+  check_rows("group_advantages", "group_ids", group_ids, rewards.size(0));
+  TORCH_CHECK(mode >= kGrpo && mode <= kBatch, "group_advantages: unknown mode ", mode);
+  TORCH_CHECK(num_groups >= 0, "group_advantages: num_groups must be >= 0");
+  const int64_t N = rewards.size(0);
+  const int64_t G = mode == kBatch ? 1 : num_groups;
+  const at::Tensor r = rewards.to(out_dtype(rewards)).contiguous();
+  const at::Tensor ids = group_ids.contiguous();
+  at::Tensor out = at::empty({N}, r.options());
+
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "group_advantages_cpu", [&] {
+    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "group_advantages_cpu", [&] {
+      const scalar_t* rp = r.const_data_ptr<scalar_t>();
+      const index_t* gp = ids.const_data_ptr<index_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      std::vector<double> cnt(G, 0.0), sum(G, 0.0), m2(G, 0.0);
+      auto gid = [&](int64_t i) -> int64_t {
+        if (mode == kBatch) return 0;
+        const int64_t g = gp[i];
+        TORCH_CHECK(g >= 0 && g < G, "group_advantages: group id ", g, " out of range [0, ", G, ")");
+        return g;
+      };
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t g = gid(i);
+        cnt[g] += 1.0;
+        sum[g] += static_cast<double>(rp[i]);
+      }
+      for (int64_t g = 0; g < G; ++g) sum[g] = cnt[g] > 0 ? sum[g] / cnt[g] : 0.0;  // now the mean
+      // Second pass over deviations rather than sum of squares: no cancellation for rewards far from 0.
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t g = gid(i);
+        const double d = static_cast<double>(rp[i]) - sum[g];
+        m2[g] += d * d;
+      }
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t g = gid(i);
+        op[i] = group_advantage<scalar_t>(rp[i], cnt[g], sum[g], m2[g], mode, eps);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> ibpo_shaping_cpu(const at::Tensor& rewards, const at::Tensor& n_correct,
+                                                    const at::Tensor& n_valid, double rho, double lam,
+                                                    double threshold) {
+  TORCH_CHECK(rewards.dim() == 1, "ibpo_shaping: rewards must be (N,), got ", rewards.sizes());
+  const int64_t N = rewards.size(0);
+  check_rows("ibpo_shaping", "n_correct", n_correct, N);
+  check_rows("ibpo_shaping", "n_valid", n_valid, N);
+  TORCH_CHECK(n_correct.scalar_type() == at::kLong && n_valid.scalar_type() == at::kLong,
+              "ibpo_shaping: n_correct and n_valid must be int64");
+  const at::Tensor r = rewards.to(out_dtype(rewards)).contiguous();
+  const at::Tensor nc = n_correct.contiguous(), nv = n_valid.contiguous();
+  at::Tensor shaped = at::empty({N}, r.options()), phi = at::empty({N}, r.options());
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "ibpo_shaping_cpu", [&] {
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    const int64_t* ncp = nc.const_data_ptr<int64_t>();
+    const int64_t* nvp = nv.const_data_ptr<int64_t>();
+    scalar_t* sp = shaped.mutable_data_ptr<scalar_t>();
+    scalar_t* pp = phi.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      const scalar_t p = ibpo_phi<scalar_t>(rp[i], ncp[i], nvp[i], rho, threshold);
+      pp[i] = p;
+      sp[i] = static_cast<scalar_t>(static_cast<double>(rp[i]) + lam * static_cast<double>(p));
+    }
+  });
+  return {shaped, phi};
+}
+
+// Fills adv/gates (rows, T) from a per-row kind and value; [start, end) is the row's scored range.
+template <typename scalar_t>
+void fill_rows(int64_t rows, int64_t T, const bool* mask, const int* kind, const scalar_t* value,
+               const int64_t* ends, const int64_t* starts, scalar_t unmasked, scalar_t* adv, scalar_t* gates) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(T, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t lo = starts ? starts[i] : 0, hi = ends ? ends[i] : T;
+      const bool* m = mask + i * T;
+      scalar_t* a = adv + i * T;
+      scalar_t* g = gates + i * T;
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t gate = token_gate<scalar_t>(kind[i], m[t], t >= lo && t < hi, unmasked);
+        g[t] = gate;
+        a[t] = gate * value[i];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> token_advantages_cpu(const at::Tensor& seq_adv, const at::Tensor& mask,
+                                                        const at::Tensor& wrong, const at::Tensor& has_repair,
+                                                        const std::optional<at::Tensor>& lengths,
+                                                        const std::optional<at::Tensor>& starts, bool sign_guard,
+                                                        double unmasked_weight, bool correct_in_loss) {
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool, "token_advantages: mask must be bool (B, T)");
+  const int64_t B = mask.size(0), T = mask.size(1);
+  check_rows("token_advantages", "seq_adv", seq_adv, B);
+  check_rows("token_advantages", "wrong", wrong, B);
+  check_rows("token_advantages", "has_repair", has_repair, B);
+  TORCH_CHECK(wrong.scalar_type() == at::kBool && has_repair.scalar_type() == at::kBool,
+              "token_advantages: wrong and has_repair must be bool");
+  check_optional_rows("token_advantages", "lengths", lengths, B);
+  check_optional_rows("token_advantages", "starts", starts, B);
+  const at::Tensor a = seq_adv.to(out_dtype(seq_adv)).contiguous();
+  const at::Tensor m = mask.contiguous(), w = wrong.contiguous(), h = has_repair.contiguous();
+  const at::Tensor ends = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const at::Tensor begins = starts.has_value() ? starts->contiguous() : at::Tensor();
+  at::Tensor adv = at::empty({B, T}, a.options()), gates = at::empty({B, T}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "token_advantages_cpu", [&] {
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const bool* wp = w.const_data_ptr<bool>();
+    const bool* hp = h.const_data_ptr<bool>();
+    std::vector<int> kind(B);
+    std::vector<scalar_t> value(B);
+    for (int64_t i = 0; i < B; ++i) sample_row<scalar_t>(ap[i], wp[i], hp[i], sign_guard, correct_in_loss, &kind[i], &value[i]);
+    fill_rows<scalar_t>(B, T, m.const_data_ptr<bool>(), kind.data(), value.data(),
+                        ends.defined() ? ends.const_data_ptr<int64_t>() : nullptr,
+                        begins.defined() ? begins.const_data_ptr<int64_t>() : nullptr,
+                        static_cast<scalar_t>(unmasked_weight), adv.mutable_data_ptr<scalar_t>(),
+                        gates.mutable_data_ptr<scalar_t>());
+  });
+  return {adv, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor> repair_advantages_cpu(const at::Tensor& seq_adv, const at::Tensor& mask,
+                                                         const at::Tensor& repair_of, const at::Tensor& selected,
+                                                         const std::optional<at::Tensor>& lengths,
+                                                         const std::optional<at::Tensor>& starts) {
+  TORCH_CHECK(seq_adv.dim() == 1, "repair_advantages: seq_adv must be (N,)");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool, "repair_advantages: mask must be bool (M, T)");
+  const int64_t N = seq_adv.size(0), M = mask.size(0), T = mask.size(1);
+  check_rows("repair_advantages", "repair_of", repair_of, M);
+  check_rows("repair_advantages", "selected", selected, M);
+  TORCH_CHECK(repair_of.scalar_type() == at::kLong, "repair_advantages: repair_of must be int64");
+  TORCH_CHECK(selected.scalar_type() == at::kBool, "repair_advantages: selected must be bool");
+  check_optional_rows("repair_advantages", "lengths", lengths, M);
+  check_optional_rows("repair_advantages", "starts", starts, M);
+  const at::Tensor a = seq_adv.to(out_dtype(seq_adv)).contiguous();
+  const at::Tensor m = mask.contiguous(), src = repair_of.contiguous(), sel = selected.contiguous();
+  const at::Tensor ends = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const at::Tensor begins = starts.has_value() ? starts->contiguous() : at::Tensor();
+  at::Tensor adv = at::empty({M, T}, a.options()), gates = at::empty({M, T}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "repair_advantages_cpu", [&] {
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const int64_t* sp = src.const_data_ptr<int64_t>();
+    const bool* selp = sel.const_data_ptr<bool>();
+    std::vector<int> kind(M);
+    std::vector<scalar_t> value(M);
+    for (int64_t r = 0; r < M; ++r) {
+      const bool ok = selp[r] && sp[r] >= 0 && sp[r] < N;
+      kind[r] = ok ? kMasked : kDropped;
+      value[r] = ok ? std::abs(ap[sp[r]]) : scalar_t(0);  // the repair is reinforced: +|A| of its sample
+    }
+    fill_rows<scalar_t>(M, T, m.const_data_ptr<bool>(), kind.data(), value.data(),
+                        ends.defined() ? ends.const_data_ptr<int64_t>() : nullptr,
+                        begins.defined() ? begins.const_data_ptr<int64_t>() : nullptr, scalar_t(0),
+                        adv.mutable_data_ptr<scalar_t>(), gates.mutable_data_ptr<scalar_t>());
+  });
+  return {adv, gates};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(credit, CPU, m) {
+  m.impl("group_advantages", &group_advantages_cpu);
+  m.impl("ibpo_shaping", &ibpo_shaping_cpu);
+  m.impl("token_advantages", &token_advantages_cpu);
+  m.impl("repair_advantages", &repair_advantages_cpu);
+}
+
+}  // namespace credit::cpu
