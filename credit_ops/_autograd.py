@@ -43,3 +43,66 @@ if _triton_ops.AVAILABLE:
         _token_logprobs_backward(torch.ops.credit.token_logprobs_bwd_triton),
         setup_context=_token_logprobs_setup,
     )
+
+
+# ---- policy_loss (issue 3): the forward ops already computed d loss / d inputs; backward only scales them.
+def scale_grad(grad, grad_output):
+    """grad * grad_output (0-d). Eager calls skip the extra pass over grad when grad_output == 1 (the usual
+    loss.backward()); that reads one scalar on the host. Traced or captured code always multiplies."""
+    if grad_output is None or grad is None:
+        return None
+    traced = type(grad_output) is not torch.Tensor or torch.compiler.is_compiling()
+    capturing = grad_output.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not traced and not capturing and bool(grad_output == 1):
+        return grad
+    return grad * grad_output.to(grad.dtype)
+
+
+def _policy_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[3])
+
+
+def _policy_loss_backward(ctx, grad_loss, _grad_logp, _grad_entropy, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return (scale_grad(grad, grad_loss),) + (None,) * 12
+
+
+for _name in ["credit::policy_loss_fwd"] + ["credit::policy_loss_fwd_triton"] * _triton_ops.AVAILABLE:
+    torch.library.register_autograd(_name, _policy_loss_backward, setup_context=_policy_loss_setup)
+
+
+def _fused_linear_policy_loss_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(output[3], output[4], output[5])
+
+
+def _fused_linear_policy_loss_backward(ctx, grad_loss, _g1, _g2, _g3, _g4, _g5):
+    gh, gw, gb = ctx.saved_tensors
+    gb = scale_grad(gb, grad_loss) if ctx.has_bias else None
+    return (scale_grad(gh, grad_loss), scale_grad(gw, grad_loss), gb) + (None,) * 15
+
+
+torch.library.register_autograd(
+    "credit::fused_linear_policy_loss_fwd",
+    _fused_linear_policy_loss_backward,
+    setup_context=_fused_linear_policy_loss_setup,
+)
+
+
+def _fused_linear_logprobs_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, chunk_size, use_triton = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels)
+    ctx.args = (temperature, ignore_index, chunk_size, use_triton)
+
+
+def _fused_linear_logprobs_backward(ctx, grad_logprobs, _grad_entropy):
+    hidden, weight, bias, labels = ctx.saved_tensors
+    if grad_logprobs is None:
+        return (None,) * 8
+    gh, gw, gb = torch.ops.credit.fused_linear_logprobs_bwd(grad_logprobs, hidden, weight, bias, labels, *ctx.args)
+    return gh, gw, (gb if bias is not None else None), None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "credit::fused_linear_logprobs_fwd", _fused_linear_logprobs_backward, setup_context=_fused_linear_logprobs_setup
+)

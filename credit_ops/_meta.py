@@ -87,7 +87,8 @@ def _policy_loss_fwd_fake(logits, labels, advantages, weights, old_logprobs, ref
 
 
 def _policy_loss_rows_fake(grad, logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature,
-                           ignore_index, eps_low, eps_high, dual_clip, beta, kl_type, coef_given, write_grad):  # fmt: skip
+                           ignore_index, eps_low, eps_high, dual_clip, beta, kl_type, coef_given,
+                           write_grad):  # fmt: skip
     new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))  # noqa: E731
     bt = logits.shape[:2]
     return new(()), new(bt), new(bt)

@@ -35,3 +35,105 @@ if AVAILABLE:
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         return _tlp.token_logprobs_backward(g, ge, logits, labels.contiguous(), lse, entropy, temperature,
                                             ignore_index)  # fmt: skip
+
+
+# ---- policy_loss (issue 3)
+if AVAILABLE:
+    from credit_ops.triton_kernels import policy_loss as _pl
+
+    @torch.library.custom_op("credit::policy_loss_fwd_triton", mutates_args=())
+    def policy_loss_fwd_triton(
+        logits: Tensor,
+        labels: Tensor,
+        advantages: Tensor,
+        weights: Tensor,
+        old_logprobs: Tensor | None,
+        ref_logprobs: Tensor | None,
+        temperature: float,
+        ignore_index: int,
+        eps_low: float,
+        eps_high: float,
+        dual_clip: float,
+        beta: float,
+        kl_type: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+        old, ref = (None if t is None else t.contiguous() for t in (old_logprobs, ref_logprobs))
+        return _pl.policy_loss_forward(
+            logits, labels.contiguous(), advantages.contiguous(), weights.contiguous(), old, ref,
+            temperature=temperature, ignore_index=ignore_index, eps_low=eps_low, eps_high=eps_high,
+            dual_clip=dual_clip, beta=beta, kl_type=kl_type,
+        )  # fmt: skip
+
+
+# The fused LM head ops are plain torch around a row kernel (C++ on CPU, Triton on GPU: use_triton picks), so they
+# are registered whether or not Triton is installed.
+from credit_ops.triton_kernels import fused_linear as _fl  # noqa: E402
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("credit::fused_linear_policy_loss_fwd", mutates_args=())
+def fused_linear_policy_loss_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    advantages: Tensor,
+    weights: Tensor,
+    old_logprobs: Tensor | None,
+    ref_logprobs: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float,
+    beta: float,
+    kl_type: int,
+    chunk_size: int,
+    use_triton: bool,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _fl.fused_linear_policy_loss_forward(
+        hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(), _c(advantages), _c(weights),
+        _c(old_logprobs), _c(ref_logprobs), temperature=temperature, ignore_index=ignore_index, eps_low=eps_low,
+        eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type, chunk_size=chunk_size,
+        use_triton=use_triton, compute_grad=compute_grad,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("credit::fused_linear_logprobs_fwd", mutates_args=())
+def fused_linear_logprobs_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor]:
+    return _fl.fused_linear_logprobs_forward(
+        hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(), temperature=temperature,
+        ignore_index=ignore_index, chunk_size=chunk_size, use_triton=use_triton,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("credit::fused_linear_logprobs_bwd", mutates_args=())
+def fused_linear_logprobs_bwd(
+    grad_logprobs: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _fl.fused_linear_logprobs_backward(
+        grad_logprobs, hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(),
+        temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size, use_triton=use_triton,
+    )  # fmt: skip

@@ -1,0 +1,273 @@
+// CPU kernels for the token-level policy losses (credit::policy_loss_fwd, credit::policy_loss_rows_): per row,
+// pass 1 computes lse and entropy, the token's loss and coefficient c = w * dloss/dlogp follow from logp alone,
+// and pass 2 writes d loss / d z = (c / T) (onehot - p) while the row is still in cache. Rows in parallel.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/vec_math.h"
+
+namespace credit::cpu {
+namespace {
+
+constexpr int kLanes = 16;  // independent accumulators: lets GCC vectorise the reductions
+
+struct LossParams {
+  double lo, hi, dual_clip, beta;
+  int64_t kl_type;  // 0 none, 1 k1, 2 k2, 3 k3
+  bool on_policy, coef_given, write_grad;
+};
+
+// lse and entropy of softmax(z / T); entropy accumulates e * (z/T - m) so it needs no large-magnitude cancellation.
+template <typename acc_t>
+__attribute__((always_inline)) inline void row_stats_impl(const acc_t* z, int64_t V, acc_t inv_t, acc_t* lse,
+                                                          acc_t* entropy) {
+  acc_t mx[kLanes];
+  std::fill(mx, mx + kLanes, -std::numeric_limits<acc_t>::infinity());
+  const int64_t body = V - V % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) mx[l] = z[i + l] > mx[l] ? z[i + l] : mx[l];
+  acc_t m = *std::max_element(mx, mx + kLanes);
+  for (int64_t i = body; i < V; ++i) m = std::max(m, z[i]);
+  m *= inv_t;
+  acc_t s[kLanes] = {}, t[kLanes] = {};
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      acc_t d = std::max(z[i + l] * inv_t - m, acc_t(-87));  // -inf logits: keep e * d finite
+      acc_t e = fast_exp(d);
+      s[l] += e;
+      t[l] += e * d;
+    }
+  acc_t S = 0, Tt = 0;
+  for (int l = 0; l < kLanes; ++l) S += s[l], Tt += t[l];
+  for (int64_t i = body; i < V; ++i) {
+    acc_t d = std::max(z[i] * inv_t - m, acc_t(-87));
+    acc_t e = fast_exp(d);
+    S += e;
+    Tt += e * d;
+  }
+  *lse = m + std::log(S);
+  *entropy = std::log(S) - Tt / S;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void row_stats_f32(const float* z, int64_t V,
+                                                                                 float inv_t, float* lse,
+                                                                                 float* entropy) {
+  row_stats_impl<float>(z, V, inv_t, lse, entropy);
+}
+inline void row_stats(const float* z, int64_t V, float inv_t, float* lse, float* entropy) {
+  row_stats_f32(z, V, inv_t, lse, entropy);
+}
+inline void row_stats(const double* z, int64_t V, double inv_t, double* lse, double* entropy) {
+  row_stats_impl<double>(z, V, inv_t, lse, entropy);
+}
+
+// out[j] = c (onehot - p_j); c already carries 1 / T. out may alias z (the in-place mode): each j is read first.
+template <typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline void row_grad_impl(const acc_t* z, int64_t V, acc_t inv_t, acc_t lse, acc_t c,
+                                                         scalar_t* out) {
+  for (int64_t j = 0; j < V; ++j) {
+    acc_t p = fast_exp(std::max(z[j] * inv_t - lse, acc_t(-87)));
+    out[j] = static_cast<scalar_t>(-c * p);
+  }
+}
+#define CREDIT_PL_ROW_GRAD_F32(scalar_t, name)                                                              \
+  __attribute__((target_clones("avx512f", "avx2", "default"))) void name(const float* z, int64_t V,        \
+                                                                         float inv_t, float lse, float c,  \
+                                                                         scalar_t* out) {                   \
+    row_grad_impl<float, scalar_t>(z, V, inv_t, lse, c, out);                                               \
+  }
+CREDIT_PL_ROW_GRAD_F32(float, pl_row_grad_f32)
+CREDIT_PL_ROW_GRAD_F32(at::BFloat16, pl_row_grad_bf16)
+CREDIT_PL_ROW_GRAD_F32(at::Half, pl_row_grad_f16)
+#undef CREDIT_PL_ROW_GRAD_F32
+inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float c, float* out) {
+  pl_row_grad_f32(z, V, inv_t, lse, c, out);
+}
+inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float c, at::BFloat16* out) {
+  pl_row_grad_bf16(z, V, inv_t, lse, c, out);
+}
+inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float c, at::Half* out) {
+  pl_row_grad_f16(z, V, inv_t, lse, c, out);
+}
+inline void row_grad(const double* z, int64_t V, double inv_t, double lse, double c, double* out) {
+  for (int64_t j = 0; j < V; ++j) out[j] = -c * std::exp(z[j] * inv_t - lse);
+}
+
+// Token loss and dloss/dlogp from the per-token scalars (SPEC §4): clipped surrogate, dual clip, beta * KL.
+template <typename acc_t>
+inline void token_loss(acc_t logp, acc_t old, acc_t ref, acc_t A, const LossParams& p, acc_t* loss, acc_t* dloss) {
+  const acc_t r = p.on_policy ? acc_t(1) : std::exp(logp - old);
+  const acc_t u = r * A;
+  const acc_t cl = std::min(std::max(r, static_cast<acc_t>(p.lo)), static_cast<acc_t>(p.hi)) * A;
+  acc_t pg = -std::min(u, cl);
+  acc_t dpg = u <= cl ? -u : acc_t(0);  // the clipped branch has no gradient
+  if (p.dual_clip > 0 && A < 0) {
+    const acc_t cap = -static_cast<acc_t>(p.dual_clip) * A;
+    if (pg > cap) pg = cap, dpg = 0;
+  }
+  if (p.kl_type != 0) {
+    const acc_t d = ref - logp, beta = static_cast<acc_t>(p.beta);
+    acc_t kl, dkl;
+    if (p.kl_type == 1) {
+      kl = -d, dkl = 1;
+    } else if (p.kl_type == 2) {
+      kl = acc_t(0.5) * d * d, dkl = -d;
+    } else {
+      const acc_t e = std::exp(d);
+      kl = e - d - 1, dkl = 1 - e;
+    }
+    pg += beta * kl;
+    dpg += beta * dkl;
+  }
+  *loss = pg;
+  *dloss = dpg;
+}
+
+template <typename scalar_t, typename acc_t>
+inline const acc_t* row_as_acc(const scalar_t* row, int64_t V, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    buf.resize(V);
+    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<acc_t>(row[j]);
+    return buf.data();
+  }
+}
+
+inline at::Tensor opt_as(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() && t->defined() ? t->to(dtype).contiguous() : at::Tensor();
+}
+
+// The shared driver: logits (B, T, V) with unit stride along V (rows may be strided, e.g. a logits[:, :-1] slice);
+// grad (B, T, V) contiguous or logits itself; every per-token tensor (B, T).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rows(const at::Tensor& grad, const at::Tensor& logits,
+                                                           const at::Tensor& labels,
+                                                           const std::optional<at::Tensor>& advantages,
+                                                           const at::Tensor& weights,
+                                                           const std::optional<at::Tensor>& old_logprobs,
+                                                           const std::optional<at::Tensor>& ref_logprobs,
+                                                           double temperature, int64_t ignore_index,
+                                                           const LossParams& params) {
+  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "policy_loss: logits must be (B, T, V), unit stride in V");
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1),
+              "policy_loss: labels must be (B, T)");
+  TORCH_CHECK(temperature > 0, "policy_loss: temperature must be > 0");
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
+  if (params.write_grad)
+    TORCH_CHECK(grad.sizes() == logits.sizes() && grad.is_contiguous() && grad.scalar_type() == logits.scalar_type(),
+                "policy_loss: grad must be a contiguous tensor like logits");
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor y = labels.contiguous();
+  const at::Tensor w = weights.to(acc_dtype).contiguous();
+  const at::Tensor adv = opt_as(advantages, acc_dtype), old = opt_as(old_logprobs, acc_dtype),
+                   ref = opt_as(ref_logprobs, acc_dtype);
+  TORCH_CHECK(w.numel() == N, "policy_loss: weights must be (B, T)");
+  TORCH_CHECK(params.coef_given || adv.numel() == N, "policy_loss: advantages must be (B, T)");
+  TORCH_CHECK(params.on_policy || old.numel() == N, "policy_loss: old_logprobs must be (B, T)");
+  TORCH_CHECK(params.kl_type == 0 || ref.numel() == N, "policy_loss: ref_logprobs must be (B, T) when beta != 0");
+  auto opts = logits.options().dtype(acc_dtype);
+  at::Tensor loss_tok = at::zeros({B, T}, opts), logp = at::empty({B, T}, opts), entropy = at::empty({B, T}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "policy_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "policy_loss_cpu", [&] {
+      const scalar_t* xp = logits.const_data_ptr<scalar_t>();
+      scalar_t* gp = params.write_grad ? grad.data_ptr<scalar_t>() : nullptr;
+      const int64_t sb = logits.stride(0), st = logits.stride(1);
+      const index_t* yp = y.const_data_ptr<index_t>();
+      const acc_t* wp = w.const_data_ptr<acc_t>();
+      const acc_t* ap = adv.defined() ? adv.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* op = old.defined() ? old.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* rp = ref.defined() ? ref.const_data_ptr<acc_t>() : nullptr;
+      acc_t* lt = loss_tok.mutable_data_ptr<acc_t>();
+      acc_t* lp = logp.mutable_data_ptr<acc_t>();
+      acc_t* ent = entropy.mutable_data_ptr<acc_t>();
+      const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+      at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buf;
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t label = yp[i];
+          scalar_t* out = gp ? gp + i * V : nullptr;
+          if (label == ignore_index) {
+            lp[i] = 0, ent[i] = 0;
+            if (out) std::fill(out, out + V, scalar_t(0));
+            continue;
+          }
+          TORCH_CHECK(label >= 0 && label < V, "policy_loss: label ", label, " out of range [0, ", V, ")");
+          const acc_t* z = row_as_acc<scalar_t, acc_t>(xp + (i / T) * sb + (i % T) * st, V, buf);
+          acc_t lse, H;
+          row_stats(z, V, inv_t, &lse, &H);
+          const acc_t logp_i = z[label] * inv_t - lse;
+          lp[i] = logp_i, ent[i] = H;
+          acc_t c = wp[i];
+          if (!params.coef_given) {
+            acc_t l, dl;
+            token_loss<acc_t>(logp_i, op ? op[i] : logp_i, rp ? rp[i] : acc_t(0), ap[i], params, &l, &dl);
+            lt[i] = wp[i] * l;
+            c = wp[i] * dl;
+          }
+          if (out) {
+            c *= inv_t;
+            row_grad(z, V, inv_t, lse, c, out);
+            out[label] = static_cast<scalar_t>(static_cast<acc_t>(out[label]) + c);
+          }
+        }
+      });
+    });
+  });
+  return {loss_tok.sum(), logp, entropy};
+}
+
+LossParams make_params(double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_type,
+                       bool on_policy, bool coef_given, bool write_grad) {
+  TORCH_CHECK(kl_type >= 0 && kl_type <= 3, "policy_loss: kl_type must be 0..3");
+  return LossParams{1.0 - eps_low, 1.0 + eps_high, dual_clip, beta, beta != 0.0 ? kl_type : 0,
+                    on_policy, coef_given, write_grad};
+}
+
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& advantages, const at::Tensor& weights,
+    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
+    double temperature, int64_t ignore_index, double eps_low, double eps_high, double dual_clip, double beta,
+    int64_t kl_type) {
+  const at::Tensor x = logits.stride(-1) == 1 ? logits : logits.contiguous();
+  at::Tensor grad = at::empty(x.sizes(), x.options());
+  auto params = make_params(eps_low, eps_high, dual_clip, beta, kl_type, !present(old_logprobs), false, true);
+  auto [loss, logp, entropy] = policy_rows(grad, x, labels, advantages, weights, old_logprobs, ref_logprobs,
+                                           temperature, ignore_index, params);
+  return {loss, logp, entropy, grad};
+}
+
+// General in-place form used by the fused LM head and the in-place-gradient mode: writes the gradient into
+// ``grad`` (which may be ``logits`` itself). coef_given: weights are dL/dlogp (a log-prob backward).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_rows_cpu(
+    at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& advantages,
+    const at::Tensor& weights, const std::optional<at::Tensor>& old_logprobs,
+    const std::optional<at::Tensor>& ref_logprobs, double temperature, int64_t ignore_index, double eps_low,
+    double eps_high, double dual_clip, double beta, int64_t kl_type, bool coef_given, bool write_grad) {
+  auto params =
+      make_params(eps_low, eps_high, dual_clip, beta, kl_type, !present(old_logprobs), coef_given, write_grad);
+  return policy_rows(grad, logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature,
+                     ignore_index, params);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(credit, CPU, m) {
+  m.impl("policy_loss_fwd", &policy_loss_fwd_cpu);
+  m.impl("policy_loss_rows_", &policy_loss_rows_cpu);
+}
+
+}  // namespace credit::cpu
