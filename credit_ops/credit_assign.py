@@ -207,13 +207,14 @@ def credit_assign(
 
     _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES, dim=2)
     N, T = tokens.shape
-    _check_rewards("rewards", rewards)
-    _checks.shape("rewards", rewards, (N,), "(one reward per row of tokens)")
-    _checks.tensor("lengths", lengths, dtypes=_checks.INDEX_DTYPES, dim=1)
-    _checks.shape("lengths", lengths, (N,), "(one length per row of tokens)")
     _checks.same_device(tokens=tokens, lengths=lengths, group_ids=group_ids, rewards=rewards,
                         prompt_lengths=prompt_lengths, repair_tokens=repair_tokens, repair_lengths=repair_lengths,
                         repair_of=repair_of, repair_correct=repair_correct)  # fmt: skip
+    _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, dim=1)
+    _checks.shape("rewards", rewards, (N,), "(one reward per row of tokens)")
+    _check_rewards("rewards", rewards)
+    _checks.tensor("lengths", lengths, dtypes=_checks.INDEX_DTYPES, dim=1)
+    _checks.shape("lengths", lengths, (N,), "(one length per row of tokens)")
     G = _check_group_ids(group_ids, N, num_groups)
     ends = lengths.long()
     _checks.values((ends < 0) | (ends > T), f"lengths must lie in [0, {T}] (the width of tokens)")

@@ -326,8 +326,9 @@ def group_advantages(
     """
     _checks.check(mode in _ADV_MODE_IDS, f"mode must be one of {tuple(_ADV_MODE_IDS)}, got {mode!r}")
     _checks.check(eps >= 0, f"eps must be >= 0, got {eps}")
-    _check_rewards("rewards", rewards)
+    _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, dim=1)
     _checks.same_device(rewards=rewards, group_ids=group_ids)
+    _check_rewards("rewards", rewards)
     G = _check_group_ids(group_ids, rewards.shape[0], num_groups)
     return _group_advantages(rewards, group_ids, G, mode, eps)
 

@@ -1,0 +1,278 @@
+"""group_advantages, ibpo_shaping, token_advantages: hand-computed cases, parity with the reference on every
+backend, opcheck, bad input."""
+
+import math
+
+import pytest
+import torch
+
+import credit_ops
+from credit_ops import reference
+from tests.conftest import backend_devices
+
+# Only the C++/CUDA kernels and the reference implement these ops (no Triton variant).
+PAIRS = [(b, d) for b, d in backend_devices() if b != "triton"]
+MODES = ("grpo", "dr_grpo", "rloo", "batch")
+
+
+def _ids(pairs):
+    return [f"{b}-{d}" for b, d in pairs]
+
+
+def random_groups(n_groups, max_size, device="cpu", dtype=torch.float32, binary=False):
+    """Unsorted group ids of unequal sizes (1..max_size), rewards in [0, 1] (or {0, 1})."""
+    sizes = torch.randint(1, max_size + 1, (n_groups,))
+    ids = torch.repeat_interleave(torch.arange(n_groups), sizes)
+    ids = ids[torch.randperm(ids.numel())]
+    r = torch.randint(0, 2, ids.shape).to(dtype) if binary else torch.rand(ids.shape, dtype=dtype)
+    return r.to(device), ids.to(device)
+
+
+# ---- group_advantages
+def test_group_advantages_hand_computed():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.7])
+    g = torch.tensor([0, 0, 0, 1, 2])
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)  # unbiased
+    grpo = credit_ops.group_advantages(r, g)
+    expect = torch.tensor([(2 / 3) / (std + 1e-6), (-1 / 3) / (std + 1e-6), (-1 / 3) / (std + 1e-6), 0.0, 0.0])
+    torch.testing.assert_close(grpo, expect)
+    torch.testing.assert_close(credit_ops.group_advantages(r, g, mode="dr_grpo"),
+                               torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0]))  # fmt: skip
+    # RLOO: r minus the mean of the others: 1 - 0, 0 - 0.5, 0 - 0.5
+    torch.testing.assert_close(credit_ops.group_advantages(r, g, mode="rloo"), torch.tensor([1.0, -0.5, -0.5, 0, 0]))
+    batch = credit_ops.group_advantages(r, g, mode="batch")
+    torch.testing.assert_close(batch, (r - r.mean()) / (r.std() + 1e-6))
+
+
+def test_group_advantages_matches_trl_formula():
+    # TRL: rewards.view(-1, G); (r - mean) / (std + 1e-4), std unbiased (torch.std default).
+    r = torch.rand(6 * 8, dtype=torch.float64)
+    grouped = r.view(6, 8)
+    trl = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    ids = torch.arange(6).repeat_interleave(8)
+    torch.testing.assert_close(credit_ops.group_advantages(r, ids, eps=1e-4), trl)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_group_advantages_random_vs_reference(backend, device, mode, dtype):
+    r, g = random_groups(37, 9, device, dtype)
+    with credit_ops.use_backend(backend):
+        out = credit_ops.group_advantages(r, g, mode=mode)
+    expect = reference.group_advantages(r.cpu(), g.cpu(), mode=mode)
+    assert out.dtype == dtype and out.device.type == device
+    torch.testing.assert_close(out.cpu(), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+def test_group_advantages_edge_groups(backend, device):
+    # all-correct group, all-wrong group, a group of one, a constant non-binary group; unsorted ids, int32.
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.3, 1.0, 0.0, 0.3], device=device)
+    g = torch.tensor([0, 1, 0, 1, 3, 0, 1, 3], dtype=torch.int32, device=device)
+    with credit_ops.use_backend(backend):
+        for mode in ("grpo", "dr_grpo", "rloo"):
+            out = credit_ops.group_advantages(r, g, mode=mode)
+            assert torch.equal(out.cpu(), torch.zeros(8)), mode
+        alone = credit_ops.group_advantages(torch.tensor([0.9], device=device), torch.tensor([0], device=device))
+        assert alone.item() == 0.0
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+def test_group_advantages_sparse_ids_and_half(backend, device):
+    r = torch.tensor([1.0, 0.0, 0.5, 0.25], device=device, dtype=torch.bfloat16)
+    g = torch.tensor([1000, 7, 1000, 7], device=device)
+    with credit_ops.use_backend(backend):
+        out = credit_ops.group_advantages(r, g, num_groups=1001, mode="dr_grpo")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), torch.tensor([0.25, -0.125, -0.25, 0.125]))
+
+
+def test_group_advantages_many_groups_large():
+    r, g = random_groups(1024, 16, binary=True)
+    torch.testing.assert_close(credit_ops.group_advantages(r, g), reference.group_advantages(r, g))
+
+
+def test_group_advantages_bad_input():
+    r, g = torch.rand(4), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        credit_ops.group_advantages(r, g, mode="ppo")
+    with pytest.raises(ValueError, match="group_ids must have shape"):
+        credit_ops.group_advantages(r, g[:3])
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        credit_ops.group_advantages(torch.tensor([0.0, float("nan"), 1.0, 1.0]), g)
+    with pytest.raises(ValueError, match="group_ids must lie in"):
+        credit_ops.group_advantages(r, torch.tensor([0, 0, 9, 1]))
+    with pytest.raises(ValueError, match="group_ids must lie in"):
+        credit_ops.group_advantages(r, torch.tensor([0, -1, 1, 1]), num_groups=2)
+    with pytest.raises(ValueError, match="group_ids must have dtype"):
+        credit_ops.group_advantages(r, g.float())
+    with pytest.raises(ValueError, match="rewards must have 1 dimensions"):
+        credit_ops.group_advantages(r.view(2, 2), g)
+
+
+# ---- ibpo_shaping
+def test_ibpo_shaping_hand_computed():
+    rewards = torch.tensor([0.0, 1.0, 0.2, 0.0, 0.0])
+    g = torch.tensor([0, 0, 0, 1, 1])
+    correct = torch.tensor([[True, False, True], [True, True, True], [False, False, False], [True, True, False],
+                            [True, False, False]])  # fmt: skip
+    valid = torch.tensor([[True, True, True], [True, True, True], [True, True, False], [True, False, False],
+                          [False, False, False]])  # fmt: skip
+    shaped, phi = credit_ops.ibpo_shaping(rewards, g, correct, valid)
+    # sample 0: 2 of 3 correct -> 0.5 * 2/3; 1: correct sample -> 0; 2: none correct; 3: 1 valid, correct -> 0.5;
+    # 4: no valid revision -> 0 (its correct flag in an invalid column does not count)
+    expect_phi = torch.tensor([1 / 3, 0.0, 0.0, 0.5, 0.0])
+    torch.testing.assert_close(phi, expect_phi)
+    torch.testing.assert_close(shaped, rewards + 0.6 * expect_phi)
+    shaped, phi = credit_ops.ibpo_shaping(rewards, None, correct, valid, rho=1.0, lam=2.0, threshold=0.1)
+    torch.testing.assert_close(phi, torch.tensor([2 / 3, 0.0, 0.0, 1.0, 0.0]))  # 0.2 >= 0.1 counts as correct
+    torch.testing.assert_close(shaped, rewards + 2.0 * phi)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+def test_ibpo_shaping_random_vs_reference(backend, device):
+    r, g = random_groups(20, 8, device, binary=True)
+    correct = torch.rand(r.shape[0], 5, device=device) < 0.4
+    valid = torch.rand(r.shape[0], 5, device=device) < 0.7
+    with credit_ops.use_backend(backend):
+        shaped, phi = credit_ops.ibpo_shaping(r, g, correct, valid, rho=0.7, lam=0.3)
+    es, ep = reference.ibpo_shaping(r.cpu(), g.cpu(), correct.cpu(), valid.cpu(), rho=0.7, lam=0.3)
+    torch.testing.assert_close(shaped.cpu(), es)
+    torch.testing.assert_close(phi.cpu(), ep)
+
+
+def test_ibpo_shaping_bad_input():
+    r, g = torch.zeros(3), torch.zeros(3, dtype=torch.long)
+    c = torch.zeros(3, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="revision_correct must have shape"):
+        credit_ops.ibpo_shaping(r, g, c[:2], c[:2])
+    with pytest.raises(ValueError, match="revision_valid must have shape"):
+        credit_ops.ibpo_shaping(r, g, c, torch.zeros(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="revision_correct must have dtype"):
+        credit_ops.ibpo_shaping(r, g, c.int(), c)
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        credit_ops.ibpo_shaping(torch.tensor([0.0, float("inf"), 0.0]), g, c, c)
+
+
+# ---- token_advantages
+def test_token_advantages_hand_computed():
+    seq_adv = torch.tensor([1.5, -1.0, 0.8, -0.5])
+    mask = torch.tensor([[True, False, True, False], [False, True, True, False], [True, True, False, False],
+                         [False, False, False, True]])  # fmt: skip
+    wrong = torch.tensor([True, True, False, True])
+    has_repair = torch.tensor([True, True, True, False])  # a correct sample's repair flag is ignored
+    adv, gates = credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair)
+    # row 0: repaired failure with positive advantage: the sign guard clamps the masked credit to 0
+    # row 1: repaired failure, negative: -1 on the flagged tokens only; rows 2, 3: sequence credit everywhere
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0, 0, 0], [0, -1, -1, 0], [0.8] * 4, [-0.5] * 4]))
+    torch.testing.assert_close(gates, torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0], [1.0] * 4, [1.0] * 4]))
+
+    adv, gates = credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair, sign_guard=False,
+                                             unmasked_weight=0.25, correct_in_loss=False,
+                                             lengths=torch.tensor([4, 3, 4, 2]),
+                                             prompt_lengths=torch.tensor([1, 0, 0, 0]))  # fmt: skip
+    torch.testing.assert_close(adv[0], torch.tensor([0.0, 0.25 * 1.5, 1.5, 0.25 * 1.5]))
+    torch.testing.assert_close(gates[1], torch.tensor([0.25, 1.0, 1.0, 0.0]))
+    assert torch.equal(adv[2], torch.zeros(4)) and torch.equal(gates[2], torch.zeros(4))  # correct: dropped
+    torch.testing.assert_close(adv[3], torch.tensor([-0.5, -0.5, 0.0, 0.0]))
+
+
+def test_token_advantages_repair_rows():
+    seq_adv = torch.tensor([-1.2, 0.7, 2.0])
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    wrong = torch.tensor([True, True, False])
+    has_repair = torch.tensor([True, True, False])
+    repair_mask = torch.tensor([[True, False, True, True], [False, True, False, False], [True, True, True, True],
+                                [True, True, True, True], [True, True, True, True]])  # fmt: skip
+    repair_of = torch.tensor([0, 1, 2, -1, 1])
+    out = credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair, repair_mask=repair_mask,
+                                      repair_of=repair_of, repair_lengths=torch.tensor([3, 4, 4, 4, 4]))  # fmt: skip
+    r_adv, r_gates = out[2], out[3]
+    torch.testing.assert_close(r_adv[0], torch.tensor([1.2, 0.0, 1.2, 0.0]))  # +|A|, cut at its length 3
+    torch.testing.assert_close(r_adv[1], torch.tensor([0.0, 0.7, 0.0, 0.0]))
+    assert torch.equal(r_adv[2], torch.zeros(4)) and torch.equal(r_adv[3], torch.zeros(4))  # correct / padding
+    torch.testing.assert_close(r_gates, (r_adv != 0).float())
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+@pytest.mark.parametrize("sign_guard", [True, False])
+@pytest.mark.parametrize("correct_in_loss", [True, False])
+def test_token_advantages_random_vs_reference(backend, device, sign_guard, correct_in_loss):
+    B, T = 33, 70
+    seq_adv = torch.randn(B, device=device)
+    mask = torch.rand(B, T, device=device) < 0.2
+    wrong = torch.rand(B, device=device) < 0.6
+    has_repair = torch.rand(B, device=device) < 0.5
+    lengths = torch.randint(0, T + 1, (B,), device=device)
+    starts = (lengths * torch.rand(B, device=device)).long()
+    kw = dict(wrong=wrong, has_repair=has_repair, sign_guard=sign_guard, unmasked_weight=0.1,
+              correct_in_loss=correct_in_loss, lengths=lengths, prompt_lengths=starts)  # fmt: skip
+    with credit_ops.use_backend(backend):
+        adv, gates = credit_ops.token_advantages(seq_adv, mask, **kw)
+    ea, eg = reference.token_advantages(seq_adv, mask, **kw)
+    torch.testing.assert_close(adv, ea)
+    torch.testing.assert_close(gates, eg)
+    if sign_guard:  # a repaired failure never gets positive credit on any token
+        assert (adv[wrong & has_repair] <= 0).all()
+
+
+def test_token_advantages_bad_input():
+    a, m = torch.zeros(3), torch.zeros(3, 4, dtype=torch.bool)
+    w = torch.zeros(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="seq_adv must have shape"):
+        credit_ops.token_advantages(a[:2], m, wrong=w, has_repair=w)
+    with pytest.raises(ValueError, match="mask must have dtype"):
+        credit_ops.token_advantages(a, m.float(), wrong=w, has_repair=w)
+    with pytest.raises(ValueError, match="has_repair must have shape"):
+        credit_ops.token_advantages(a, m, wrong=w, has_repair=w[:1])
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        credit_ops.token_advantages(a, m, wrong=w, has_repair=w, lengths=torch.tensor([1, 5, 2]))
+    with pytest.raises(ValueError, match="seq_adv must be finite"):
+        credit_ops.token_advantages(torch.tensor([0.0, float("nan"), 0.0]), m, wrong=w, has_repair=w)
+    with pytest.raises(ValueError, match="repair_of must lie in"):
+        credit_ops.token_advantages(a, m, wrong=w, has_repair=w, repair_mask=m, repair_of=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match="repair_mask needs repair_of"):
+        credit_ops.token_advantages(a, m, wrong=w, has_repair=w, repair_mask=m)
+
+
+# ---- op-level checks (schemas, fake kernels, dispatch)
+def _op_samples(device):
+    r, g = random_groups(5, 4, device)
+    n = r.shape[0]
+    counts = torch.randint(0, 3, (n,), device=device)
+    mask = torch.rand(n, 6, device=device) < 0.3
+    flags = torch.rand(n, device=device) < 0.5
+    lengths = torch.randint(0, 7, (n,), device=device)
+    return [
+        (torch.ops.credit.group_advantages.default, (r, g, 5, 0, 1e-6)),
+        (torch.ops.credit.group_advantages.default, (r.double(), g.int(), 5, 2, 1e-6)),
+        (torch.ops.credit.ibpo_shaping.default, (r, counts, counts + 1, 0.5, 0.6, 0.5)),
+        (torch.ops.credit.token_advantages.default, (r, mask, flags, ~flags, lengths, None, True, 0.0, True)),
+        (torch.ops.credit.token_advantages.default, (r, mask, flags, flags, None, lengths // 2, False, 0.5, False)),
+        (torch.ops.credit.repair_advantages.default, (r, mask, torch.arange(n, device=device) - 1, flags, lengths,
+                                                      None)),  # fmt: skip
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())
+def test_opcheck(device):
+    for op, args in _op_samples(device):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_kernels_large():
+    r, g = random_groups(1024, 16, "cuda", binary=True)
+    for mode in MODES:
+        torch.testing.assert_close(credit_ops.group_advantages(r, g, mode=mode).cpu(),
+                                   credit_ops.group_advantages(r.cpu(), g.cpu(), mode=mode), rtol=1e-5, atol=1e-5)  # fmt: skip
+    B, T = r.shape[0], 257
+    mask = torch.rand(B, T, device="cuda") < 0.1
+    flags = torch.rand(B, device="cuda") < 0.5
+    lengths = torch.randint(0, T + 1, (B,), device="cuda")
+    kw = dict(wrong=flags, has_repair=~flags, lengths=lengths)
+    out = credit_ops.token_advantages(r, mask, **kw)
+    ref = credit_ops.token_advantages(r.cpu(), mask.cpu(), **{k: v.cpu() for k, v in kw.items()})
+    for o, e in zip(out, ref, strict=True):
+        torch.testing.assert_close(o.cpu(), e)
