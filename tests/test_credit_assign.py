@@ -281,3 +281,18 @@ def test_cuda_matches_cpu_large():
             got, want = getattr(out, name), getattr(ref, name)
             if got is not None:
                 torch.testing.assert_close(got.cpu(), want, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("algorithm", ["ibpo", "iop", "grpo"])
+def test_cuda_no_host_sync(algorithm):
+    batch = rollout_batch(n_groups=8, max_size=6, T=40, device="cuda", prompt=True, seed=11)
+    credit_ops.credit_assign(**batch, algorithm=algorithm)  # warm-up: lazy initialisation may synchronise
+    credit_ops.set_value_checks("async")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = credit_ops.credit_assign(**batch, algorithm=algorithm, k=2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        credit_ops.set_value_checks("sync")
+    assert out.advantages.is_cuda
