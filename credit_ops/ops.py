@@ -506,13 +506,14 @@ class _PolicyLossInplace(torch.autograd.Function):
             from credit_ops.triton_kernels.policy_loss import policy_loss_forward
 
             loss, logp, ent, _ = policy_loss_forward(x, labels, adv, weights, old, ref, grad=x, **params)
-            torch.autograd.graph.increment_version(x)  # the launcher wrote through the pointer
         else:
             loss, logp, ent = torch.ops.credit.policy_loss_rows_(
                 x, x, labels, adv, weights, old, ref, params["temperature"], params["ignore_index"],
                 params["eps_low"], params["eps_high"], params["dual_clip"], params["beta"], params["kl_type"],
                 False, True,
             )  # fmt: skip
+        # The kernels wrote through a pointer: bump the version so autograd catches any saved use of the logits.
+        torch.autograd.graph.increment_version(x)
         ctx.grad = x
         ctx.mark_non_differentiable(logp, ent)
         return loss, logp, ent

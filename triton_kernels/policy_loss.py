@@ -16,7 +16,8 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)
-_ONE_TILE_MAX = 16384
+_ONE_TILE_MAX = 16384  # rows up to this many logits are held in registers (one read)
+_TILE, _TILE_INTERPRET = 4096, 1024  # streaming tile for longer rows
 
 KL_TYPES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 
@@ -133,8 +134,7 @@ def _config(V: int, interpret: bool) -> tuple[bool, int, int]:
     block = triton.next_power_of_2(max(V, 1))
     if block <= _ONE_TILE_MAX:
         return True, block, max(1, min(16, block // 512))
-    block = 1024 if interpret else 4096
-    return False, block, 8
+    return False, _TILE_INTERPRET if interpret else _TILE, 8
 
 
 def policy_loss_forward(

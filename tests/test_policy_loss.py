@@ -1,0 +1,365 @@
+"""credit_ops.policy_loss: every backend against the reference and against TRL's GRPO formulas (reimplemented
+here), float64 gradcheck, bf16 error vs eager bf16, in-place gradient, opcheck, torch.compile, bad input."""
+
+import itertools
+
+import pytest
+import torch
+
+import credit_ops
+from credit_ops import reference as R
+from tests.conftest import backend_devices
+
+BACKENDS = backend_devices()
+IDS = [f"{b}-{d}" for b, d in BACKENDS]
+KERNEL_BACKENDS = [(b, d) for b, d in BACKENDS if b != "reference"]
+KERNEL_IDS = [f"{b}-{d}" for b, d in KERNEL_BACKENDS]
+
+
+def sample(B=3, T=6, V=37, dtype=torch.float64, device="cpu", *, per_token=True, gates=True, mask=True, old=True,
+           ref=True, ignore=True):  # fmt: skip
+    logits = (torch.randn(B, T, V, dtype=torch.float64) * 2).to(dtype)
+    labels = torch.randint(0, V, (B, T))
+    if ignore:
+        labels[0, -2:] = -100
+    # old log-probs near the current ones: ratios spread over both sides of the clip range
+    cur = R.token_logprobs(logits.double(), labels)
+    kw = {}
+    if old:
+        kw["old_logprobs"] = (cur + 0.3 * torch.randn(B, T, dtype=torch.float64)).float()
+    if ref:
+        kw["ref_logprobs"] = (cur + 0.5 * torch.randn(B, T, dtype=torch.float64)).float()
+    if mask:
+        m = torch.rand(B, T) > 0.25
+        m[1] = False  # a fully masked sequence
+        kw["mask"] = m
+    if gates:
+        g = torch.rand(B, T)
+        g[g < 0.2] = 0.0
+        kw["gates"] = g
+    adv = torch.randn(B, T) if per_token else torch.randn(B)
+    to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return logits.to(device), labels.to(device), adv.to(device), {k: to(v) for k, v in kw.items()}
+
+
+def run(backend, logits, labels, adv, **kw):
+    with credit_ops.use_backend(backend):
+        return credit_ops.policy_loss(logits, labels, adv, **kw)
+
+
+def loss_and_grad(backend, logits, labels, adv, scale=1.0, **kw):
+    x = logits.detach().clone().requires_grad_(True)
+    loss, stats = run(backend, x, labels, adv, **kw)
+    (g,) = torch.autograd.grad(loss * scale, x)
+    return loss.detach(), g, stats
+
+
+def expected(logits, labels, adv, scale=1.0, **kw):
+    x = logits.detach().cpu().double().requires_grad_(True)
+    cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    loss, stats = R.policy_loss(x, labels.cpu(), adv.cpu(), **cpu)
+    (g,) = torch.autograd.grad(loss * scale, x)
+    return loss.detach(), g, stats
+
+
+def tol64(backend):
+    """float64 tolerance: Triton passes float scalars (eps, beta, 1/T) to kernels as fp32."""
+    return 1e-7 if backend == "triton" else 1e-9
+
+
+def close(got, want, tol):
+    torch.testing.assert_close(got.detach().cpu().double(), want.detach().double(), rtol=tol, atol=tol)
+
+
+def check_all(backend, device, dtype, tol, *, scale=1.0, B=3, T=6, V=37, sample_kw=None, **kw):
+    logits, labels, adv, extra = sample(B, T, V, dtype, device, **(sample_kw or {}))
+    kw = {**extra, **kw}
+    loss, g, stats = loss_and_grad(backend, logits, labels, adv, scale, **kw)
+    want_loss, want_g, want_stats = expected(logits, labels, adv, scale, **kw)
+    close(loss, want_loss, tol)
+    gtol = {torch.bfloat16: 8e-3, torch.float16: 1e-3}.get(dtype, tol)  # the gradient is stored in logits' dtype
+    torch.testing.assert_close(g.cpu().double(), want_g, rtol=gtol, atol=gtol * want_g.abs().max().item())
+    assert set(want_stats) <= set(stats)
+    for k, v in want_stats.items():
+        assert not v.requires_grad
+        close(stats[k], v, tol)
+    return loss, g
+
+
+AGGS = [None, *R.AGGREGATIONS]
+
+
+# Native: the full grid (cheap). Triton (interpreter): every loss type x agg with all options on, plus the flags.
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
+@pytest.mark.parametrize("agg", AGGS, ids=lambda a: str(a))
+@pytest.mark.parametrize("per_token,gates,mask", list(itertools.product([True, False], repeat=3)),
+                         ids=lambda v: str(int(v)))  # fmt: skip
+def test_parity_grid(backend, device, loss_type, agg, per_token, gates, mask):
+    if backend == "triton" and device == "cpu" and not (per_token and gates and mask) and agg is not None:
+        pytest.skip("interpreter: flag combinations are covered with the default agg")
+    check_all(backend, device, torch.float64, tol64(backend), sample_kw=dict(per_token=per_token, gates=gates, mask=mask),
+              loss_type=loss_type, agg=agg, max_length=9, beta=0.05, dual_clip=3.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
+@pytest.mark.parametrize("kl_type", R.KL_TYPES)
+def test_options(backend, device, loss_type, kl_type):
+    """On-policy, KL types, no dual clip, temperature, explicit eps, a downstream scale on the loss."""
+    check_all(backend, device, torch.float64, tol64(backend), sample_kw=dict(old=False), loss_type=loss_type, kl_type=kl_type,
+              beta=0.1, temperature=0.7, eps_low=0.1, eps_high=0.3, max_length=8)  # fmt: skip
+    check_all(backend, device, torch.float64, tol64(backend), scale=-2.5, loss_type=loss_type, max_length=8)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("V", [37, 3001])
+def test_parity_dtypes(backend, device, dtype, V):
+    if backend == "triton" and device == "cpu" and V > 1000 and dtype != torch.bfloat16:
+        pytest.skip("interpreter time")
+    for loss_type in ("dapo", "gspo"):
+        check_all(backend, device, dtype, 1e-5, V=V, loss_type=loss_type, beta=0.05)
+
+
+def test_multi_tile_triton(monkeypatch):
+    """Rows longer than one tile stream in two passes (the second backwards); forced here on small rows."""
+    if "triton" not in [b for b, _ in BACKENDS]:
+        pytest.skip("no triton backend")
+    from credit_ops.triton_kernels import policy_loss as pl
+
+    monkeypatch.setattr(pl, "_ONE_TILE_MAX", 16)
+    monkeypatch.setattr(pl, "_TILE_INTERPRET", 16)
+    monkeypatch.setattr(pl, "_TILE", 16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits, labels, adv, kw = sample(2, 5, 71, torch.float32, device)
+    logits[0, 0, ::3] = float("-inf")
+    labels[0, 0] = 1
+    for loss_type in ("dapo", "grpo"):
+        loss, g, _ = loss_and_grad("triton", logits, labels, adv, loss_type=loss_type, beta=0.1, **kw)
+        want_loss, want_g, _ = expected(logits, labels, adv, loss_type=loss_type, beta=0.1, **kw)
+        close(loss, want_loss, 1e-5)
+        close(g, want_g, 1e-5)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
+def test_gradcheck(backend, device, loss_type):
+    if loss_type == "gspo_token":
+        pytest.skip("its gradient is defined through stop-gradients, not as the derivative of its value")
+    logits, labels, adv, kw = sample(2, 4, 7, torch.float64, device)
+    kw = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
+    x = logits.detach().requires_grad_(True)
+
+    def f(z):
+        with credit_ops.use_backend(backend):
+            return credit_ops.policy_loss(z, labels, adv, loss_type=loss_type, beta=0.1, max_length=5,
+                                          eps_low=0.2, eps_high=0.28, **kw)[0]  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", ["dapo", "gspo"])
+def test_bf16_error_within_2x_eager(backend, device, loss_type):
+    """Against float64 on the same bf16 values: at most 2x the error of the loss computed eagerly in bf16."""
+    logits, labels, adv, kw = sample(4, 16, 512, torch.bfloat16, device, old=False)
+    kw = dict(loss_type=loss_type, beta=0.05, ref_logprobs=kw["ref_logprobs"], mask=kw["mask"], gates=kw["gates"])
+    loss, g, _ = loss_and_grad(backend, logits, labels, adv, **kw)
+    want_loss, want_g, _ = expected(logits, labels, adv, **kw)
+
+    # eager bf16: the same formulas with every tensor in bf16 (log_softmax in bf16 too)
+    x = logits.detach().cpu().requires_grad_(True)
+    lp = torch.log_softmax(x, -1).gather(-1, labels.cpu().clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    valid = ((labels.cpu() != -100) & kw["mask"].cpu()).to(torch.bfloat16)
+    eager_loss, _ = R.policy_loss_from_logprobs(
+        lp, torch.zeros_like(lp), valid, adv.cpu().to(torch.bfloat16), old_logprobs=None,
+        ref_logprobs=kw["ref_logprobs"].cpu().to(torch.bfloat16), gates=kw["gates"].cpu().to(torch.bfloat16),
+        loss_type=loss_type, eps_low=0.2, eps_high=0.28, dual_clip=None, beta=0.05, kl_type="k3",
+        agg=R.DEFAULT_AGG[loss_type], max_length=None,
+    )  # fmt: skip
+    (eager_g,) = torch.autograd.grad(eager_loss, x)
+    err = lambda a, b: (a.detach().cpu().double() - b.double()).abs().max().item()  # noqa: E731
+    assert err(loss, want_loss) <= 2 * err(eager_loss, want_loss) + 1e-6
+    assert err(g, want_g) <= 2 * err(eager_g, want_g) + 1e-7
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_inplace_grad(backend, device, loss_type):
+    logits, labels, adv, kw = sample(2, 5, 33, torch.float32, device)
+    base = logits.detach().clone().requires_grad_(True)
+    x = base * 1.0  # a non-leaf, like an LM head's output
+    with credit_ops.use_backend(backend):
+        loss, _ = credit_ops.policy_loss(x, labels, adv, loss_type=loss_type, inplace_grad=True, **kw)
+    (loss * 3.0).backward()
+    want_loss, want_g, _ = expected(logits, labels, adv, scale=3.0, loss_type=loss_type, **kw)
+    close(loss, want_loss, 1e-5)
+    close(base.grad, want_g, 1e-5)
+    close(x.detach(), want_g, 1e-5)  # the logits' storage now holds the gradient
+
+
+def test_inplace_grad_detects_reuse():
+    logits, labels, adv, kw = sample(2, 5, 33, torch.float32)
+    base = logits.detach().clone().requires_grad_(True)
+    x = base.exp()  # exp's backward needs its output: overwriting it must be caught
+    loss, _ = credit_ops.policy_loss(x, labels, adv, inplace_grad=True, **kw)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+# ---- TRL's documented GRPO loss (GRPOTrainer._compute_loss), reimplemented independently.
+def trl_loss(logits, labels, advantages, completion_mask, old, ref, *, loss_type, importance_sampling_level, beta,
+             epsilon_low, epsilon_high, max_completion_length, temperature):  # fmt: skip
+    logps = torch.log_softmax(logits / temperature, dim=-1)
+    per_token_logps = torch.gather(logps, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if beta != 0.0:
+        per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+    old = per_token_logps.detach() if old is None else old
+    log_ratio = per_token_logps - old
+    if importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = (log_ratio * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
+        log_importance_weights = log_importance_weights.unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        return ((per_token_loss * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type in ("bnpo", "dapo"):  # single process: the normaliser is the batch's token count
+        return (per_token_loss * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token_loss * completion_mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    raise AssertionError(loss_type)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo", "gspo"])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_matches_trl_formulas(backend, device, loss_type, per_token, on_policy):
+    logits, labels, adv, kw = sample(3, 7, 29, torch.float64, device, per_token=per_token, gates=False, old=True,
+                                     ignore=False)  # fmt: skip
+    old = None if on_policy else kw["old_logprobs"].double()
+    ref, mask = kw["ref_logprobs"].double(), kw["mask"]
+    eps = (0.2, 0.28) if loss_type != "gspo" else (3e-4, 4e-4)
+    loss, g, _ = loss_and_grad(backend, logits, labels, adv, loss_type=loss_type, old_logprobs=old,
+                               ref_logprobs=ref, mask=mask, beta=0.04, max_length=11, temperature=0.9)  # fmt: skip
+    x = logits.detach().cpu().requires_grad_(True)
+    trl_type, level = ("grpo", "sequence") if loss_type == "gspo" else (loss_type, "token")
+    want = trl_loss(x, labels.cpu(), adv.cpu(), mask.cpu().double(), None if old is None else old.cpu(), ref.cpu(),
+                    loss_type=trl_type, importance_sampling_level=level, beta=0.04, epsilon_low=eps[0],
+                    epsilon_high=eps[1], max_completion_length=11, temperature=0.9)  # fmt: skip
+    (want_g,) = torch.autograd.grad(want, x)
+    close(loss, want.detach(), tol64(backend))
+    close(g, want_g, tol64(backend))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+def test_ignore_and_mask_rows_get_zero_grad(backend, device):
+    logits, labels, adv, kw = sample(2, 6, 21, torch.float32, device)
+    _, g, stats = loss_and_grad(backend, logits, labels, adv, **kw)
+    dead = (labels == -100) | ~kw["mask"]
+    assert (g[dead] == 0).all()
+    assert stats["num_tokens"].item() == (~dead).sum().item()
+
+
+def test_no_valid_tokens_gives_zero():
+    logits, labels, adv, kw = sample(2, 3, 11, torch.float32)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    for loss_type in ("dapo", "gspo", "grpo"):
+        loss, g, stats = loss_and_grad("native", logits, labels, adv, loss_type=loss_type, mask=mask)
+        assert loss.item() == 0 and (g == 0).all() and torch.isfinite(torch.stack(list(stats.values()))).all()
+
+
+def test_strided_logits_slice():
+    """logits[:, :-1] of a model output is read in place."""
+    logits, labels, adv, kw = sample(2, 6, 19, torch.float32)
+    full = torch.randn(2, 7, 19)
+    full[:, :-1] = logits
+    for backend, _ in KERNEL_BACKENDS[:1] + [b for b in KERNEL_BACKENDS if b[0] == "triton" and b[1] == "cpu"]:
+        x = full.clone().requires_grad_(True)
+        with credit_ops.use_backend(backend):
+            loss, _ = credit_ops.policy_loss(x[:, :-1], labels, adv, **kw)
+        loss.backward()
+        want_loss, want_g, _ = expected(logits, labels, adv, **kw)
+        close(loss, want_loss, 1e-5)
+        close(x.grad[:, :-1], want_g, 1e-5)
+        assert (x.grad[:, -1] == 0).all()
+
+
+# ---- registration: opcheck and torch.compile
+def _op_args(device, dtype=torch.float32):
+    logits, labels, adv, kw = sample(2, 4, 13, dtype, device)
+    w = R.aggregation_weights(((labels != -100) & kw["mask"]).float(), "token_mean") * kw["gates"]
+    return (logits.requires_grad_(True), labels, adv.float(), w, kw["old_logprobs"], kw["ref_logprobs"], 1.0, -100,
+            0.2, 0.28, 3.0, 0.1, 3)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+def test_opcheck(backend, device):
+    op = torch.ops.credit.policy_loss_fwd_triton if backend == "triton" else torch.ops.credit.policy_loss_fwd
+    args = _op_args(device)
+    torch.library.opcheck(op, args)
+    args_on_policy = args[:4] + (None, None) + args[6:11] + (0.0, 0)
+    torch.library.opcheck(op, args_on_policy)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", ["dapo", "gated_gspo"])
+def test_compile_fullgraph(backend, device, loss_type):
+    logits, labels, adv, kw = sample(2, 5, 23, torch.float32, device)
+
+    def f(x, labels, adv, old, ref, mask, gates):
+        loss, stats = credit_ops.policy_loss(x, labels, adv, old_logprobs=old, ref_logprobs=ref, mask=mask,
+                                             gates=gates, loss_type=loss_type, beta=0.1)  # fmt: skip
+        return loss * 2.0, stats["clip_frac"]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    args = (labels, adv, kw["old_logprobs"], kw["ref_logprobs"], kw["mask"], kw["gates"])
+    with credit_ops.use_backend(backend):
+        x1 = logits.clone().requires_grad_(True)
+        out, clip = compiled(x1, *args)
+        out.backward()
+        x2 = logits.clone().requires_grad_(True)
+        want, want_clip = f(x2, *args)
+        want.backward()
+    close(out, want.detach(), 1e-6)
+    close(clip, want_clip, 1e-6)
+    close(x1.grad, x2.grad, 1e-6)
+
+
+# ---- bad input
+def _bad(match, **over):
+    logits, labels, adv, kw = sample(2, 4, 11, torch.float32)
+    args = dict(logits=logits, labels=labels, advantages=adv, **kw)
+    args.update(over)
+    with pytest.raises(ValueError, match=match):
+        credit_ops.policy_loss(args.pop("logits"), args.pop("labels"), args.pop("advantages"), **args)
+
+
+def test_bad_input():
+    _bad("loss_type", loss_type="ppo")
+    _bad("agg", agg="sum")
+    _bad("kl_type", kl_type="k4", beta=0.1)
+    _bad("ref_logprobs", beta=0.1, ref_logprobs=None)
+    _bad("max_length", loss_type="dr_grpo")
+    _bad("max_length", agg="seq_mean_token_sum_norm", max_length=0)
+    _bad("eps_low", eps_low=-0.1)
+    _bad("eps_low", eps_high=-0.1)
+    _bad("dual_clip", dual_clip=0.5)
+    _bad("temperature", temperature=0.0)
+    _bad("labels", labels=torch.zeros(2, 5, dtype=torch.long))
+    _bad("labels", labels=torch.full((2, 4), 11))
+    _bad("advantages", advantages=torch.zeros(3))
+    _bad("advantages", advantages=torch.zeros(2, 5))
+    _bad("mask", mask=torch.ones(2, 5, dtype=torch.bool))
+    _bad("gates", gates=torch.full((2, 4), 1.5))
+    _bad("old_logprobs", old_logprobs=torch.zeros(2, 3))
+    _bad("logits", logits=torch.zeros(2, 4))
+    _bad("labels", labels=torch.zeros(2, 4))
