@@ -98,8 +98,9 @@ AGGS = [None, *R.AGGREGATIONS]
 def test_parity_grid(backend, device, loss_type, agg, per_token, gates, mask):
     if backend == "triton" and device == "cpu" and not (per_token and gates and mask) and agg is not None:
         pytest.skip("interpreter: flag combinations are covered with the default agg")
-    check_all(backend, device, torch.float64, tol64(backend), sample_kw=dict(per_token=per_token, gates=gates, mask=mask),
-              loss_type=loss_type, agg=agg, max_length=9, beta=0.05, dual_clip=3.0)  # fmt: skip
+    flags = dict(per_token=per_token, gates=gates, mask=mask)
+    check_all(backend, device, torch.float64, tol64(backend), sample_kw=flags, loss_type=loss_type, agg=agg,
+              max_length=9, beta=0.05, dual_clip=3.0)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
@@ -107,8 +108,8 @@ def test_parity_grid(backend, device, loss_type, agg, per_token, gates, mask):
 @pytest.mark.parametrize("kl_type", R.KL_TYPES)
 def test_options(backend, device, loss_type, kl_type):
     """On-policy, KL types, no dual clip, temperature, explicit eps, a downstream scale on the loss."""
-    check_all(backend, device, torch.float64, tol64(backend), sample_kw=dict(old=False), loss_type=loss_type, kl_type=kl_type,
-              beta=0.1, temperature=0.7, eps_low=0.1, eps_high=0.3, max_length=8)  # fmt: skip
+    check_all(backend, device, torch.float64, tol64(backend), sample_kw=dict(old=False), loss_type=loss_type,
+              kl_type=kl_type, beta=0.1, temperature=0.7, eps_low=0.1, eps_high=0.3, max_length=8)  # fmt: skip
     check_all(backend, device, torch.float64, tol64(backend), scale=-2.5, loss_type=loss_type, max_length=8)
 
 
