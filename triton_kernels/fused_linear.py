@@ -72,10 +72,9 @@ def fused_linear_policy_loss_forward(
     logp = torch.empty(N, device=hidden.device, dtype=acc)
     entropy = torch.empty(N, device=hidden.device, dtype=acc)
     loss = torch.zeros((), device=hidden.device, dtype=acc)
-    empty = hidden.new_empty(0)
-    grad_h = torch.empty_like(hidden) if compute_grad else empty
+    grad_h = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
     # Accumulated in the weight's dtype over few, large chunks (as Liger does): an fp32 copy would cost V*H*4 bytes.
-    grad_w = torch.zeros_like(weight) if compute_grad else empty
+    grad_w = torch.zeros_like(weight) if compute_grad else hidden.new_empty(0)
     grad_b = torch.zeros(V, device=hidden.device, dtype=acc) if compute_grad and bias is not None else None
     C = chunk_rows(N, V, hidden.dtype, chunk_size)
     for s in range(0, N, C):
@@ -96,7 +95,7 @@ def fused_linear_policy_loss_forward(
             grad_w.addmm_(z.t(), h)
             if grad_b is not None:
                 grad_b += z.sum(0, dtype=acc)
-    grad_b = empty if grad_b is None else grad_b.to(bias.dtype)
+    grad_b = hidden.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
     return loss, logp, entropy, grad_h, grad_w, grad_b
 
 

@@ -1,0 +1,216 @@
+"""credit_ops.fused_linear_policy_loss / fused_linear_logprobs: equal to the logits path and the reference, gradients
+for hidden, weight and bias, chunking, no-grad mode, opcheck, torch.compile, bad input."""
+
+import pytest
+import torch
+
+import credit_ops
+from credit_ops import reference as R
+from tests.conftest import backend_devices
+
+KERNEL_BACKENDS = [(b, d) for b, d in backend_devices() if b != "reference"]
+KERNEL_IDS = [f"{b}-{d}" for b, d in KERNEL_BACKENDS]
+
+
+def sample(B=2, T=5, H=8, V=23, dtype=torch.float64, device="cpu", bias=True, per_token=True):
+    hidden = torch.randn(B, T, H, dtype=torch.float64)
+    weight = torch.randn(V, H, dtype=torch.float64) / H**0.5 * 2
+    b = torch.randn(V, dtype=torch.float64) * 0.5 if bias else None
+    labels = torch.randint(0, V, (B, T))
+    labels[0, -1] = -100
+    cur = R.token_logprobs(torch.nn.functional.linear(hidden, weight, b), labels)
+    kw = dict(
+        old_logprobs=(cur + 0.3 * torch.randn(B, T, dtype=torch.float64)).float(),
+        ref_logprobs=(cur + 0.3 * torch.randn(B, T, dtype=torch.float64)).float(),
+        mask=torch.rand(B, T) > 0.2,
+        gates=torch.rand(B, T),
+    )
+    adv = torch.randn(B, T) if per_token else torch.randn(B)
+    cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    kw = {k: v.to(device) for k, v in kw.items()}
+    return cast(hidden), cast(weight), cast(b), labels.to(device), adv.to(device), kw
+
+
+def grads(fn, hidden, weight, bias, scale=1.0):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    loss, stats = fn(*leaves)
+    gs = torch.autograd.grad(loss * scale, leaves)
+    return loss.detach(), stats, gs
+
+
+def close(got, want, tol):
+    want = want.detach().cpu().double()
+    torch.testing.assert_close(got.detach().cpu().double(), want, rtol=tol,
+                               atol=tol * max(1.0, want.abs().max().item() if want.numel() else 1.0))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_matches_reference(backend, device, loss_type, bias, chunk_size):
+    hidden, weight, b, labels, adv, kw = sample(device=device, bias=bias)
+    opts = dict(loss_type=loss_type, beta=0.1, max_length=7, dual_clip=3.0, **kw)
+
+    def ours(h, w, *bb):
+        with credit_ops.use_backend(backend):
+            return credit_ops.fused_linear_policy_loss(h, w, labels, adv, bias=bb[0] if bb else None,
+                                                       chunk_size=chunk_size, **opts)  # fmt: skip
+
+    def ref(h, w, *bb):
+        return R.fused_linear_policy_loss(h, w, labels.cpu(), adv.cpu(), bias=bb[0] if bb else None,
+                                          **{k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                             for k, v in opts.items()})  # fmt: skip
+
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    loss, stats, gs = grads(ours, hidden, weight, b, scale=1.7)
+    want_loss, want_stats, want_gs = grads(ref, cpu(hidden), cpu(weight), cpu(b), scale=1.7)
+    tol = 1e-7 if backend == "triton" else 1e-9
+    close(loss, want_loss, tol)
+    for g, wg in zip(gs, want_gs, strict=True):
+        close(g, wg, tol)
+    for k, v in want_stats.items():
+        close(stats[k], v, tol)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "gspo", "gated_gspo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_equals_logits_path(backend, device, loss_type, dtype):
+    """The fused LM head gives what policy_loss gives on the materialised logits, in the same precision."""
+    hidden, weight, b, labels, adv, kw = sample(3, 6, 16, 97, dtype, device)
+    opts = dict(loss_type=loss_type, beta=0.05, **kw)
+
+    def fused(h, w, bb):
+        return credit_ops.fused_linear_policy_loss(h, w, labels, adv, bias=bb, chunk_size=4, **opts)
+
+    def logits_path(h, w, bb):
+        return credit_ops.policy_loss(torch.nn.functional.linear(h, w, bb), labels, adv, **opts)
+
+    with credit_ops.use_backend(backend):
+        loss, stats, gs = grads(fused, hidden, weight, b)
+        want_loss, want_stats, want_gs = grads(logits_path, hidden, weight, b)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: grad_weight accumulates over chunks in bf16
+    close(loss, want_loss, 1e-5 if dtype == torch.float32 else 1e-3)
+    for k, v in want_stats.items():
+        close(stats[k], v, 1e-5 if dtype == torch.float32 else 1e-3)
+    for g, wg in zip(gs, want_gs, strict=True):
+        assert g.dtype == dtype
+        close(g, wg, tol)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", ["dapo", "gspo"])
+def test_gradcheck(backend, device, loss_type):
+    hidden, weight, b, labels, adv, kw = sample(2, 3, 4, 9, torch.float64, device)
+    kw = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
+
+    def f(h, w, bb):
+        with credit_ops.use_backend(backend):
+            return credit_ops.fused_linear_policy_loss(h, w, labels, adv, bias=bb, loss_type=loss_type, beta=0.1,
+                                                       eps_low=0.2, eps_high=0.28, chunk_size=2, **kw)[0]  # fmt: skip
+
+    args = tuple(t.detach().requires_grad_(True) for t in (hidden, weight, b))
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_logprobs(backend, device, bias):
+    hidden, weight, b, labels, _, _ = sample(2, 5, 8, 31, torch.float64, device, bias=bias)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight) + ((b,) if bias else ())]
+    with credit_ops.use_backend(backend):
+        lp, ent = credit_ops.fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if bias else None,
+                                                   temperature=0.8, return_entropy=True, chunk_size=3)  # fmt: skip
+    cot = torch.randn_like(lp)
+    gs = torch.autograd.grad((lp * cot).sum(), leaves)
+    ref_leaves = [t.detach().cpu().clone().requires_grad_(True) for t in leaves]
+    want_lp, want_ent = R.fused_linear_logprobs(ref_leaves[0], ref_leaves[1], labels.cpu(),
+                                                bias=ref_leaves[2] if bias else None, temperature=0.8,
+                                                return_entropy=True)  # fmt: skip
+    want_gs = torch.autograd.grad((want_lp * cot.cpu()).sum(), ref_leaves)
+    tol = 1e-7 if backend == "triton" else 1e-9
+    assert lp.shape == labels.shape
+    close(lp, want_lp, tol)
+    close(ent, want_ent, tol)
+    assert not ent.requires_grad
+    for g, wg in zip(gs, want_gs, strict=True):
+        close(g, wg, tol)
+    # (N, H) hidden with flat labels, under no_grad: the old-policy / reference pass
+    with torch.no_grad(), credit_ops.use_backend(backend):
+        flat = credit_ops.fused_linear_logprobs(hidden.reshape(-1, 8), weight, labels.reshape(-1), bias=b,
+                                                temperature=0.8)  # fmt: skip
+    close(flat, want_lp.reshape(-1), tol)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+def test_packed_and_no_grad(backend, device):
+    hidden, weight, b, labels, adv, kw = sample(1, 7, 8, 19, torch.float32, device)
+    opts = dict(loss_type="grpo", beta=0.05, **kw)
+    with credit_ops.use_backend(backend):
+        want, _ = credit_ops.fused_linear_policy_loss(hidden, weight, labels, adv, bias=b, **opts)
+        flat_opts = {k: v.reshape(-1) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
+        packed, _ = credit_ops.fused_linear_policy_loss(hidden.reshape(-1, 8), weight, labels.reshape(-1),
+                                                        adv.reshape(-1), bias=b, **flat_opts)  # fmt: skip
+        with torch.no_grad():
+            h = hidden.clone().requires_grad_(True)
+            nograd, _ = credit_ops.fused_linear_policy_loss(h, weight, labels, adv, bias=b, **opts)
+    close(packed, want, 1e-6)
+    close(nograd, want, 1e-6)
+    assert not nograd.requires_grad
+
+
+def test_opcheck():
+    hidden, weight, b, labels, adv, kw = sample(2, 3, 4, 11, torch.float32)
+    w = torch.rand(6)
+    flat = lambda t: t.reshape(-1).float()  # noqa: E731
+    args = (hidden.reshape(-1, 4).requires_grad_(True), weight.requires_grad_(True), b.requires_grad_(True),
+            labels.reshape(-1), flat(adv), w, flat(kw["old_logprobs"]), flat(kw["ref_logprobs"]), 1.0, -100, 0.2,
+            0.28, 0.0, 0.1, 3, 2, False, True)  # fmt: skip
+    torch.library.opcheck(torch.ops.credit.fused_linear_policy_loss_fwd, args)
+    lp_args = (args[0], args[1], None, args[3], 1.0, -100, 2, False)
+    torch.library.opcheck(torch.ops.credit.fused_linear_logprobs_fwd, lp_args)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "gspo"])
+def test_compile_fullgraph(loss_type):
+    hidden, weight, b, labels, adv, kw = sample(2, 4, 8, 17, torch.float32)
+
+    def f(h, w, bb):
+        loss, stats = credit_ops.fused_linear_policy_loss(h, w, labels, adv, bias=bb, loss_type=loss_type,
+                                                          beta=0.1, chunk_size=3, **kw)  # fmt: skip
+        return loss * 3.0, stats["entropy_mean"]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    l1 = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
+    l2 = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
+    out, ent = compiled(*l1)
+    out.backward()
+    want, want_ent = f(*l2)
+    want.backward()
+    close(out, want, 1e-6)
+    close(ent, want_ent, 1e-6)
+    for a, c in zip(l1, l2, strict=True):
+        close(a.grad, c.grad, 1e-6)
+
+
+def test_bad_input():
+    hidden, weight, b, labels, adv, kw = sample(2, 3, 4, 11, torch.float32)
+    f = credit_ops.fused_linear_policy_loss
+    with pytest.raises(ValueError, match="weight.shape"):
+        f(hidden, weight[:, :3], labels, adv)
+    with pytest.raises(ValueError, match="hidden"):
+        f(hidden.double(), weight, labels, adv)
+    with pytest.raises(ValueError, match="one row per label"):
+        f(hidden[:, :2], weight, labels, adv)
+    with pytest.raises(ValueError, match="bias"):
+        f(hidden, weight, labels, adv, bias=b[:5])
+    with pytest.raises(ValueError, match="loss_type"):
+        f(hidden, weight, labels, adv, loss_type="x")
+    with pytest.raises(ValueError, match="max_length"):
+        f(hidden, weight, labels, adv, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="labels"):
+        f(hidden, weight, torch.full_like(labels, 11), adv)
+    with pytest.raises(ValueError, match="weight.shape"):
+        credit_ops.fused_linear_logprobs(hidden, weight[:, :2], labels)
