@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -105,14 +106,26 @@ void fill_rows(int64_t rows, int64_t T, const bool* mask, const int* kind, const
                const int64_t* ends, const int64_t* starts, scalar_t unmasked, scalar_t* adv, scalar_t* gates) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(T, 1)), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const int64_t lo = starts ? starts[i] : 0, hi = ends ? ends[i] : T;
+      // Same result as token_gate() per token, with the row kind and range hoisted so the loops vectorise.
+      const int64_t lo = std::clamp<int64_t>(starts ? starts[i] : 0, 0, T);
+      const int64_t hi = std::clamp<int64_t>(ends ? ends[i] : T, lo, T);
       const bool* m = mask + i * T;
       scalar_t* a = adv + i * T;
       scalar_t* g = gates + i * T;
-      for (int64_t t = 0; t < T; ++t) {
-        const scalar_t gate = token_gate<scalar_t>(kind[i], m[t], t >= lo && t < hi, unmasked);
-        g[t] = gate;
-        a[t] = gate * value[i];
+      const scalar_t v = value[i];
+      std::fill(g, g + lo, scalar_t(0)), std::fill(a, a + lo, scalar_t(0));
+      std::fill(g + hi, g + T, scalar_t(0)), std::fill(a + hi, a + T, scalar_t(0));
+      if (kind[i] == kDropped) {
+        std::fill(g + lo, g + hi, scalar_t(0)), std::fill(a + lo, a + hi, scalar_t(0));
+      } else if (kind[i] == kSequence) {
+        std::fill(g + lo, g + hi, scalar_t(1)), std::fill(a + lo, a + hi, v);
+      } else {
+        for (int64_t t = lo; t < hi; ++t) {
+          const scalar_t f = static_cast<scalar_t>(m[t]);
+          const scalar_t gate = f + (scalar_t(1) - f) * unmasked;  // exactly 1 or `unmasked`, branch-free
+          g[t] = gate;
+          a[t] = gate * v;
+        }
       }
     }
   });
