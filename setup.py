@@ -52,7 +52,7 @@ def extensions():
 
     debug = _flag("CREDIT_OPS_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-fopenmp"]
+    cxx = [*opt, "-fopenmp", "-Wno-psabi"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/core/*.cpp"))
     common = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],

@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -16,35 +15,28 @@
 namespace credit::cpu {
 namespace {
 
-constexpr int kLanes = 16;  // independent accumulators: lets GCC vectorise the reductions
-
-// Softmax statistics of z / T for one row: log-sum-exp and entropy (sum_j p_j log p_j, negated).
-template <typename acc_t>
-__attribute__((always_inline)) inline void row_stats_impl(const acc_t* z, int64_t V, acc_t inv_t, acc_t* lse,
-                                                          acc_t* entropy) {
-  acc_t mx[kLanes];
-  std::fill(mx, mx + kLanes, -std::numeric_limits<acc_t>::infinity());
-  int64_t body = V - V % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) mx[l] = z[i + l] > mx[l] ? z[i + l] : mx[l];
-  acc_t m = *std::max_element(mx, mx + kLanes);
-  for (int64_t i = body; i < V; ++i) m = std::max(m, z[i]);
+// Softmax statistics of z / T for one row: log-sum-exp and entropy -sum_j p_j log p_j. Two passes over
+// the row (max, then exp-sums); the entropy reuses the exps of the normaliser.
+CREDIT_INLINE void row_stats_impl(const float* z, int64_t V, float inv_t, float* lse, float* entropy) {
+  const int64_t body = V - V % kVec;
+  v8f mv = splat(-INFINITY);
+  for (int64_t i = 0; i < body; i += kVec) mv = vmax(mv, load8(z + i));
+  float m = hmax(mv);
+  for (int64_t i = body; i < V; ++i) m = z[i] > m ? z[i] : m;
   m *= inv_t;  // max commutes with the positive scale 1 / T
 
-  acc_t s[kLanes] = {}, t[kLanes] = {};
-  for (int64_t i = 0; i < body; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      // -inf logits: clamp the shifted value so exp -> ~0 and e * d stays finite instead of 0 * -inf.
-      acc_t d = std::max(z[i + l] * inv_t - m, acc_t(-87));
-      acc_t e = fast_exp(d);
-      s[l] += e;
-      t[l] += e * d;
-    }
-  acc_t S = 0, Tt = 0;
-  for (int l = 0; l < kLanes; ++l) S += s[l], Tt += t[l];
+  v8f s = {}, t = {};
+  for (int64_t i = 0; i < body; i += kVec) {
+    // -inf logits: clamping the shifted value keeps e * d finite (~0) instead of 0 * -inf.
+    v8f d = vmax(load8(z + i) * inv_t - m, splat(-87.0f));
+    v8f e = vexp(d);
+    s += e;
+    t += e * d;
+  }
+  float S = hsum(s), Tt = hsum(t);
   for (int64_t i = body; i < V; ++i) {
-    acc_t d = std::max(z[i] * inv_t - m, acc_t(-87));
-    acc_t e = fast_exp(d);
+    float d = std::max(z[i] * inv_t - m, -87.0f);
+    float e = std::exp(d);
     S += e;
     Tt += e * d;
   }
@@ -52,65 +44,50 @@ __attribute__((always_inline)) inline void row_stats_impl(const acc_t* z, int64_
   *entropy = std::log(S) - Tt / S;
 }
 
-// d/dz of (g * logp_y + ge * H): (1/T) * (g * (onehot_y - p) - ge * p * (log p + H)).
-template <typename acc_t, typename scalar_t>
-__attribute__((always_inline)) inline void row_grad_impl(const acc_t* z, int64_t V, acc_t inv_t, acc_t lse, acc_t H,
-                                                         acc_t g, acc_t ge, int64_t label, scalar_t* out) {
-  for (int64_t j = 0; j < V; ++j) {
-    acc_t logp = std::max(z[j] * inv_t - lse, acc_t(-87));
-    acc_t p = fast_exp(logp);
-    out[j] = static_cast<scalar_t>(inv_t * (-g * p - ge * p * (logp + H)));
-  }
-  out[label] = static_cast<scalar_t>(static_cast<acc_t>(out[label]) + inv_t * g);
-}
+CREDIT_CPU_DISPATCH(row_stats, (const float* z, int64_t V, float inv_t, float* lse, float* entropy),
+                    (z, V, inv_t, lse, entropy))
 
-// The fp32 paths run most of the time: compile them once per ISA and pick at load time (ifunc).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void row_stats_f32(const float* z, int64_t V,
-                                                                                 float inv_t, float* lse,
-                                                                                 float* entropy) {
-  row_stats_impl<float>(z, V, inv_t, lse, entropy);
-}
-
-template <typename scalar_t>
-void row_stats(const float* z, int64_t V, float inv_t, float* lse, float* entropy) {
-  row_stats_f32(z, V, inv_t, lse, entropy);
-}
-template <typename scalar_t>
 void row_stats(const double* z, int64_t V, double inv_t, double* lse, double* entropy) {
-  row_stats_impl<double>(z, V, inv_t, lse, entropy);
-}
-
-#define CREDIT_ROW_GRAD_F32(scalar_t, name)                                                                  \
-  __attribute__((target_clones("avx512f", "avx2", "default"))) void name(                                  \
-      const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge, int64_t label,          \
-      scalar_t* out) {                                                                                       \
-    row_grad_impl<float, scalar_t>(z, V, inv_t, lse, H, g, ge, label, out);                                \
+  double m = -INFINITY;
+  for (int64_t i = 0; i < V; ++i) m = std::max(m, z[i]);
+  m *= inv_t;
+  double S = 0, Tt = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    double d = z[i] * inv_t - m;
+    double e = std::exp(d);
+    S += e;
+    Tt += e == 0.0 ? 0.0 : e * d;  // p log p -> 0 as p -> 0
   }
-CREDIT_ROW_GRAD_F32(float, row_grad_f32)
-CREDIT_ROW_GRAD_F32(at::BFloat16, row_grad_bf16)
-CREDIT_ROW_GRAD_F32(at::Half, row_grad_f16)
-#undef CREDIT_ROW_GRAD_F32
+  *lse = m + std::log(S);
+  *entropy = std::log(S) - Tt / S;
+}
 
-inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge, int64_t label,
-                     float* out) {
-  row_grad_f32(z, V, inv_t, lse, H, g, ge, label, out);
+// d/dz of (g * logp_y + ge * H), without the one-hot term: (1/T) * (-g * p - ge * p * (log p + H)).
+CREDIT_INLINE void row_grad_impl(const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge,
+                                 float* out) {
+  const int64_t body = V - V % kVec;
+  for (int64_t i = 0; i < body; i += kVec) {
+    v8f logp = vmax(load8(z + i) * inv_t - lse, splat(-87.0f));
+    v8f p = vexp(logp);
+    store8(out + i, (-g * p - ge * p * (logp + H)) * inv_t);
+  }
+  for (int64_t i = body; i < V; ++i) {
+    float logp = std::max(z[i] * inv_t - lse, -87.0f);
+    float p = std::exp(logp);
+    out[i] = inv_t * (-g * p - ge * p * (logp + H));
+  }
 }
-inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge, int64_t label,
-                     at::BFloat16* out) {
-  row_grad_bf16(z, V, inv_t, lse, H, g, ge, label, out);
-}
-inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge, int64_t label,
-                     at::Half* out) {
-  row_grad_f16(z, V, inv_t, lse, H, g, ge, label, out);
-}
-inline void row_grad(const double* z, int64_t V, double inv_t, double lse, double H, double g, double ge,
-                     int64_t label, double* out) {
-  for (int64_t j = 0; j < V; ++j) {
-    double logp = z[j] * inv_t - lse;
+
+CREDIT_CPU_DISPATCH(row_grad,
+                    (const float* z, int64_t V, float inv_t, float lse, float H, float g, float ge, float* out),
+                    (z, V, inv_t, lse, H, g, ge, out))
+
+void row_grad(const double* z, int64_t V, double inv_t, double lse, double H, double g, double ge, double* out) {
+  for (int64_t i = 0; i < V; ++i) {
+    double logp = z[i] * inv_t - lse;
     double p = std::exp(logp);
-    out[j] = p == 0.0 ? 0.0 : inv_t * (-g * p - ge * p * (logp + H));  // p log p -> 0 as p -> 0
+    out[i] = p == 0.0 ? 0.0 : inv_t * (-g * p - ge * p * (logp + H));
   }
-  out[label] += inv_t * g;
 }
 
 // Row i of the logits as acc_t: the row itself when it already is, else converted into buf.
@@ -178,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::
           TORCH_CHECK(label >= 0 && label < V, "token_logprobs_fwd: label ", label, " out of range [0, ", V, ")");
           const acc_t* z = row_as_acc<scalar_t, acc_t>(row_ptr(x, xp, i), V, buf);
           acc_t row_lse, row_entropy;
-          row_stats<scalar_t>(z, V, inv_t, &row_lse, &row_entropy);
+          row_stats(z, V, inv_t, &row_lse, &row_entropy);
           ls[i] = row_lse;
           lp[i] = z[label] * inv_t - row_lse;
           if (ent) ent[i] = row_entropy;
@@ -218,7 +195,7 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::op
       scalar_t* out = grad.mutable_data_ptr<scalar_t>();
       const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
       at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> buf;
+        std::vector<acc_t> buf, gbuf;
         for (int64_t i = begin; i < end; ++i) {
           const int64_t label = yp[i];
           scalar_t* row_out = out + i * V;
@@ -228,7 +205,12 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::op
           }
           TORCH_CHECK(label >= 0 && label < V, "token_logprobs_bwd: label ", label, " out of range [0, ", V, ")");
           const acc_t* z = row_as_acc<scalar_t, acc_t>(row_ptr(x, xp, i), V, buf);
-          row_grad(z, V, inv_t, lp[i], gep ? hp[i] : acc_t(0), gp[i], gep ? gep[i] : acc_t(0), label, row_out);
+          // The gradient row in acc_t: written straight into the output when the types agree.
+          acc_t* d = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(row_out) : (gbuf.resize(V), gbuf.data());
+          row_grad(z, V, inv_t, lp[i], gep ? hp[i] : acc_t(0), gp[i], gep ? gep[i] : acc_t(0), d);
+          d[label] += inv_t * gp[i];
+          if constexpr (!std::is_same_v<scalar_t, acc_t>)
+            for (int64_t j = 0; j < V; ++j) row_out[j] = static_cast<scalar_t>(d[j]);
         }
       });
     });

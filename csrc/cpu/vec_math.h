@@ -1,36 +1,97 @@
-// Small numeric helpers for the CPU kernels, written so GCC auto-vectorises the loops that call them.
+// Portable SIMD helpers for the CPU kernels: GCC/Clang vector extensions (8 x fp32), compiled per ISA through
+// target_clones by the callers, so one source serves SSE, AVX2+FMA and AVX-512 machines.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#define CREDIT_INLINE __attribute__((always_inline)) inline
+
+// CREDIT_CPU_DISPATCH(name, (params), (args)) defines `void name(params)` that runs name##_impl(args) compiled
+// for AVX-512, AVX2+FMA or the baseline, chosen once from the CPU's feature bits. (GCC's target_clones with
+// arch= dispatches on the CPU *model*, which VMs report generically, and falls back to SSE.)
+#define CREDIT_CPU_DISPATCH(name, params, args)                                                       \
+  __attribute__((target("avx512f,avx512bw,avx2,fma"))) void name##_avx512 params { name##_impl args; } \
+  __attribute__((target("avx2,fma"))) void name##_avx2 params { name##_impl args; }                   \
+  void name##_base params { name##_impl args; }                                                       \
+  void name params {                                                                                  \
+    switch (::credit::cpu::cpu_isa()) {                                                               \
+      case ::credit::cpu::Isa::kAvx512: return name##_avx512 args;                                    \
+      case ::credit::cpu::Isa::kAvx2: return name##_avx2 args;                                        \
+      default: return name##_base args;                                                               \
+    }                                                                                                 \
+  }
+
 namespace credit::cpu {
 
-// exp(x) for x <= 0 (softmax terms after max subtraction), Cephes-style range reduction + degree-6
-// polynomial, ~1 ulp. Branch-free so it vectorises; inputs below -87 flush to ~0 instead of producing
-// denormals or NaN (the callers clamp -inf there).
-inline float fast_exp(float x) {
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBase;
+  }();
+  return isa;
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+constexpr int kVec = 8;
+
+CREDIT_INLINE v8f splat(float x) { return v8f{} + x; }
+CREDIT_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+CREDIT_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+CREDIT_INLINE v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
+CREDIT_INLINE float hsum(v8f v) {
+  float s = 0;
+  for (int l = 0; l < kVec; ++l) s += v[l];
+  return s;
+}
+CREDIT_INLINE float hmax(v8f v) {
+  float m = v[0];
+  for (int l = 1; l < kVec; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// exp(x), Cephes-style range reduction + degree-6 polynomial (~1 ulp on the softmax range). Inputs are
+// clamped to [-87, 88]: below, the result is ~1e-38 instead of a denormal (callers clamp -inf logits there).
+CREDIT_INLINE v8f vexp(v8f x) {
+  x = vmax(x, splat(-87.0f));
+  x = x > 88.0f ? splat(88.0f) : x;
+  v8f n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest without a branch
+  v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8f p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  return p * __builtin_bit_cast(v8f, bits);
+}
+
+// Scalar exp(x) for x <= 88 with the same polynomial, for loops GCC auto-vectorises itself.
+CREDIT_INLINE float fast_exp(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
-  float fx = x * 1.44269504088896341f;
-  // Round to nearest without std::round so the loop stays vectorisable on plain SSE2.
-  float n = static_cast<float>(static_cast<int32_t>(fx + (fx >= 0.f ? 0.5f : -0.5f)));
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float r2 = r * r;
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  p = p * (r * r) + r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
-
-inline double fast_exp(double x) { return std::exp(x); }
+CREDIT_INLINE double fast_exp(double x) { return std::exp(x); }
 
 }  // namespace credit::cpu
