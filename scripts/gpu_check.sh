@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one GPU check: on a machine with a CUDA GPU, build the extension, run the test suite with CUDA inputs and
+# the GPU benchmarks against the peers, and print a short table last. Writes into $OUT (default
+# benchmarks/results/<date>-<gpu>/): env.txt, build.log, tests.log, bench.json, table.md. Budget: < 8 minutes.
+#
+#   bash scripts/gpu_check.sh                  # everything
+#   STAGES="build bench" bash scripts/gpu_check.sh
+#   BENCH="benchmarks/bench_token_logprobs.py" bash scripts/gpu_check.sh
+#
+# Pure-Python peers missing on the GPU image (liger-kernel, rapidfuzz) are installed from wheels/ when present
+# (`pip download --no-deps liger-kernel rapidfuzz -d wheels/` on a machine with the package index).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-"build tests bench"}
+BENCH=${BENCH:-benchmarks}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_')
+OUT=${OUT:-benchmarks/results/$(date +%Y%m%d-%H%M)-${gpu:-nogpu}}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} CREDIT_OPS_FORCE_CUDA=1
+status=0
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version 2>/dev/null | tail -1
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+for whl in wheels/*.whl; do [ -e "$whl" ] && $PY -m pip install -q --no-deps --no-index "$whl" >/dev/null 2>&1; done
+
+if [[ $STAGES == *build* ]]; then
+  t0=$SECONDS
+  if $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
+     && $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then
+    echo "build: ok ($((SECONDS - t0)) s)"
+  else
+    echo "build: FAILED ($((SECONDS - t0)) s)"; grep -E "error|Error" "$OUT/build.log" | head -30; exit 1
+  fi
+fi
+
+if [[ $STAGES == *tests* ]]; then
+  t0=$SECONDS
+  timeout 240 $PY -m pytest -q -x --ignore=tests/test_trainer.py -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && status=1
+  echo "tests: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+fi
+
+if [[ $STAGES == *bench* ]]; then
+  t0=$SECONDS
+  timeout 300 $PY -m pytest -q -p no:cacheprovider $BENCH --benchmark-json "$OUT/bench.json" \
+    --benchmark-columns=median,iqr >"$OUT/bench.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && status=1
+  echo "bench: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/bench.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/bench.log" | head -20
+  [ -f "$OUT/bench.json" ] && $PY benchmarks/summarize.py "$OUT/bench.json" --markdown | tee "$OUT/table.md"
+fi
+exit $status
