@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check: on a machine with a CUDA GPU, build the extension, run the test suite with CUDA inputs and
 # the GPU benchmarks against the peers, and print a short table last. Writes into $OUT (default
-# benchmarks/results/<date>-<gpu>/): env.txt, build.log, tests.log, bench.json, table.md. Budget: < 8 minutes.
+# benchmarks/results/<date>-<gpu>/): env.txt, build.log, tests.log, sweep.txt, bench.log, bench.json, table.md. Budget: < 8 minutes.
 #
 #   bash scripts/gpu_check.sh                  # everything
 #   STAGES="build bench" bash scripts/gpu_check.sh
@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"build tests bench"}
+STAGES=${STAGES:-"build tests sweep bench"}
 BENCH=${BENCH:-benchmarks}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_')
 OUT=${OUT:-benchmarks/results/$(date +%Y%m%d-%H%M)-${gpu:-nogpu}}
@@ -44,6 +44,11 @@ if [[ $STAGES == *tests* ]]; then
   rc=$?; [ $rc -ne 0 ] && status=1
   echo "tests: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+fi
+
+if [[ $STAGES == *sweep* ]]; then
+  timeout 120 $PY benchmarks/sweep_token_logprobs.py >"$OUT/sweep.txt" 2>&1
+  echo "sweep: rc=$?"; sort -t' ' -k4 -n "$OUT/sweep.txt" | head -3
 fi
 
 if [[ $STAGES == *bench* ]]; then

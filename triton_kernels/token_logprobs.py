@@ -97,8 +97,10 @@ def _block_v(V: int) -> tuple[int, int]:
     return block, (8 if block >= 4096 else 4 if block >= 1024 else 1)
 
 
-def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int, return_entropy: bool):
-    """logits (B, T, V) with unit stride along V, labels (B, T) contiguous -> logprobs, entropy or (0,), lse."""
+def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int, return_entropy: bool,
+                           block_v: int | None = None, num_warps: int | None = None):  # fmt: skip
+    """logits (B, T, V) with unit stride along V, labels (B, T) contiguous -> logprobs, entropy or (0,), lse.
+    block_v / num_warps override the launch configuration (benchmarks/sweep_token_logprobs.py)."""
     import torch
 
     B, T, V = logits.shape
@@ -110,6 +112,7 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
     if N == 0:
         return logprobs, entropy, lse
     block, warps = _block_v(V)
+    block, warps = block_v or block, num_warps or warps
     _token_logprobs_fwd_kernel[(N,)](
         logits, labels, logprobs, entropy, lse,
         logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, ignore_index,
