@@ -48,7 +48,8 @@ fi
 
 if [[ $STAGES == *sweep* ]]; then
   timeout 120 $PY benchmarks/sweep_token_logprobs.py >"$OUT/sweep.txt" 2>&1
-  echo "sweep: rc=$?"; sort -t' ' -k4 -n "$OUT/sweep.txt" | head -3
+  echo "sweep: rc=$? $(head -1 "$OUT/sweep.txt")"
+  echo "best (entropy block warps ms frac):"; grep -E "^(True|False)" "$OUT/sweep.txt" | sort -k1,1 -k4,4n | awk '!seen[$1]++'
 fi
 
 if [[ $STAGES == *bench* ]]; then
