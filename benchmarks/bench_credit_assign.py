@@ -45,8 +45,16 @@ def rollout(seed=0):
     repair.scatter_(1, pos, torch.randint(0, VOCAB, (N, 3), device=DEVICE, generator=g))
     repair_of = torch.where(rewards < 0.5, torch.arange(N, device=DEVICE), -1)
     correct = torch.rand(N, device=DEVICE, generator=g) < 0.8
-    return dict(tokens=tokens, lengths=lengths, group_ids=gid, rewards=rewards, repair_tokens=repair,
-                repair_lengths=lengths.clone(), repair_of=repair_of, repair_correct=correct)  # fmt: skip
+    return dict(
+        tokens=tokens,
+        lengths=lengths,
+        group_ids=gid,
+        rewards=rewards,
+        repair_tokens=repair,
+        repair_lengths=lengths.clone(),
+        repair_of=repair_of,
+        repair_correct=correct,
+    )
 
 
 def verl_grpo_token_advantages(rewards, group_ids, response_mask, eps=1e-6):

@@ -46,8 +46,7 @@ from credit_ops.ops import (
     truncate_regions,
 )
 
-__all__ = ["ALGORITHMS", "CreditAssignment", "credit_assign", "group_advantages", "ibpo_shaping",
-           "token_advantages"]  # fmt: skip
+__all__ = ["ALGORITHMS", "CreditAssignment", "credit_assign", "group_advantages", "ibpo_shaping", "token_advantages"]
 
 # masks: token credit from edit masks and repair rows; shaping: IBPO's R' = R + lam * phi; mode: group norm.
 ALGORITHMS = {
@@ -195,7 +194,9 @@ def credit_assign(
     _checks.check(algorithm in ALGORITHMS, f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
     cfg = ALGORITHMS[algorithm]
     mode = cfg["mode"] if adv_mode is None else adv_mode
-    _checks.check(mode in ("grpo", "dr_grpo", "rloo", "batch"), f"adv_mode must be grpo/dr_grpo/rloo/batch, got {mode!r}")
+    _checks.check(
+        mode in ("grpo", "dr_grpo", "rloo", "batch"), f"adv_mode must be grpo/dr_grpo/rloo/batch, got {mode!r}"
+    )
     _checks.check(granularity in ("token", "step"), f"granularity must be 'token' or 'step', got {granularity!r}")
     _checks.check(
         granularity == "token" or delimiter_ids is not None, "granularity='step' needs delimiter_ids (step ends)"
@@ -207,9 +208,17 @@ def credit_assign(
 
     _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES, dim=2)
     N, T = tokens.shape
-    _checks.same_device(tokens=tokens, lengths=lengths, group_ids=group_ids, rewards=rewards,
-                        prompt_lengths=prompt_lengths, repair_tokens=repair_tokens, repair_lengths=repair_lengths,
-                        repair_of=repair_of, repair_correct=repair_correct)  # fmt: skip
+    _checks.same_device(
+        tokens=tokens,
+        lengths=lengths,
+        group_ids=group_ids,
+        rewards=rewards,
+        prompt_lengths=prompt_lengths,
+        repair_tokens=repair_tokens,
+        repair_lengths=repair_lengths,
+        repair_of=repair_of,
+        repair_correct=repair_correct,
+    )
     _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, dim=1)
     _checks.shape("rewards", rewards, (N,), "(one reward per row of tokens)")
     _check_rewards("rewards", rewards)
@@ -245,7 +254,9 @@ def credit_assign(
             f"repair_of must name an existing sample in [0, {N}) (or be -1 for an unused slot)",
         )
         r_ends = repair_lengths.long()
-        _checks.values((r_ends < 0) | (r_ends > Tr), f"repair_lengths must lie in [0, {Tr}] (the width of repair_tokens)")
+        _checks.values(
+            (r_ends < 0) | (r_ends > Tr), f"repair_lengths must lie in [0, {Tr}] (the width of repair_tokens)"
+        )
     else:
         M, Tr = 0, 0
 
@@ -267,9 +278,7 @@ def credit_assign(
         a_end = ends[safe]
         if starts is not None:
             r_start = starts[safe]
-            _checks.values(
-                ~pad & (r_ends < r_start), "repair_lengths must cover the prompt of the repaired sample"
-            )
+            _checks.values(~pad & (r_ends < r_start), "repair_lengths must cover the prompt of the repaired sample")
             a = _shift_left(a_full, r_start, 0)
             b = _shift_left(repair_tokens, r_start, 0)
             a_len = a_end - r_start
@@ -315,8 +324,9 @@ def credit_assign(
     else:
         shaped, phi = r, torch.zeros_like(r)
     seq_adv = _group_advantages(shaped, group_ids, G, mode, eps)
-    adv, gates = _token_advantages(seq_adv, masks, wrong, has_repair, ends, starts, sign_guard, unmasked_weight,
-                                   correct_in_loss)  # fmt: skip
+    adv, gates = _token_advantages(
+        seq_adv, masks, wrong, has_repair, ends, starts, sign_guard, unmasked_weight, correct_in_loss
+    )
 
     if use_masks:
         selected = chosen & train_on_repair
@@ -325,8 +335,15 @@ def credit_assign(
     elif M > 0:
         z = torch.zeros(M, Tr, dtype=seq_adv.dtype, device=dev)
         no = torch.zeros(M, dtype=torch.bool, device=dev)
-        out_repairs = (repair_tokens, repair_of.long(), z, z.clone(), no,
-                       torch.zeros(M, dtype=torch.int32, device=dev), no.clone())  # fmt: skip
+        out_repairs = (
+            repair_tokens,
+            repair_of.long(),
+            z,
+            z.clone(),
+            no,
+            torch.zeros(M, dtype=torch.int32, device=dev),
+            no.clone(),
+        )
     else:
         out_repairs = (None,) * 7
 

@@ -36,8 +36,9 @@ def test_group_advantages_hand_computed():
     grpo = credit_ops.group_advantages(r, g)
     expect = torch.tensor([(2 / 3) / (std + 1e-6), (-1 / 3) / (std + 1e-6), (-1 / 3) / (std + 1e-6), 0.0, 0.0])
     torch.testing.assert_close(grpo, expect)
-    torch.testing.assert_close(credit_ops.group_advantages(r, g, mode="dr_grpo"),
-                               torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0]))  # fmt: skip
+    torch.testing.assert_close(
+        credit_ops.group_advantages(r, g, mode="dr_grpo"), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0])
+    )
     # RLOO: r minus the mean of the others: 1 - 0, 0 - 0.5, 0 - 0.5
     torch.testing.assert_close(credit_ops.group_advantages(r, g, mode="rloo"), torch.tensor([1.0, -0.5, -0.5, 0, 0]))
     batch = credit_ops.group_advantages(r, g, mode="batch")
@@ -115,10 +116,12 @@ def test_group_advantages_bad_input():
 def test_ibpo_shaping_hand_computed():
     rewards = torch.tensor([0.0, 1.0, 0.2, 0.0, 0.0])
     g = torch.tensor([0, 0, 0, 1, 1])
-    correct = torch.tensor([[True, False, True], [True, True, True], [False, False, False], [True, True, False],
-                            [True, False, False]])  # fmt: skip
-    valid = torch.tensor([[True, True, True], [True, True, True], [True, True, False], [True, False, False],
-                          [False, False, False]])  # fmt: skip
+    correct = torch.tensor(
+        [[True, False, True], [True, True, True], [False, False, False], [True, True, False], [True, False, False]]
+    )
+    valid = torch.tensor(
+        [[True, True, True], [True, True, True], [True, True, False], [True, False, False], [False, False, False]]
+    )
     shaped, phi = credit_ops.ibpo_shaping(rewards, g, correct, valid)
     # sample 0: 2 of 3 correct -> 0.5 * 2/3; 1: correct sample -> 0; 2: none correct; 3: 1 valid, correct -> 0.5;
     # 4: no valid revision -> 0 (its correct flag in an invalid column does not count)
@@ -158,8 +161,14 @@ def test_ibpo_shaping_bad_input():
 # ---- token_advantages
 def test_token_advantages_hand_computed():
     seq_adv = torch.tensor([1.5, -1.0, 0.8, -0.5])
-    mask = torch.tensor([[True, False, True, False], [False, True, True, False], [True, True, False, False],
-                         [False, False, False, True]])  # fmt: skip
+    mask = torch.tensor(
+        [
+            [True, False, True, False],
+            [False, True, True, False],
+            [True, True, False, False],
+            [False, False, False, True],
+        ]
+    )
     wrong = torch.tensor([True, True, False, True])
     has_repair = torch.tensor([True, True, True, False])  # a correct sample's repair flag is ignored
     adv, gates = credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair)
@@ -168,10 +177,17 @@ def test_token_advantages_hand_computed():
     torch.testing.assert_close(adv, torch.tensor([[0.0, 0, 0, 0], [0, -1, -1, 0], [0.8] * 4, [-0.5] * 4]))
     torch.testing.assert_close(gates, torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0], [1.0] * 4, [1.0] * 4]))
 
-    adv, gates = credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair, sign_guard=False,
-                                             unmasked_weight=0.25, correct_in_loss=False,
-                                             lengths=torch.tensor([4, 3, 4, 2]),
-                                             prompt_lengths=torch.tensor([1, 0, 0, 0]))  # fmt: skip
+    adv, gates = credit_ops.token_advantages(
+        seq_adv,
+        mask,
+        wrong=wrong,
+        has_repair=has_repair,
+        sign_guard=False,
+        unmasked_weight=0.25,
+        correct_in_loss=False,
+        lengths=torch.tensor([4, 3, 4, 2]),
+        prompt_lengths=torch.tensor([1, 0, 0, 0]),
+    )
     torch.testing.assert_close(adv[0], torch.tensor([0.0, 0.25 * 1.5, 1.5, 0.25 * 1.5]))
     torch.testing.assert_close(gates[1], torch.tensor([0.25, 1.0, 1.0, 0.0]))
     assert torch.equal(adv[2], torch.zeros(4)) and torch.equal(gates[2], torch.zeros(4))  # correct: dropped
@@ -183,11 +199,25 @@ def test_token_advantages_repair_rows():
     mask = torch.zeros(3, 4, dtype=torch.bool)
     wrong = torch.tensor([True, True, False])
     has_repair = torch.tensor([True, True, False])
-    repair_mask = torch.tensor([[True, False, True, True], [False, True, False, False], [True, True, True, True],
-                                [True, True, True, True], [True, True, True, True]])  # fmt: skip
+    repair_mask = torch.tensor(
+        [
+            [True, False, True, True],
+            [False, True, False, False],
+            [True, True, True, True],
+            [True, True, True, True],
+            [True, True, True, True],
+        ]
+    )
     repair_of = torch.tensor([0, 1, 2, -1, 1])
-    out = credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair, repair_mask=repair_mask,
-                                      repair_of=repair_of, repair_lengths=torch.tensor([3, 4, 4, 4, 4]))  # fmt: skip
+    out = credit_ops.token_advantages(
+        seq_adv,
+        mask,
+        wrong=wrong,
+        has_repair=has_repair,
+        repair_mask=repair_mask,
+        repair_of=repair_of,
+        repair_lengths=torch.tensor([3, 4, 4, 4, 4]),
+    )
     r_adv, r_gates = out[2], out[3]
     torch.testing.assert_close(r_adv[0], torch.tensor([1.2, 0.0, 1.2, 0.0]))  # +|A|, cut at its length 3
     torch.testing.assert_close(r_adv[1], torch.tensor([0.0, 0.7, 0.0, 0.0]))
@@ -206,8 +236,15 @@ def test_token_advantages_random_vs_reference(backend, device, sign_guard, corre
     has_repair = torch.rand(B, device=device) < 0.5
     lengths = torch.randint(0, T + 1, (B,), device=device)
     starts = (lengths * torch.rand(B, device=device)).long()
-    kw = dict(wrong=wrong, has_repair=has_repair, sign_guard=sign_guard, unmasked_weight=0.1,
-              correct_in_loss=correct_in_loss, lengths=lengths, prompt_lengths=starts)  # fmt: skip
+    kw = dict(
+        wrong=wrong,
+        has_repair=has_repair,
+        sign_guard=sign_guard,
+        unmasked_weight=0.1,
+        correct_in_loss=correct_in_loss,
+        lengths=lengths,
+        prompt_lengths=starts,
+    )
     with credit_ops.use_backend(backend):
         adv, gates = credit_ops.token_advantages(seq_adv, mask, **kw)
     ea, eg = reference.token_advantages(seq_adv, mask, **kw)
@@ -250,8 +287,10 @@ def _op_samples(device):
         (torch.ops.credit.ibpo_shaping.default, (r, counts, counts + 1, 0.5, 0.6, 0.5)),
         (torch.ops.credit.token_advantages.default, (r, mask, flags, ~flags, lengths, None, True, 0.0, True)),
         (torch.ops.credit.token_advantages.default, (r, mask, flags, flags, None, lengths // 2, False, 0.5, False)),
-        (torch.ops.credit.repair_advantages.default, (r, mask, torch.arange(n, device=device) - 1, flags, lengths,
-                                                      None)),  # fmt: skip
+        (
+            torch.ops.credit.repair_advantages.default,
+            (r, mask, torch.arange(n, device=device) - 1, flags, lengths, None),
+        ),
     ]
 
 
@@ -265,8 +304,12 @@ def test_opcheck(device):
 def test_cuda_matches_cpu_kernels_large():
     r, g = random_groups(1024, 16, "cuda", binary=True)
     for mode in MODES:
-        torch.testing.assert_close(credit_ops.group_advantages(r, g, mode=mode).cpu(),
-                                   credit_ops.group_advantages(r.cpu(), g.cpu(), mode=mode), rtol=1e-5, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            credit_ops.group_advantages(r, g, mode=mode).cpu(),
+            credit_ops.group_advantages(r.cpu(), g.cpu(), mode=mode),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     B, T = r.shape[0], 257
     mask = torch.rand(B, T, device="cuda") < 0.1
     flags = torch.rand(B, device="cuda") < 0.5
