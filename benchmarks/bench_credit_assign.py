@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import credit_ops
-from benchmarks.conftest import DEVICE, measure
+from benchmarks.conftest import DEVICE, measure, sync
 from credit_ops import reference
 
 if DEVICE == "cuda":
@@ -84,53 +84,70 @@ def batch():
     return rollout()
 
 
+def measure_once(benchmark, fn, **info):
+    """The Python-loop baselines: seconds per call on the full batch, so one timed call, no warm-up."""
+
+    def run():
+        fn()
+        sync()
+
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(info, device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu")
+
+
 def _info(benchmark):
     median = benchmark.stats.stats.median
     info = {f"step_frac_{k}": round(median / _step_seconds(p), 5) for k, p in MODELS.items()}
     benchmark.extra_info.update(info)
 
 
+@pytest.fixture
+def async_checks():
+    """Value checks as device-side asserts: the credit_ops calls run without a host synchronisation."""
+    previous = credit_ops._checks._mode
+    credit_ops.set_value_checks("async")
+    yield
+    credit_ops.set_value_checks(previous)
+
+
+def _skip_without_align(algorithm):
+    masked = algorithm != "grpo"
+    if masked and DEVICE == "cuda":
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("credit::align_edits", "CUDA"):
+            pytest.skip("credit::align_edits has no CUDA kernel in this build")
+
+
 @pytest.mark.parametrize("algorithm", ["ibpo", "iop", "grpo"])
 @pytest.mark.parametrize("impl", ["credit_ops", "loop"])
 @torch.no_grad()
-def test_credit_assign(benchmark, batch, impl, algorithm):
+def test_credit_assign(benchmark, batch, async_checks, impl, algorithm):
     benchmark.group = f"credit_assign {algorithm} {GROUPS}x{SIZE}x{T}"
+    _skip_without_align(algorithm)
     if impl == "credit_ops":
-        credit_ops.set_value_checks("async")  # no host synchronisation on CUDA
-        fn = lambda: credit_ops.credit_assign(**batch, algorithm=algorithm)  # noqa: E731
-        rounds = None
+        measure(benchmark, lambda: credit_ops.credit_assign(**batch, algorithm=algorithm), impl=impl, rows=N)
     else:
+        if DEVICE == "cuda" and algorithm == "iop":
+            pytest.skip("one Python-loop baseline per mask algorithm on the GPU (it takes seconds per call)")
         kw = dict(algorithm=algorithm, align=credit_ops.align_edits)
-        fn = lambda: reference.credit_assign(**batch, **kw)  # noqa: E731
-        rounds = 2
-    try:
-        measure(benchmark, fn, rounds=rounds, impl=impl, rows=N, tokens=N * T)
-    finally:
-        credit_ops.set_value_checks("sync")
+        measure_once(benchmark, lambda: reference.credit_assign(**batch, **kw), impl=impl, rows=N)
     _info(benchmark)
 
 
 @pytest.mark.parametrize("impl", ["credit_ops", "verl"])
 @torch.no_grad()
-def test_grpo_token_advantages(benchmark, batch, impl):
+def test_grpo_token_advantages(benchmark, batch, async_checks, impl):
     benchmark.group = f"grpo advantages {GROUPS}x{SIZE}x{T}"
     rewards, gid, lengths = batch["rewards"], batch["group_ids"], batch["lengths"]
-    response_mask = (torch.arange(T, device=DEVICE) < lengths.unsqueeze(1)).float()
-    no = torch.zeros(N, dtype=torch.bool, device=DEVICE)
-    mask = torch.zeros(N, T, dtype=torch.bool, device=DEVICE)
     if impl == "credit_ops":
-        credit_ops.set_value_checks("async")
+        no = torch.zeros(N, dtype=torch.bool, device=DEVICE)
+        mask = torch.zeros(N, T, dtype=torch.bool, device=DEVICE)
 
         def fn():
             adv = credit_ops.group_advantages(rewards, gid, num_groups=GROUPS)
             return credit_ops.token_advantages(adv, mask, wrong=no, has_repair=no, lengths=lengths)
 
-        rounds = None
+        measure(benchmark, fn, impl=impl, rows=N)
     else:
-        fn = lambda: verl_grpo_token_advantages(rewards, gid, response_mask)  # noqa: E731
-        rounds = 3
-    try:
-        measure(benchmark, fn, rounds=rounds, impl=impl, rows=N, tokens=N * T)
-    finally:
-        credit_ops.set_value_checks("sync")
+        response_mask = (torch.arange(T, device=DEVICE) < lengths.unsqueeze(1)).float()
+        measure_once(benchmark, lambda: verl_grpo_token_advantages(rewards, gid, response_mask), impl=impl, rows=N)
     _info(benchmark)
