@@ -63,6 +63,7 @@ class CreditAssignment(NamedTuple):
     """What ``policy_loss`` needs for one rollout batch, plus diagnostics. N samples, M repair slots.
 
     Shapes:
+        (float outputs are float32, float64 for float64 rewards)
         advantages: (N, T) float32, per-token advantage of every sample row (0 on prompt and padding)
         gates: (N, T) float32 in [0, 1], the gate of gated losses (1 on scored tokens of sequence-credit
             rows, the edit mask on repaired rows, 0 on prompt, padding and dropped rows)
@@ -129,8 +130,9 @@ def _first_k_steps(mask: Tensor, steps: Tensor, k) -> Tensor:
 
 def _edit_masks(mask, regions, tokens, lengths, granularity, delimiter_ids, k):
     if granularity == "step":
-        mask = step_masks(mask, segment_steps(tokens, lengths, delimiter_ids))
-        return mask if k is None else _first_k_steps(mask, segment_steps(tokens, lengths, delimiter_ids), k)
+        steps = segment_steps(tokens, lengths, delimiter_ids)
+        mask = step_masks(mask, steps)
+        return mask if k is None else _first_k_steps(mask, steps, k)
     return mask if k is None else truncate_regions(mask, regions, k)
 
 
@@ -189,6 +191,7 @@ def credit_assign(
         group_ids: (N,) int in [0, num_groups);  rewards: (N,) float, finite
         repair_tokens: (M, Tr) int;  repair_lengths: (M,) int;  repair_of: (M,) int in [-1, N);
         repair_correct: (M,) bool  (all four or none)
+        k: None (all), an int, or an int tensor () / (N,) (one per sample)
         returns: CreditAssignment
     """
     _checks.check(algorithm in ALGORITHMS, f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
@@ -208,6 +211,16 @@ def credit_assign(
 
     _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES, dim=2)
     N, T = tokens.shape
+    if isinstance(k, Tensor):
+        _checks.tensor("k", k, dtypes=_checks.INDEX_DTYPES)
+        _checks.check(
+            k.dim() == 0 or tuple(k.shape) == (N,), f"k must be a 0-d tensor or (N,) per sample, got {tuple(k.shape)}"
+        )
+        _checks.same_device(tokens=tokens, k=k)
+        _checks.values(k < 0, "k must be >= 0")
+    else:
+        ok = k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 0)
+        _checks.check(ok, f"k must be None (all regions) or an int >= 0, got {k!r}")
     _checks.same_device(
         tokens=tokens,
         lengths=lengths,
@@ -303,8 +316,9 @@ def credit_assign(
         repair_index = torch.where(has_repair, best % max(M, 1), -1)
         chosen = accepted & (best[safe] == key)
 
-        mask_a = _edit_masks(al.mask_a, al.region_a, a, a_len, granularity, delimiter_ids, k)
-        mask_b = _edit_masks(al.mask_b, al.region_b, b, b_len, granularity, delimiter_ids, k)
+        k_pairs = k[safe] if isinstance(k, Tensor) and k.dim() == 1 else k  # per-sample k -> per pair
+        mask_a = _edit_masks(al.mask_a, al.region_a, a, a_len, granularity, delimiter_ids, k_pairs)
+        mask_b = _edit_masks(al.mask_b, al.region_b, b, b_len, granularity, delimiter_ids, k_pairs)
         if r_start is not None:
             mask_a = _shift_right(mask_a, r_start, False)
             mask_b = _shift_right(mask_b, r_start, False)

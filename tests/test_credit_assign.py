@@ -377,3 +377,25 @@ def test_cuda_no_host_sync(algorithm):
         torch.cuda.set_sync_debug_mode("default")
         credit_ops.set_value_checks(previous)
     assert out.advantages.is_cuda
+
+
+def test_per_sample_k():
+    batch = rollout_batch(n_groups=5, prompt=True, seed=4)
+    N = batch["tokens"].shape[0]
+    as_int = credit_ops.credit_assign(**batch, k=1)
+    as_tensor = credit_ops.credit_assign(**batch, k=torch.ones(N, dtype=torch.long))
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(as_tensor, name), getattr(as_int, name), msg=name)
+    k = torch.ones(N, dtype=torch.long)
+    repaired = as_int.has_repair.nonzero().flatten()
+    assert repaired.numel() > 0
+    k[repaired[0]] = 0
+    out = credit_ops.credit_assign(**batch, k=k)
+    assert not out.masks[repaired[0]].any() and not out.gates[repaired[0]].any()
+    assert not out.repair_gates[out.repair_index[repaired[0]]].any()
+    with pytest.raises(ValueError, match="k must be a 0-d tensor or"):
+        credit_ops.credit_assign(**batch, k=k[:-1])
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        credit_ops.credit_assign(**batch, k=-k)
+    with pytest.raises(ValueError, match="k must be None"):
+        credit_ops.credit_assign(**batch, k=1.5)
