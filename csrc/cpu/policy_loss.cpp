@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -27,10 +29,12 @@ struct LossParams {
   bool on_policy, coef_given, write_grad;
 };
 
-// lse and entropy of softmax(z / T); entropy accumulates e * (z/T - m) so it needs no large-magnitude cancellation.
-template <typename acc_t>
-__attribute__((always_inline)) inline void row_stats_impl(const acc_t* z, int64_t V, acc_t inv_t, acc_t* lse,
-                                                          acc_t* entropy) {
+// Pass 1 over a row: m = max z / T, then e_j = exp(z_j / T - m) with S = sum e and Tt = sum e (z / T - m) (the
+// entropy needs no large-magnitude cancellation). e_j is kept in `e` (which may alias z) so the gradient pass needs
+// no second exp: p_j = e_j / S.
+template <typename acc_t, bool kStore>
+__attribute__((always_inline)) inline void row_exp_impl(const acc_t* z, acc_t* e, int64_t V, acc_t inv_t, acc_t* m_out,
+                                                        acc_t* S_out, acc_t* T_out) {
   acc_t mx[kLanes];
   std::fill(mx, mx + kLanes, -std::numeric_limits<acc_t>::infinity());
   const int64_t body = V - V % kLanes;
@@ -43,64 +47,67 @@ __attribute__((always_inline)) inline void row_stats_impl(const acc_t* z, int64_
   for (int64_t i = 0; i < body; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
       acc_t d = std::max(z[i + l] * inv_t - m, acc_t(-87));  // -inf logits: keep e * d finite
-      acc_t e = fast_exp(d);
-      s[l] += e;
-      t[l] += e * d;
+      acc_t ex = fast_exp(d);
+      s[l] += ex;
+      t[l] += ex * d;
+      if constexpr (kStore) e[i + l] = ex;
     }
   acc_t S = 0, Tt = 0;
   for (int l = 0; l < kLanes; ++l) S += s[l], Tt += t[l];
   for (int64_t i = body; i < V; ++i) {
     acc_t d = std::max(z[i] * inv_t - m, acc_t(-87));
-    acc_t e = fast_exp(d);
-    S += e;
-    Tt += e * d;
+    acc_t ex = fast_exp(d);
+    S += ex;
+    Tt += ex * d;
+    if constexpr (kStore) e[i] = ex;
   }
-  *lse = m + std::log(S);
-  *entropy = std::log(S) - Tt / S;
+  *m_out = m, *S_out = S, *T_out = Tt;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void row_stats_f32(const float* z, int64_t V,
-                                                                                 float inv_t, float* lse,
-                                                                                 float* entropy) {
-  row_stats_impl<float>(z, V, inv_t, lse, entropy);
+#define CREDIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+CREDIT_CLONES void row_exp_f32(const float* z, float* e, int64_t V, float inv_t, float* m, float* S, float* Tt) {
+  if (e)
+    row_exp_impl<float, true>(z, e, V, inv_t, m, S, Tt);
+  else
+    row_exp_impl<float, false>(z, e, V, inv_t, m, S, Tt);
 }
-inline void row_stats(const float* z, int64_t V, float inv_t, float* lse, float* entropy) {
-  row_stats_f32(z, V, inv_t, lse, entropy);
+inline void row_exp(const float* z, float* e, int64_t V, float inv_t, float* m, float* S, float* Tt) {
+  row_exp_f32(z, e, V, inv_t, m, S, Tt);
 }
-inline void row_stats(const double* z, int64_t V, double inv_t, double* lse, double* entropy) {
-  row_stats_impl<double>(z, V, inv_t, lse, entropy);
+inline void row_exp(const double* z, double* e, int64_t V, double inv_t, double* m, double* S, double* Tt) {
+  if (e)
+    row_exp_impl<double, true>(z, e, V, inv_t, m, S, Tt);
+  else
+    row_exp_impl<double, false>(z, e, V, inv_t, m, S, Tt);
 }
 
-// out[j] = c (onehot - p_j); c already carries 1 / T. out may alias z (the in-place mode): each j is read first.
-template <typename acc_t, typename scalar_t>
-__attribute__((always_inline)) inline void row_grad_impl(const acc_t* z, int64_t V, acc_t inv_t, acc_t lse, acc_t c,
-                                                         scalar_t* out) {
-  for (int64_t j = 0; j < V; ++j) {
-    acc_t p = fast_exp(std::max(z[j] * inv_t - lse, acc_t(-87)));
-    out[j] = static_cast<scalar_t>(-c * p);
-  }
+// bf16 <-> fp32 by bit manipulation (round to nearest even, NaN kept quiet) so the loops vectorise.
+CREDIT_CLONES void load_bf16(const at::BFloat16* src, float* dst, int64_t V) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t j = 0; j < V; ++j) dst[j] = std::bit_cast<float>(static_cast<uint32_t>(s[j]) << 16);
 }
-#define CREDIT_PL_ROW_GRAD_F32(scalar_t, name)                                                              \
-  __attribute__((target_clones("avx512f", "avx2", "default"))) void name(const float* z, int64_t V,        \
-                                                                         float inv_t, float lse, float c,  \
-                                                                         scalar_t* out) {                   \
-    row_grad_impl<float, scalar_t>(z, V, inv_t, lse, c, out);                                               \
-  }
-CREDIT_PL_ROW_GRAD_F32(float, pl_row_grad_f32)
-CREDIT_PL_ROW_GRAD_F32(at::BFloat16, pl_row_grad_bf16)
-CREDIT_PL_ROW_GRAD_F32(at::Half, pl_row_grad_f16)
-#undef CREDIT_PL_ROW_GRAD_F32
-inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float c, float* out) {
-  pl_row_grad_f32(z, V, inv_t, lse, c, out);
+inline uint16_t bf16_bits(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(r);
 }
-inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float c, at::BFloat16* out) {
-  pl_row_grad_bf16(z, V, inv_t, lse, c, out);
+
+// Pass 2: out_j = -k e_j with k = c / (T S); the caller adds c / T at the label. out may alias e.
+CREDIT_CLONES void grad_f32(const float* e, float k, int64_t V, float* out) {
+  for (int64_t j = 0; j < V; ++j) out[j] = -k * e[j];
 }
-inline void row_grad(const float* z, int64_t V, float inv_t, float lse, float c, at::Half* out) {
-  pl_row_grad_f16(z, V, inv_t, lse, c, out);
+CREDIT_CLONES void grad_bf16(const float* e, float k, int64_t V, at::BFloat16* out) {
+  uint16_t* o = reinterpret_cast<uint16_t*>(out);
+  for (int64_t j = 0; j < V; ++j) o[j] = bf16_bits(-k * e[j]);
 }
-inline void row_grad(const double* z, int64_t V, double inv_t, double lse, double c, double* out) {
-  for (int64_t j = 0; j < V; ++j) out[j] = -c * std::exp(z[j] * inv_t - lse);
+#undef CREDIT_CLONES
+inline void row_grad(const float* e, float k, int64_t V, float* out) { grad_f32(e, k, V, out); }
+inline void row_grad(const float* e, float k, int64_t V, at::BFloat16* out) { grad_bf16(e, k, V, out); }
+inline void row_grad(const float* e, float k, int64_t V, at::Half* out) {
+  for (int64_t j = 0; j < V; ++j) out[j] = static_cast<at::Half>(-k * e[j]);
+}
+inline void row_grad(const double* e, double k, int64_t V, double* out) {
+  for (int64_t j = 0; j < V; ++j) out[j] = -k * e[j];
 }
 
 // Token loss and dloss/dlogp from the per-token scalars (SPEC §4): clipped surrogate, dual clip, beta * KL.
@@ -133,13 +140,17 @@ inline void token_loss(acc_t logp, acc_t old, acc_t ref, acc_t A, const LossPara
   *dloss = dpg;
 }
 
+// Row i as acc_t: the row itself when it already is, else converted into buf.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* row_as_acc(const scalar_t* row, int64_t V, std::vector<acc_t>& buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return row;
   } else {
     buf.resize(V);
-    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<acc_t>(row[j]);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+      load_bf16(row, buf.data(), V);
+    else
+      for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<acc_t>(row[j]);
     return buf.data();
   }
 }
@@ -205,10 +216,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rows(const at::Tensor& gra
           }
           TORCH_CHECK(label >= 0 && label < V, "policy_loss: label ", label, " out of range [0, ", V, ")");
           const acc_t* z = row_as_acc<scalar_t, acc_t>(xp + (i / T) * sb + (i % T) * st, V, buf);
-          acc_t lse, H;
-          row_stats(z, V, inv_t, &lse, &H);
-          const acc_t logp_i = z[label] * inv_t - lse;
-          lp[i] = logp_i, ent[i] = H;
+          const acc_t z_label = z[label];  // read first: in the in-place mode pass 1 overwrites the row
+          // e_j goes to the fp32 gradient row itself, or to the private converted row (bf16/fp16).
+          acc_t* e = nullptr;
+          if (out) {
+            if constexpr (std::is_same_v<scalar_t, acc_t>)
+              e = reinterpret_cast<acc_t*>(out);
+            else
+              e = const_cast<acc_t*>(z);
+          }
+          acc_t m, S, Tt;
+          row_exp(z, e, V, inv_t, &m, &S, &Tt);
+          const acc_t logS = std::log(S);
+          const acc_t logp_i = z_label * inv_t - (m + logS);
+          lp[i] = logp_i, ent[i] = logS - Tt / S;
           acc_t c = wp[i];
           if (!params.coef_given) {
             acc_t l, dl;
@@ -218,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rows(const at::Tensor& gra
           }
           if (out) {
             c *= inv_t;
-            row_grad(z, V, inv_t, lse, c, out);
+            row_grad(e, c / S, V, out);
             out[label] = static_cast<scalar_t>(static_cast<acc_t>(out[label]) + c);
           }
         }

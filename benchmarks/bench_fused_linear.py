@@ -1,0 +1,95 @@
+"""Fused LM head + policy loss, forward+backward: credit_ops vs the three matmuls alone (the floor), eager PyTorch
+(logits materialised), torch.compile and (GPU) Liger-Kernel's LigerFusedLinearGRPOLoss; time and peak extra memory.
+
+GPU: the ANCHORS.md shape, N = 8192 tokens (4 x 2048), H = 3584, V = 152064, bf16. CPU: N = 512, H = 256,
+V = 8192. credit_ops takes per-token advantages and gates; Liger per-sequence advantages (its defaults otherwise).
+Targets: time <= 1.15x the matmuls, peak extra memory <= 1/8 of eager's.
+"""
+
+import pytest
+import torch
+
+import credit_ops
+from benchmarks.conftest import DEVICE, measure
+from credit_ops import reference
+
+if DEVICE == "cuda":
+    B, T, H, V, DTYPE = 4, 2048, 3584, 152064, torch.bfloat16
+else:
+    B, T, H, V, DTYPE = 2, 256, 256, 8192, torch.float32
+
+IMPLS = ["matmuls_only", "credit_ops", "credit_ops_gspo", "eager", "torch_compile", "liger"]
+
+
+def _liger():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearGRPOLoss
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    torch.manual_seed(0)
+    hidden = torch.randn(B, T, H, device=DEVICE, dtype=DTYPE)
+    weight = (torch.randn(V, H, device=DEVICE) / H**0.5).to(DTYPE)
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    with torch.no_grad():
+        cur = credit_ops.fused_linear_logprobs(hidden, weight, labels)
+    old = cur + 0.1 * torch.randn_like(cur)
+    ref = cur + 0.1 * torch.randn_like(cur)
+    mask = torch.rand(B, T, device=DEVICE) > 0.1
+    gates = torch.rand(B, T, device=DEVICE)
+    return hidden, weight, labels, old, ref, mask, gates
+
+
+_compiled = {}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_fwd_bwd(benchmark, inputs, impl):
+    hidden, weight, labels, old, ref, mask, gates = inputs
+    benchmark.group = f"fused LM head + loss fwd+bwd N={B * T} H={H} V={V} {DTYPE}"
+    h = hidden.detach().requires_grad_(True)
+    w = weight.detach().requires_grad_(True)
+    adv_tok = torch.randn(B, T, device=DEVICE)
+    adv_seq = torch.randn(B, device=DEVICE)
+    kw = dict(old_logprobs=old, ref_logprobs=ref, mask=mask, gates=gates, beta=0.04)
+
+    if impl == "matmuls_only":
+        h2, w2 = hidden.reshape(-1, H), weight
+
+        def fn():
+            z = h2 @ w2.t()
+            z @ w2
+            z.t() @ h2
+
+    elif impl.startswith("credit_ops"):
+        loss_type = "gspo" if impl == "credit_ops_gspo" else "dapo"
+
+        def fn():
+            loss, _ = credit_ops.fused_linear_policy_loss(h, w, labels, adv_tok, loss_type=loss_type, **kw)
+            torch.autograd.grad(loss, (h, w))
+
+    elif impl in ("eager", "torch_compile"):
+        if impl == "torch_compile":
+            _compiled.setdefault("ref", torch.compile(reference.fused_linear_policy_loss))
+        impl_fn = reference.fused_linear_policy_loss if impl == "eager" else _compiled["ref"]
+
+        def fn():
+            loss, _ = impl_fn(h, w, labels, adv_tok, loss_type="dapo", **kw)
+            torch.autograd.grad(loss, (h, w))
+
+    else:
+        cls = _liger()
+        if cls is None or DEVICE != "cuda":
+            pytest.skip("Liger-Kernel not installed (or no CUDA)")
+        mod = cls(beta=0.04, use_ref_model=True, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo")
+
+        def fn():  # (B, T, H) input chunked over sequences; per-sequence advantages only
+            out = mod(h, w, labels, mask.to(torch.int64), adv_seq, ref_per_token_logps=ref, old_per_token_logps=old)
+            loss = out[0] if isinstance(out, tuple) else out
+            torch.autograd.grad(loss, (h, w))
+
+    measure(benchmark, fn, impl=impl, rounds=None if DEVICE == "cuda" else 3)

@@ -1,0 +1,106 @@
+"""policy_loss forward+backward over logits: credit_ops vs eager PyTorch, torch.compile and (GPU) Liger-Kernel's
+triton_grpo_loss, side by side; time and peak extra memory.
+
+CPU: (4, 256, 32000). GPU: the ANCHORS.md shape, bf16 (8, 2049, 151936) model output sliced to [:, :-1]
+(N = 16384 tokens, ~5 GB). credit_ops runs with per-token advantages and gates (Liger cannot take them: it runs
+with per-sequence advantages); "credit_ops_seq_adv" is the like-for-like row. Bytes counted = one read of the
+logits plus one write of the gradient (the 2-pass floor).
+"""
+
+import pytest
+import torch
+
+import credit_ops
+from benchmarks.conftest import DEVICE, measure
+from credit_ops import reference
+
+if DEVICE == "cuda":
+    B, T, V, DTYPES = 8, 2048, 151936, [torch.bfloat16]
+else:
+    B, T, V, DTYPES = 4, 256, 32000, [torch.float32, torch.bfloat16]
+
+IMPLS = ["credit_ops", "credit_ops_seq_adv", "credit_ops_inplace", "eager", "torch_compile", "liger"]
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except ImportError:
+        return None
+    return triton_grpo_loss
+
+
+@pytest.fixture(scope="module", params=DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def inputs(request):
+    torch.manual_seed(0)
+    full = (torch.randn(B, T + 1, V, device=DEVICE) * 3).to(request.param)  # model output incl. the last position
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    with torch.no_grad():
+        cur = credit_ops.token_logprobs(full[:, :-1], labels)
+    old = cur + 0.1 * torch.randn_like(cur)
+    ref = cur + 0.1 * torch.randn_like(cur)
+    mask = torch.rand(B, T, device=DEVICE) > 0.1
+    gates = torch.rand(B, T, device=DEVICE)
+    return full, labels, old, ref, mask, gates
+
+
+_compiled = {}
+
+
+def _compiled_reference():
+    if "ref" not in _compiled:
+        _compiled["ref"] = torch.compile(reference.policy_loss)
+    return _compiled["ref"]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_policy_loss_fwd_bwd(benchmark, inputs, impl, loss_type):
+    full, labels, old, ref, mask, gates = inputs
+    benchmark.group = f"policy_loss fwd+bwd {loss_type} {(B, T, V)} {full.dtype}"
+    adv_tok = torch.randn(B, T, device=DEVICE)
+    adv_seq = torch.randn(B, device=DEVICE)
+    kw = dict(old_logprobs=old, ref_logprobs=ref, mask=mask, loss_type=loss_type, beta=0.04, eps_low=0.2,
+              eps_high=0.28)  # fmt: skip
+    leaf = full.detach().requires_grad_(True)
+    if impl == "credit_ops_inplace":
+        # the gradient overwrites the logits: contiguous (B, T, V) logits, overwritten anew each step (as Liger's)
+        x = full[:, :-1].contiguous().requires_grad_(True)
+
+        def fn():
+            loss, _ = credit_ops.policy_loss(x, labels, adv_tok, gates=gates, inplace_grad=True, **kw)
+            torch.autograd.grad(loss, x)
+
+    elif impl.startswith("credit_ops"):
+        adv, g = (adv_seq, None) if impl == "credit_ops_seq_adv" else (adv_tok, gates)
+
+        def fn():
+            loss, _ = credit_ops.policy_loss(leaf[:, :-1], labels, adv, gates=g, **kw)
+            torch.autograd.grad(loss, leaf)
+
+    elif impl in ("eager", "torch_compile"):
+        impl_fn = reference.policy_loss if impl == "eager" else _compiled_reference()
+
+        def fn():
+            loss, _ = impl_fn(leaf[:, :-1], labels, adv_tok, gates=gates, **kw)
+            torch.autograd.grad(loss, leaf)
+
+    else:
+        liger = _liger()
+        if liger is None or DEVICE != "cuda":
+            pytest.skip("Liger-Kernel not installed (or no CUDA)")
+        x = full.detach().clone().requires_grad_(True)
+
+        def fn():  # per-sequence advantages only; logits (B, T+1, V), gradient written into them (inplace)
+            per_token, _, _ = liger(x, old, ref, labels, adv_seq, mask, temperature=1.0, beta=0.04, eps_low=0.2,
+                                    eps_high=0.28, inplace=True, loss_type=loss_type)  # fmt: skip
+            m = mask.to(per_token.dtype)
+            if loss_type == "grpo":
+                loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+            else:
+                loss = (per_token * m).sum() / m.sum().clamp(min=1)
+            torch.autograd.grad(loss, x)
+
+    logits_bytes = B * T * V * full.element_size()
+    measure(benchmark, fn, bytes_moved=2 * logits_bytes, impl=impl, loss_type=loss_type,
+            rounds=None if DEVICE == "cuda" else 3)  # fmt: skip
