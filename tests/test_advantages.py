@@ -319,3 +319,17 @@ def test_cuda_matches_cpu_kernels_large():
     ref = credit_ops.token_advantages(r.cpu(), mask.cpu(), **{k: v.cpu() for k, v in kw.items()})
     for o, e in zip(out, ref, strict=True):
         torch.testing.assert_close(o.cpu(), e)
+
+
+def test_torch_compile_fullgraph():
+    r, g = random_groups(6, 5)
+    mask = torch.rand(r.shape[0], 9) < 0.3
+    wrong, has_repair = r < 0.5, torch.rand(r.shape[0]) < 0.5
+
+    def credit(r, g, mask, wrong, has_repair):
+        adv = credit_ops.group_advantages(r, g, num_groups=6)
+        return credit_ops.token_advantages(adv, mask, wrong=wrong, has_repair=has_repair, unmasked_weight=0.2)
+
+    compiled = torch.compile(credit, fullgraph=True)
+    for got, want in zip(compiled(r, g, mask, wrong, has_repair), credit(r, g, mask, wrong, has_repair), strict=True):
+        torch.testing.assert_close(got, want)

@@ -399,3 +399,12 @@ def test_per_sample_k():
         credit_ops.credit_assign(**batch, k=-k)
     with pytest.raises(ValueError, match="k must be None"):
         credit_ops.credit_assign(**batch, k=1.5)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    batch = rollout_batch(prompt=True)
+    compiled = torch.compile(lambda b: credit_ops.credit_assign(**b, k=2), fullgraph=True)
+    out, want = compiled(batch), credit_ops.credit_assign(**batch, k=2)
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(out, name), getattr(want, name), msg=name)
