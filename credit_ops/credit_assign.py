@@ -346,7 +346,7 @@ def credit_assign(
         selected = chosen & train_on_repair
         r_adv, r_gates = _repair_advantages(seq_adv, mask_b, src, selected, r_ends, r_start)
         out_repairs = (repair_tokens, src, r_adv, r_gates, selected, distance, accepted)
-    elif M > 0:
+    elif all(given):
         z = torch.zeros(M, Tr, dtype=seq_adv.dtype, device=dev)
         no = torch.zeros(M, dtype=torch.bool, device=dev)
         out_repairs = (

@@ -333,3 +333,26 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(credit, fullgraph=True)
     for got, want in zip(compiled(r, g, mask, wrong, has_repair), credit(r, g, mask, wrong, has_repair), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_group_advantages_property():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(
+        st.lists(st.tuples(st.integers(0, 7), st.floats(-5, 5, allow_nan=False, width=32)), min_size=1, max_size=40),
+        st.sampled_from(MODES),
+    )
+    def check(rows, mode):
+        g = torch.tensor([x for x, _ in rows])
+        r = torch.tensor([y for _, y in rows], dtype=torch.float64)
+        out = credit_ops.group_advantages(r, g, mode=mode, num_groups=8)
+        torch.testing.assert_close(out, reference.group_advantages(r, g, mode=mode, num_groups=8))
+        # shift invariance of every mode, and zero mean within each group for grpo / dr_grpo / rloo
+        torch.testing.assert_close(credit_ops.group_advantages(r + 3.0, g, mode=mode, num_groups=8), out)
+        if mode != "batch":
+            sums = torch.zeros(8, dtype=torch.float64).index_add_(0, g, out)
+            torch.testing.assert_close(sums, torch.zeros(8, dtype=torch.float64), atol=1e-9, rtol=0)
+
+    check()

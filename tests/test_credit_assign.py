@@ -408,3 +408,16 @@ def test_torch_compile_fullgraph():
     out, want = compiled(batch), credit_ops.credit_assign(**batch, k=2)
     for name in FIELDS:
         torch.testing.assert_close(getattr(out, name), getattr(want, name), msg=name)
+
+
+def test_empty_batches():
+    empty = credit_ops.credit_assign(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                                     torch.zeros(0, dtype=torch.long), torch.zeros(0))  # fmt: skip
+    assert empty.advantages.shape == (0, 5) and all(v.item() == 0 for v in empty.metrics.values())
+    no_repairs = credit_ops.credit_assign(
+        torch.zeros(2, 5, dtype=torch.long), torch.tensor([5, 3]), torch.tensor([0, 0]), torch.tensor([0.0, 1.0]),
+        torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.bool),
+    )  # fmt: skip
+    assert no_repairs.repair_advantages.shape == (0, 5) and not no_repairs.has_repair.any()
+    assert no_repairs.gates.sum().item() == 8.0
