@@ -79,7 +79,8 @@ class CreditAssignment(NamedTuple):
         repair_advantages: (M, Tr) float32, +|A_i| on the chosen repairs' inserted/substituted tokens
         repair_gates: (M, Tr) float32, the chosen repairs' edit masks
         repair_selected: (M,) bool, rows that join the loss (chosen and ``train_on_repair``)
-        repair_distance: (M,) int32, Levenshtein distance of each repair to its sample (0 for padding)
+        repair_distance: (M,) int32, Levenshtein distance of each verified repair of a wrong sample to that
+            sample's completion (0 for the other rows, which are not aligned)
         repair_accepted: (M,) bool, verified and within the edit ratio
         metrics: dict of 0-d float32 tensors: reward_mean, accuracy, repair_success_rate (wrong samples with
             an accepted repair / wrong samples with an attempt), repair_verified_rate (verified / attempted),
@@ -299,12 +300,13 @@ def credit_assign(
         else:
             r_start = None
             a, b, a_len, b_len = a_full, repair_tokens, a_end, r_ends
-        a_len = a_len.masked_fill(pad, 0)
-        b_len = b_len.masked_fill(pad, 0)
-        al = align_edits(a, a_len, b, b_len, insert_anchor=insert_anchor)
-        distance = al.distance.masked_fill(pad, 0)
         attempted = ~pad & wrong[safe]
         verified = attempted & repair_correct
+        # Only verified repairs of wrong samples can be accepted: the others are aligned as empty pairs.
+        a_len = a_len.masked_fill(~verified, 0)
+        b_len = b_len.masked_fill(~verified, 0)
+        al = align_edits(a, a_len, b, b_len, insert_anchor=insert_anchor)
+        distance = al.distance
         edit_ratio = distance.double() / torch.maximum(a_len, b_len).clamp(min=1).double()
         accepted = verified & (edit_ratio <= max_edit_ratio)
 

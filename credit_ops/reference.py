@@ -475,7 +475,12 @@ def credit_assign(
     if use_masks:
         rof, rlen, rok = repair_of.tolist(), repair_lengths.tolist(), repair_correct.tolist()
         tok, rtok = tokens.tolist(), repair_tokens.tolist()
-        live = [j for j in range(M) if rof[j] >= 0]
+        for j in range(M):
+            if rof[j] >= 0 and wrong[rof[j]]:
+                attempts[rof[j]] += 1
+                n_att += 1
+                n_ver += bool(rok[j])
+        live = [j for j in range(M) if rof[j] >= 0 and wrong[rof[j]] and rok[j]]  # only these can be accepted
         A = [tok[rof[j]][pl[rof[j]] : lens[rof[j]]] for j in live]
         B = [rtok[j][pl[rof[j]] : rlen[j]] for j in live]
         pad = lambda rows: torch.tensor([x + [0] * (max(T, Tr, 1) - len(x)) for x in rows] or [[0]], device=dev)  # noqa: E731
@@ -485,13 +490,6 @@ def credit_assign(
         for p, j in enumerate(live):
             i, a, b = rof[j], A[p], B[p]
             dist[j] = d[p]
-            if not wrong[i]:
-                continue
-            attempts[i] += 1
-            n_att += 1
-            if not rok[j]:
-                continue
-            n_ver += 1
             if d[p] / max(len(a), len(b), 1) > max_edit_ratio:
                 n_rej += 1
                 continue
