@@ -156,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor> token_advantages_cpu(const at::Tensor& seq_ad
     const bool* hp = h.const_data_ptr<bool>();
     std::vector<int> kind(B);
     std::vector<scalar_t> value(B);
-    for (int64_t i = 0; i < B; ++i) sample_row<scalar_t>(ap[i], wp[i], hp[i], sign_guard, correct_in_loss, &kind[i], &value[i]);
+    for (int64_t i = 0; i < B; ++i)
+      sample_row<scalar_t>(ap[i], wp[i], hp[i], sign_guard, correct_in_loss, &kind[i], &value[i]);
     fill_rows<scalar_t>(B, T, m.const_data_ptr<bool>(), kind.data(), value.data(),
                         ends.defined() ? ends.const_data_ptr<int64_t>() : nullptr,
                         begins.defined() ? begins.const_data_ptr<int64_t>() : nullptr,
