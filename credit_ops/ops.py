@@ -398,7 +398,8 @@ def token_advantages(
 
     With ``repair_mask`` (the repairs' inserted/substituted tokens) also the repair rows: A = +|A_i| of the
     sample it repairs on its flagged tokens, gate = the flags; rows whose sample is correct, has no repair,
-    or whose ``repair_of`` is -1 (padding) get 0. Repair rows carry the prompt of their sample, so
+    or whose ``repair_of`` is -1 (padding) get 0; every other row is scored, so pass the chosen repair of each
+    sample only (credit_assign picks them). Repair rows carry the prompt of their sample, so
     ``prompt_lengths[repair_of]`` applies to them too.
 
     Shapes:
