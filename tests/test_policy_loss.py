@@ -123,24 +123,59 @@ def test_parity_dtypes(backend, device, dtype, V):
         check_all(backend, device, dtype, 1e-5, V=V, loss_type=loss_type, beta=0.05)
 
 
-def test_multi_tile_triton(monkeypatch):
-    """Rows longer than one tile stream in two passes (the second backwards); forced here on small rows."""
+@pytest.mark.parametrize("split", [False, True], ids=["two_pass", "split_rows"])
+def test_long_rows_triton(monkeypatch, split):
+    """Rows longer than one tile: the two-pass kernel (second pass backwards) and the split-row kernel (P programs
+    per row exchanging softmax partials; under the interpreter all but the last program of a row take the
+    fallback that streams the row). Forced here on small rows."""
     if "triton" not in [b for b, _ in BACKENDS]:
         pytest.skip("no triton backend")
     from credit_ops.triton_kernels import policy_loss as pl
 
+    monkeypatch.setattr(pl, "SPLIT_ROWS", split)
     monkeypatch.setattr(pl, "_ONE_TILE_MAX", 16)
-    monkeypatch.setattr(pl, "_TILE_INTERPRET", 16)
-    monkeypatch.setattr(pl, "_TILE", 16)
+    for name in ("_TILE_INTERPRET", "_TILE", "_SPLIT_BLOCK", "_SPLIT_BLOCK_INTERPRET"):
+        monkeypatch.setattr(pl, name, 16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logits, labels, adv, kw = sample(2, 5, 71, torch.float32, device)
     logits[0, 0, ::3] = float("-inf")
-    labels[0, 0] = 1
+    logits[0, 1, 16:32] = float("-inf")  # a whole slice at -inf
+    labels[0, 0], labels[0, 1] = 1, 0
     for loss_type in ("dapo", "grpo"):
         loss, g, _ = loss_and_grad("triton", logits, labels, adv, loss_type=loss_type, beta=0.1, **kw)
         want_loss, want_g, _ = expected(logits, labels, adv, loss_type=loss_type, beta=0.1, **kw)
         close(loss, want_loss, 1e-5)
         close(g, want_g, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: full-size vocabulary rows")
+@pytest.mark.parametrize("rows", [64, 8192], ids=["few_rows", "more_rows_than_resident"])
+def test_real_vocab_cuda(rows):
+    """V = 151936 (the split-row kernel), bf16, against the reference; 8192 rows keep siblings off-chip at times."""
+    torch.manual_seed(0)
+    B, T, V = rows // 64, 64, 151936
+    logits = (torch.randn(B, T, V, device="cuda") * 3).to(torch.bfloat16)
+    labels = torch.randint(0, V, (B, T), device="cuda")
+    labels[0, :3] = -100
+    adv = torch.randn(B, T, device="cuda")
+    gates = torch.rand(B, T, device="cuda")
+    with torch.no_grad():
+        cur = credit_ops.token_logprobs(logits, labels)
+    kw = dict(old_logprobs=cur + 0.2 * torch.randn_like(cur), ref_logprobs=cur + 0.2 * torch.randn_like(cur),
+              gates=gates, beta=0.05, loss_type="dapo")  # fmt: skip
+    for backend in ("triton", "reference"):
+        x = logits.clone().requires_grad_(True)
+        with credit_ops.use_backend(backend):
+            loss, stats = credit_ops.policy_loss(x, labels, adv, **kw)
+        (g,) = torch.autograd.grad(loss, x)
+        if backend == "triton":
+            got = (loss, g.float(), stats)
+        else:
+            want = (loss, g.float(), stats)
+    close(got[0], want[0], 1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-2, atol=1e-2 * want[1].abs().max().item())
+    for k in want[2]:
+        close(got[2][k], want[2][k], 1e-4)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)

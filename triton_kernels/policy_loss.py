@@ -1,14 +1,21 @@
-"""Triton kernel for the token-level policy losses (grpo / dapo / dr_grpo / bnpo) over (B, T, V) logits.
+"""Triton kernels for the token-level policy losses (grpo / dapo / dr_grpo / bnpo) over (B, T, V) logits.
 
-One program per row, one launch for loss *and* gradient: the per-token loss depends on the row only through
-logp_t, so once pass 1 (online log-sum-exp + entropy, base 2 as in token_logprobs) knows logp_t, the token's
-coefficient c_t = w_t * dloss_t/dlogp_t is known and pass 2 writes d loss / d z = c_t (onehot - p) / T while the
-row is still on chip or in L2. Pass 2 walks the row backwards: the tiles pass 1 loaded last are the likeliest to
-still be in L2. A row that fits one tile (V <= 16384) is loaded once and kept in registers.
+One launch for loss *and* gradient: the per-token loss depends on the row only through logp_t, so once the
+row's log-sum-exp is known, the token's coefficient c_t = w_t * dloss_t/dlogp_t is known and d loss / d z =
+c_t (onehot - p) / T can be written at once. Three layouts:
+- V <= 16384: one program per row holds the row in registers (one read, one write);
+- long rows with a gradient (_policy_loss_split_kernel): P programs per row each hold a slice in registers and
+  exchange (max, sum, entropy) partials through a small scratch buffer and an arrival counter, so each logit is
+  read from device memory once and the gradient written once. A program whose siblings do not arrive in time
+  (not co-resident) recomputes the statistics itself by streaming the row: slower, never stuck;
+- otherwise (_policy_loss_fwd_kernel): one program per row, pass 1 online log-sum-exp + entropy, pass 2 the
+  gradient, walking the row backwards so its first tiles are the ones pass 1 left in L2.
 
 The same kernel, with the coefficient given (COEF_GIVEN), is the backward of a log-prob, and with WRITE_GRAD off it
 is a plain log-prob + entropy forward: the fused LM head uses all three on its logits chunks.
 """
+
+import os
 
 import triton
 import triton.language as tl
@@ -18,8 +25,54 @@ LOG2E = tl.constexpr(_LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)
 _ONE_TILE_MAX = 16384  # rows up to this many logits are held in registers (one read)
 _TILE, _TILE_INTERPRET = 4096, 1024  # streaming tile for longer rows
+SPLIT_ROWS = True
+_SPLIT_BLOCK, _SPLIT_BLOCK_INTERPRET = 8192, 4096  # row slice per program in the split-row kernel
+_MAX_SPIN = 1 << 16
 
 KL_TYPES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
+
+
+@triton.jit
+def _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, hi, dual_clip, beta,
+                ACC: tl.constexpr, COEF_GIVEN: tl.constexpr, ON_POLICY: tl.constexpr, KL_TYPE: tl.constexpr,
+                DUAL_CLIP: tl.constexpr, store_loss):  # fmt: skip
+    """c = w * dloss/dlogp of the token (SPEC §4 clipped surrogate + beta * KL); stores w * loss when store_loss."""
+    w = tl.load(weight_ptr + row).to(ACC)
+    if COEF_GIVEN:
+        c = w
+    else:
+        A = tl.load(adv_ptr + row).to(ACC)
+        if ON_POLICY:
+            r = tl.full((), 1.0, ACC)
+        else:
+            r = tl.exp(logp - tl.load(old_ptr + row).to(ACC))
+        u = r * A
+        cl = tl.minimum(tl.maximum(r, lo), hi) * A
+        pg = -tl.minimum(u, cl)
+        dpg = tl.where(u <= cl, -u, 0.0)  # the clipped branch has no gradient
+        if DUAL_CLIP:
+            cap = -dual_clip * A
+            capped = (A < 0) & (pg > cap)
+            pg = tl.where(capped, cap, pg)
+            dpg = tl.where(capped, 0.0, dpg)
+        if KL_TYPE != 0:
+            dr = tl.load(ref_ptr + row).to(ACC) - logp
+            if KL_TYPE == 1:
+                kl = -dr
+                dkl = tl.full((), 1.0, ACC)
+            elif KL_TYPE == 2:
+                kl = 0.5 * dr * dr
+                dkl = -dr
+            else:
+                ed = tl.exp(dr)
+                kl = ed - dr - 1.0
+                dkl = 1.0 - ed
+            pg = pg + beta * kl
+            dpg = dpg + beta * dkl
+        if store_loss:
+            tl.store(loss_ptr + row, (w * pg).to(ACC))
+        c = w * dpg
+    return c
 
 
 @triton.jit
@@ -78,40 +131,8 @@ def _policy_loss_fwd_kernel(
     tl.store(logp_ptr + row, logp.to(ACC))
     tl.store(entropy_ptr + row, ((log2_s - t_sum / s_sum) * LN2).to(ACC))
 
-    w = tl.load(weight_ptr + row).to(ACC)
-    if COEF_GIVEN:
-        c = w
-    else:
-        A = tl.load(adv_ptr + row).to(ACC)
-        if ON_POLICY:
-            r = tl.full((), 1.0, ACC)
-        else:
-            r = tl.exp(logp - tl.load(old_ptr + row).to(ACC))
-        u = r * A
-        cl = tl.minimum(tl.maximum(r, lo), hi) * A
-        pg = -tl.minimum(u, cl)
-        dpg = tl.where(u <= cl, -u, 0.0)  # the clipped branch has no gradient
-        if DUAL_CLIP:
-            cap = -dual_clip * A
-            capped = (A < 0) & (pg > cap)
-            pg = tl.where(capped, cap, pg)
-            dpg = tl.where(capped, 0.0, dpg)
-        if KL_TYPE != 0:
-            dr = tl.load(ref_ptr + row).to(ACC) - logp
-            if KL_TYPE == 1:
-                kl = -dr
-                dkl = tl.full((), 1.0, ACC)
-            elif KL_TYPE == 2:
-                kl = 0.5 * dr * dr
-                dkl = -dr
-            else:
-                ed = tl.exp(dr)
-                kl = ed - dr - 1.0
-                dkl = 1.0 - ed
-            pg = pg + beta * kl
-            dpg = dpg + beta * dkl
-        tl.store(loss_ptr + row, (w * pg).to(ACC))
-        c = w * dpg
+    c = _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, hi, dual_clip, beta, ACC,
+                    COEF_GIVEN, ON_POLICY, KL_TYPE, DUAL_CLIP, True)
 
     # Pass 2: d/dz = (c / T) (onehot - p)
     if WRITE_GRAD:
@@ -130,11 +151,105 @@ def _policy_loss_fwd_kernel(
                 tl.store(out + offs, g.to(out.dtype.element_ty), mask=offs < V)
 
 
+@triton.jit
+def _policy_loss_split_kernel(
+    logits_ptr, grad_ptr, labels_ptr, adv_ptr, weight_ptr, old_ptr, ref_ptr,
+    loss_ptr, logp_ptr, entropy_ptr, part_ptr, count_ptr,
+    stride_b, stride_t, T, V, scale, inv_t, ignore_index, lo, hi, dual_clip, beta, max_spin,
+    ACC: tl.constexpr, COEF_GIVEN: tl.constexpr, ON_POLICY: tl.constexpr, KL_TYPE: tl.constexpr,
+    DUAL_CLIP: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, BLOCK_V: tl.constexpr, FALLBACK_TILE: tl.constexpr,
+):  # fmt: skip
+    # P programs per row, each holding a BLOCK_V slice of it in registers: read once, gradient written from registers.
+    # The row's softmax statistics are combined through a tiny exchange (partials + an arrival counter). A program
+    # whose siblings do not all arrive within max_spin polls (not co-resident) recomputes the statistics by
+    # streaming the row itself, so progress never depends on scheduling.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // P
+    k = pid % P
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    out = grad_ptr + row * V
+    offs = k * BLOCK_V + tl.arange(0, BLOCK_V)
+    inb = offs < V
+    if label == ignore_index:
+        tl.store(out + offs, tl.zeros((BLOCK_V,), out.dtype.element_ty), mask=inb)
+        if k == 0:
+            if not COEF_GIVEN:
+                tl.store(loss_ptr + row, 0.0)
+            tl.store(logp_ptr + row, 0.0)
+            tl.store(entropy_ptr + row, 0.0)
+        return
+    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    z = tl.load(base + offs, mask=inb, other=float("-inf")).to(ACC) * scale
+    m_k = tl.max(z, 0)
+    d = z - m_k
+    e = tl.exp2(d)
+    s_k = tl.sum(e, 0)
+    t_k = tl.sum(tl.where(e > 0, e * d, 0.0), 0)
+
+    pp = part_ptr + pid * 3
+    tl.atomic_add(pp, m_k)  # into zeros: the sum is the value, written at L2 where the siblings read it
+    tl.atomic_add(pp + 1, s_k)
+    tl.atomic_add(pp + 2, t_k)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + row, 1) + 1  # acq_rel, gpu scope: publishes the partials above
+    spins = 0
+    while (arrived < P) & (spins < max_spin):
+        arrived = tl.atomic_add(count_ptr + row, 0)
+        spins += 1
+    tl.debug_barrier()
+    if arrived >= P:
+        ks = tl.arange(0, P2)
+        pm = ks < P
+        q = part_ptr + (row * P + ks) * 3
+        ms = tl.atomic_add(q, tl.zeros((P2,), ACC), mask=pm)  # coherent reads of the siblings' partials
+        ss = tl.atomic_add(q + 1, tl.zeros((P2,), ACC), mask=pm)
+        ts = tl.atomic_add(q + 2, tl.zeros((P2,), ACC), mask=pm)
+        ms = tl.where(pm, ms, float("-inf"))
+        m = tl.max(ms, 0)
+        a = tl.where(pm, tl.exp2(ms - m), 0.0)
+        s_sum = tl.sum(tl.where(a > 0, a * ss, 0.0), 0)
+        t_sum = tl.sum(tl.where(a > 0, a * (ts + (ms - m) * ss), 0.0), 0)
+    else:
+        m = tl.full((), float("-inf"), ACC)
+        sv = tl.zeros((FALLBACK_TILE,), ACC)
+        tv = tl.zeros((FALLBACK_TILE,), ACC)
+        for start in range(0, V, FALLBACK_TILE):
+            o = start + tl.arange(0, FALLBACK_TILE)
+            zz = tl.load(base + o, mask=o < V, other=float("-inf")).to(ACC) * scale
+            m_new = tl.maximum(m, tl.max(zz, 0))
+            alpha = tl.exp2(m - m_new)
+            dd = zz - m_new
+            ee = tl.exp2(dd)
+            tv = alpha * (tv + tl.where(sv > 0, (m - m_new) * sv, 0.0)) + tl.where(ee > 0, ee * dd, 0.0)
+            sv = sv * alpha + ee
+            m = m_new
+        s_sum = tl.sum(sv, 0)
+        t_sum = tl.sum(tv, 0)
+    log2_s = tl.log2(s_sum)
+    lse2 = m + log2_s
+    logp = (tl.load(base + label).to(ACC) * scale - lse2) * LN2
+    if k == 0:
+        tl.store(logp_ptr + row, logp.to(ACC))
+        tl.store(entropy_ptr + row, ((log2_s - t_sum / s_sum) * LN2).to(ACC))
+    c = _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, hi, dual_clip, beta, ACC,
+                    COEF_GIVEN, ON_POLICY, KL_TYPE, DUAL_CLIP, k == 0)
+    c = c * inv_t
+    p = tl.exp2(z - lse2)
+    g = tl.where(offs == label, c - c * p, -c * p)
+    tl.store(out + offs, g.to(out.dtype.element_ty), mask=inb)
+
+
 def _config(V: int, interpret: bool) -> tuple[bool, int, int]:
     block = triton.next_power_of_2(max(V, 1))
     if block <= _ONE_TILE_MAX:
         return True, block, max(1, min(16, block // 512))
     return False, _TILE_INTERPRET if interpret else _TILE, 8
+
+
+def _use_split(V: int, write_grad: bool) -> bool:
+    """Long rows with a gradient to write go to the split-row kernel (one read); CREDIT_OPS_SPLIT_ROWS=0 turns it off
+    (then the two-pass kernel runs: its second read hits L2 only while few rows are in flight)."""
+    return write_grad and V > _ONE_TILE_MAX and SPLIT_ROWS and os.environ.get("CREDIT_OPS_SPLIT_ROWS", "1") != "0"
 
 
 def policy_loss_forward(
@@ -150,8 +265,6 @@ def policy_loss_forward(
     With ``coef_given`` the weights are the coefficients dL/dlogp and the kernel is a log-prob backward (loss
     returned as 0); with ``write_grad`` off it is a log-prob + entropy forward.
     """
-    import os
-
     import torch
 
     B, T, V = logits.shape
@@ -164,8 +277,28 @@ def policy_loss_forward(
         grad = torch.empty(B, T, V, device=logits.device, dtype=logits.dtype)
     if N == 0:
         return logp.new_zeros(()), logp, entropy, grad
-    one_tile, block, warps = _config(V, os.environ.get("TRITON_INTERPRET", "0") == "1")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     dummy = logp
+    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
+    if _use_split(V, write_grad):
+        block = _SPLIT_BLOCK_INTERPRET if interpret else _SPLIT_BLOCK
+        P = triton.cdiv(V, block)
+        part = torch.zeros(N * P * 3, device=logits.device, dtype=acc_dtype)
+        count = torch.zeros(N, device=logits.device, dtype=torch.int32)
+        _policy_loss_split_kernel[(N * P,)](
+            logits, grad, labels,
+            dummy if advantages is None else advantages, weights if weights is not None else dummy,
+            dummy if old_logprobs is None else old_logprobs, dummy if ref_logprobs is None else ref_logprobs,
+            loss_tok, logp, entropy, part, count,
+            logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature,
+            ignore_index, 1.0 - eps_low, 1.0 + eps_high, dual_clip, beta, 0 if interpret else _MAX_SPIN,
+            ACC=acc, COEF_GIVEN=coef_given, ON_POLICY=old_logprobs is None, KL_TYPE=kl_type if beta != 0.0 else 0,
+            DUAL_CLIP=dual_clip > 0, P=P, P2=triton.next_power_of_2(P), BLOCK_V=block,
+            FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE, num_warps=8,
+        )  # fmt: skip
+        loss = logp.new_zeros(()) if coef_given else loss_tok.sum()
+        return loss, logp, entropy, grad
+    one_tile, block, warps = _config(V, interpret)
     _policy_loss_fwd_kernel[(N,)](
         logits, grad if write_grad else logits, labels,
         dummy if advantages is None else advantages, weights if weights is not None else dummy,
@@ -173,7 +306,7 @@ def policy_loss_forward(
         loss_tok, logp, entropy,
         logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature,
         ignore_index, 1.0 - eps_low, 1.0 + eps_high, dual_clip, beta,
-        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, COEF_GIVEN=coef_given, WRITE_GRAD=write_grad,
+        ACC=acc, COEF_GIVEN=coef_given, WRITE_GRAD=write_grad,
         ON_POLICY=old_logprobs is None, KL_TYPE=kl_type if beta != 0.0 else 0, DUAL_CLIP=dual_clip > 0,
         ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
     )  # fmt: skip
