@@ -421,3 +421,14 @@ def test_empty_batches():
     )  # fmt: skip
     assert no_repairs.repair_advantages.shape == (0, 5) and not no_repairs.has_repair.any()
     assert no_repairs.gates.sum().item() == 8.0
+
+
+def test_threshold_compared_in_float64():
+    # 0.7 is not a float32: a reward of float32(0.7) lies just below the float64 threshold 0.7, so it is wrong,
+    # for the masks and for the shaping alike.
+    tokens = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    out = credit_ops.credit_assign(tokens, torch.tensor([4, 4]), torch.tensor([0, 0]), torch.tensor([0.7, 1.0]),
+                                   torch.tensor([[1, 2, 9, 4]]), torch.tensor([4]), torch.tensor([0]),
+                                   torch.tensor([True]), threshold=0.7)  # fmt: skip
+    assert out.wrong.tolist() == [True, False] and out.has_repair.tolist() == [True, False]
+    assert out.phi[0].item() == 0.5
