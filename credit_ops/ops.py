@@ -419,6 +419,7 @@ def token_advantages(
     _checks.same_device(seq_adv=seq_adv, mask=mask, wrong=wrong, has_repair=has_repair, lengths=lengths,
                         prompt_lengths=prompt_lengths, repair_mask=repair_mask, repair_of=repair_of,
                         repair_lengths=repair_lengths)  # fmt: skip
+    _checks.check(0.0 <= unmasked_weight <= 1.0, f"unmasked_weight must lie in [0, 1], got {unmasked_weight}")
     _checks.finite("seq_adv", seq_adv)
     ends = _check_lengths("lengths", lengths, B, T)
     starts = _check_lengths("prompt_lengths", prompt_lengths, B, T)

@@ -269,6 +269,8 @@ def test_token_advantages_bad_input():
         credit_ops.token_advantages(torch.tensor([0.0, float("nan"), 0.0]), m, wrong=w, has_repair=w)
     with pytest.raises(ValueError, match="repair_of must lie in"):
         credit_ops.token_advantages(a, m, wrong=w, has_repair=w, repair_mask=m, repair_of=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match="unmasked_weight must lie in"):
+        credit_ops.token_advantages(a, m, wrong=w, has_repair=w, unmasked_weight=1.5)
     with pytest.raises(ValueError, match="repair_mask needs repair_of"):
         credit_ops.token_advantages(a, m, wrong=w, has_repair=w, repair_mask=m)
 
