@@ -20,10 +20,10 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt | $(PY)
 
 deps: $(VENV)/.deps
 
-# The editable install maps credit_ops.{triton_kernels,trainer} and the console script once; the extension is
-# then (re)built in place by ninja, incrementally. CREDIT_OPS_SKIP_CUDA=1 make build: a quick CPU-only _C.
+# The editable install maps credit_ops.{triton_kernels,trainer} and the console script once (without compiling);
+# the extension is then (re)built in place by ninja, incrementally. CREDIT_OPS_SKIP_CUDA=1 make build: CPU-only _C.
 $(VENV)/.editable: setup.py pyproject.toml | $(VENV)/.deps
-	$(LOCK) env CREDIT_OPS_SKIP_CUDA=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+	$(LOCK) env CREDIT_OPS_NO_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 build: deps $(VENV)/.editable

@@ -8,6 +8,7 @@ CUDA build of torch are present. Environment switches (flash-attention style):
     TORCH_CUDA_ARCH_LIST      GPU targets, default "8.0;9.0a" (Ampere and Hopper)
     MAX_JOBS                  parallel compile jobs, default sized from cores and RAM
     CREDIT_OPS_DEBUG=1        -O0 -g
+    CREDIT_OPS_NO_EXT=1       package metadata only, no _C (the Makefile then builds _C in place, incrementally)
 """
 
 import glob
@@ -76,7 +77,11 @@ def extensions():
     return [ext], BuildExtension
 
 
-ext_modules, build_ext = extensions()
+if _flag("CREDIT_OPS_NO_EXT"):
+    # Package metadata only (the Makefile's editable install); `setup.py build_ext --inplace` builds _C next.
+    ext_modules, build_ext = [], None
+else:
+    ext_modules, build_ext = extensions()
 
 setup(
     name="credit-ops",
@@ -90,6 +95,6 @@ setup(
         "credit_ops.trainer": "trainer",
     },
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_ext} if build_ext else {},
     entry_points={"console_scripts": ["credit-train=credit_ops.trainer.__main__:main"]},
 )

@@ -4,6 +4,8 @@ Importing the package registers the ``torch.ops.credit.*`` custom ops (C++ CPU k
 built with CUDA, Triton kernels when Triton is installed) with their fake kernels and autograd formulas.
 """
 
+import torch  # noqa: F401  (loads libtorch / libc10, which _C links against)
+
 try:
     from credit_ops import _C  # noqa: F401  (registers the C++/CUDA ops)
 except ImportError as e:  # pragma: no cover - only when the extension was never built
