@@ -64,7 +64,7 @@ def _policy_loss_setup(ctx, inputs, output):
 
 def _policy_loss_backward(ctx, grad_loss, _grad_logp, _grad_entropy, _grad_grad):
     (grad,) = ctx.saved_tensors
-    return (scale_grad(grad, grad_loss),) + (None,) * 12
+    return (scale_grad(grad, grad_loss),) + (None,) * 13
 
 
 for _name in ["credit::policy_loss_fwd"] + ["credit::policy_loss_fwd_triton"] * _triton_ops.AVAILABLE:

@@ -80,10 +80,10 @@ def _repair_advantages_fake(seq_adv, mask, repair_of, selected, lengths, starts)
 
 # ---- policy_loss (issue 3)
 def _policy_loss_fwd_fake(logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, ignore_index,
-                          eps_low, eps_high, dual_clip, beta, kl_type):  # fmt: skip
+                          eps_low, eps_high, dual_clip, beta, kl_type, write_grad=True):  # fmt: skip
     new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))  # noqa: E731
     bt = logits.shape[:2]
-    return new(()), new(bt), new(bt), logits.new_empty(logits.shape)
+    return new(()), new(bt), new(bt), logits.new_empty(logits.shape if write_grad else (0,))
 
 
 def _policy_loss_rows_fake(grad, logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature,

@@ -56,14 +56,16 @@ if AVAILABLE:
         dual_clip: float,
         beta: float,
         kl_type: int,
+        write_grad: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         old, ref = (None if t is None else t.contiguous() for t in (old_logprobs, ref_logprobs))
-        return _pl.policy_loss_forward(
+        loss, logp, ent, grad = _pl.policy_loss_forward(
             logits, labels.contiguous(), advantages.contiguous(), weights.contiguous(), old, ref,
             temperature=temperature, ignore_index=ignore_index, eps_low=eps_low, eps_high=eps_high,
-            dual_clip=dual_clip, beta=beta, kl_type=kl_type,
+            dual_clip=dual_clip, beta=beta, kl_type=kl_type, write_grad=write_grad,
         )  # fmt: skip
+        return loss, logp, ent, grad if write_grad else logits.new_empty(0)
 
 
 # The fused LM head ops are plain torch around a row kernel (C++ on CPU, Triton on GPU: use_triton picks), so they

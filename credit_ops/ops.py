@@ -494,8 +494,9 @@ def _policy_tokens(labels, V, advantages, old_logprobs, ref_logprobs, mask, gate
         valid = valid & (mask != 0)
     adv = advantages.to(acc)
     adv = adv.unsqueeze(-1).expand(B, T) if adv.dim() == 1 else adv
-    cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
-    return valid, adv, cast(old_logprobs), cast(ref_logprobs), cast(gates)
+    # padding may hold anything (-inf old log-probs, NaN advantages): 0 on invalid tokens keeps the stats finite
+    cast = lambda t: None if t is None else torch.where(valid, t.to(acc), 0.0)  # noqa: E731
+    return valid, cast(adv), cast(old_logprobs), cast(ref_logprobs), cast(gates)
 
 
 class _PolicyLossInplace(torch.autograd.Function):
@@ -627,7 +628,8 @@ def policy_loss(
                                                    backend == "triton")  # fmt: skip
     else:
         op = torch.ops.credit.policy_loss_fwd_triton if backend == "triton" else torch.ops.credit.policy_loss_fwd
-        loss, logp, ent, _ = op(logits, labels_eff, *args, *params.values())
+        write_grad = torch.is_grad_enabled() and logits.requires_grad
+        loss, logp, ent, _ = op(logits, labels_eff, *args, *params.values(), write_grad)
     logp, ent = logp.detach(), ent.detach()
     ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)
     stats = reference.policy_loss_stats(ratio, adv, logp, ref, ent, validf, eps_low=eps_low, eps_high=eps_high,

@@ -131,11 +131,15 @@ def policy_loss_from_logprobs(
 ):  # fmt: skip
     """The loss of SPEC §4 from per-token log-probs (B, T) (differentiable), with every argument resolved:
     valid (B, T) float, advantages (B, T), gates (B, T) float or None, agg a name. Returns (loss, stats)."""
-    old = logp.detach() if old_logprobs is None else old_logprobs.to(logp.dtype)
-    g = torch.ones_like(logp) if gates is None else gates.to(logp.dtype)
+    # Padding may hold anything (-inf old log-probs, NaN advantages): invalid tokens get log-ratio 0, KL 0, A 0.
+    vb = valid > 0
+    pad = lambda t, fill: torch.where(vb, t.to(logp.dtype), fill)  # noqa: E731
+    old = logp.detach() if old_logprobs is None else pad(old_logprobs, logp.detach())
+    g = torch.ones_like(logp) if gates is None else pad(gates, torch.zeros_like(logp))
+    advantages = pad(advantages, torch.zeros_like(logp))
     ratio = policy_token_ratio(logp, old, valid, g, loss_type)
     per_token = clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip)
-    ref = None if ref_logprobs is None else ref_logprobs.to(logp.dtype)
+    ref = None if ref_logprobs is None else pad(ref_logprobs, logp.detach())
     if beta != 0.0:
         per_token = per_token + beta * kl_estimate(logp, ref, kl_type)
     loss = (aggregation_weights(valid, agg, max_length) * g * per_token).sum()

@@ -51,11 +51,12 @@ TORCH_LIBRARY(credit, m) {
   // Token-level policy losses (grpo/dapo/dr_grpo/bnpo), loss and gradient in one pass over the logits.
   // logits (B, T, V) with unit stride in V; labels, advantages, weights (= aggregation weight * mask * gate),
   // old/ref log-probs (B, T); kl_type 0 none, 1 k1, 2 k2, 3 k3; dual_clip 0 = off; old_logprobs None = on-policy.
-  // -> loss (), logprobs (B, T), entropy (B, T), grad = d loss / d logits (B, T, V) contiguous.
+  // -> loss (), logprobs (B, T), entropy (B, T), grad = d loss / d logits (B, T, V) contiguous ((0,) without
+  // write_grad: the no-grad forward reads each row once and writes nothing of size V).
   m.def(
       "policy_loss_fwd(Tensor logits, Tensor labels, Tensor advantages, Tensor weights, Tensor? old_logprobs, "
       "Tensor? ref_logprobs, float temperature, int ignore_index, float eps_low, float eps_high, float dual_clip, "
-      "float beta, int kl_type) -> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor grad)");
+      "float beta, int kl_type, bool write_grad=True) -> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor grad)");
   // The same rows written into `grad` (which may be `logits` itself: the in-place-gradient mode and the fused LM
   // head's chunks). coef_given: `weights` are dL/dlogp (a log-prob backward); write_grad false: log-prob forward.
   m.def(

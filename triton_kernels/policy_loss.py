@@ -26,7 +26,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 _ONE_TILE_MAX = 16384  # rows up to this many logits are held in registers (one read)
 _TILE, _TILE_INTERPRET = 4096, 1024  # streaming tile for longer rows
 SPLIT_ROWS = True
-_SPLIT_BLOCK, _SPLIT_BLOCK_INTERPRET = 8192, 4096  # row slice per program in the split-row kernel
+# Row slice per program in the split-row kernel (CREDIT_OPS_SPLIT_BLOCK overrides it for tuning on a new card).
+_SPLIT_BLOCK, _SPLIT_BLOCK_INTERPRET = int(os.environ.get("CREDIT_OPS_SPLIT_BLOCK", 8192)), 4096
 _MAX_SPIN = 1 << 16
 
 KL_TYPES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
@@ -192,7 +193,7 @@ def _policy_loss_split_kernel(
     tl.atomic_add(pp + 2, t_k)
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr + row, 1) + 1  # acq_rel, gpu scope: publishes the partials above
-    spins = 0
+    spins = tl.full((), 0, tl.int32)
     while (arrived < P) & (spins < max_spin):
         arrived = tl.atomic_add(count_ptr + row, 0)
         spins += 1
@@ -294,7 +295,7 @@ def policy_loss_forward(
             ignore_index, 1.0 - eps_low, 1.0 + eps_high, dual_clip, beta, 0 if interpret else _MAX_SPIN,
             ACC=acc, COEF_GIVEN=coef_given, ON_POLICY=old_logprobs is None, KL_TYPE=kl_type if beta != 0.0 else 0,
             DUAL_CLIP=dual_clip > 0, P=P, P2=triton.next_power_of_2(P), BLOCK_V=block,
-            FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE, num_warps=8,
+            FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE, num_warps=max(1, min(16, block // 1024)),
         )  # fmt: skip
         loss = logp.new_zeros(()) if coef_given else loss_tok.sum()
         return loss, logp, entropy, grad

@@ -262,10 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& advantages, const at::Tensor& weights,
     const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
     double temperature, int64_t ignore_index, double eps_low, double eps_high, double dual_clip, double beta,
-    int64_t kl_type) {
+    int64_t kl_type, bool write_grad) {
   const at::Tensor x = logits.stride(-1) == 1 ? logits : logits.contiguous();
-  at::Tensor grad = at::empty(x.sizes(), x.options());
-  auto params = make_params(eps_low, eps_high, dual_clip, beta, kl_type, !present(old_logprobs), false, true);
+  at::Tensor grad = write_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  auto params = make_params(eps_low, eps_high, dual_clip, beta, kl_type, !present(old_logprobs), false, write_grad);
   auto [loss, logp, entropy] = policy_rows(grad, x, labels, advantages, weights, old_logprobs, ref_logprobs,
                                            temperature, ignore_index, params);
   return {loss, logp, entropy, grad};
