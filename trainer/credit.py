@@ -1,0 +1,132 @@
+"""The one call site of credit assignment: credit_ops.credit_assign (SPEC §1.4-1.6), plus the token-credit
+view of a sample group that the report draws.
+
+Rows of the result: the N samples first, then the R repairs that join the loss (train_on_repair), in the
+order of `repair_rows` (indices into the reviser's repair list).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+import credit_ops
+
+from .rollout import Samples
+
+
+@dataclass
+class Credit:
+    advantages: Tensor  # (N + R, T) fp32
+    gates: Tensor | None  # (N + R, T) or None (no gating)
+    repair_rows: list[int]  # R indices into the repair list, in row order
+    edit_masks: Tensor | None = None  # (N, T) the edit mask of each sample (0 where none), for the report
+    metrics: dict = field(default_factory=dict)
+
+
+def _pad(seqs: list[list[int]], T: int | None = None) -> tuple[Tensor, Tensor]:
+    T = T or max(1, max((len(s) for s in seqs), default=1))
+    out = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+def delimiter_ids(tokenizer, delimiter: str) -> list[int]:
+    return tokenizer(delimiter, add_special_tokens=False)["input_ids"]
+
+
+def assign(
+    cfg, samples: Samples, rewards: list[float], repairs, device, delimiter_ids: list[int] | None = None
+) -> Credit:
+    """Advantages and gates for one step's samples and the repairs that join the loss.
+
+    credit_ops.credit_assign sees completions only (no prompt columns): column j of every output is
+    completion token j, the layout of rollout.Packed.labels.
+    """
+    tokens, lengths = _pad(samples.completions)  # (N, C), (N,)
+    kw = dict(
+        algorithm=cfg.algo if cfg.algo != "gspo" else "grpo",  # gspo: GRPO credit, sequence-level loss
+        granularity=cfg.credit.granularity,
+        delimiter_ids=delimiter_ids if cfg.credit.granularity == "step" else None,
+        rho=cfg.credit.rho,
+        lam=cfg.credit.lam,
+        sign_guard=cfg.credit.sign_guard,
+        train_on_repair=cfg.credit.train_on_repair,
+        correct_in_loss=None if cfg.algo == "iop" else cfg.credit.correct_in_loss,  # None: IOP's own (off)
+        max_edit_ratio=cfg.credit.max_edit_ratio,
+        insert_anchor=cfg.credit.insert_anchor,
+        k=cfg.credit.truncate_k or None,
+    )
+    rep = {}
+    if repairs:
+        r_tokens, r_lengths = _pad([r.ids for r in repairs])  # (M, Tr), (M,)
+        rep = dict(
+            repair_tokens=r_tokens.to(device),
+            repair_lengths=r_lengths.to(device),
+            repair_of=torch.tensor([r.sample for r in repairs], device=device),
+            repair_correct=torch.tensor([r.reward >= 0.5 for r in repairs], device=device),
+        )
+    out = credit_ops.credit_assign(
+        tokens.to(device),
+        lengths.to(device),
+        samples.group_ids.to(device),
+        torch.tensor(rewards, dtype=torch.float32, device=device),
+        **rep,
+        **kw,
+    )
+    adv, gates = out.advantages, out.gates  # (N, C) each
+    rows = []
+    if out.repair_selected is not None:
+        rows = out.repair_selected.nonzero().flatten().tolist()
+        if rows:
+            width = max(adv.shape[1], out.repair_advantages.shape[1])
+            adv = torch.cat([_widen(adv, width), _widen(out.repair_advantages[rows], width)])
+            gates = torch.cat([_widen(gates, width), _widen(out.repair_gates[rows], width)])
+    m = out.metrics
+    metrics = {
+        "repair_success": float(m["repair_success_rate"]),
+        "repair_verified": float(m["repair_verified_rate"]),
+        "rejected_repairs": float(m["rejected_repairs"]),
+        "edit_distance": float(m["mean_edit_distance"]),
+        "active_tokens": float(m["active_token_ratio"]),
+        "phi": float(m["phi_mean"]),
+        "repair_rows": float(len(rows)),
+    }
+    return Credit(adv.float(), gates.float(), rows, out.masks.int(), metrics)
+
+
+def _widen(x: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def sample_view(step, tok, samples: Samples, rewards, repairs, credit: Credit, problems) -> dict:
+    """One group for the report: the group holding a failed sample with a repair in the loss, if any."""
+    N = len(samples.texts)
+    by_sample = {repairs[j].sample: (N + r, repairs[j]) for r, j in enumerate(credit.repair_rows)}
+    gids = samples.group_ids.tolist()
+    g = gids[next(iter(by_sample))] if by_sample else gids[0]
+    rows = []
+    for i in [i for i in range(N) if gids[i] == g]:
+        L = len(samples.completions[i])
+        row = {
+            "tokens": [tok.decode([t]) for t in samples.completions[i]],
+            "advantages": [round(float(a), 4) for a in credit.advantages[i, :L]],
+            "reward": rewards[i],
+            "mask": [int(x) for x in credit.edit_masks[i, :L]] if credit.edit_masks is not None else None,
+        }
+        if i in by_sample:
+            r, rep = by_sample[i]
+            Lr = len(rep.ids)
+            row["repair"] = {
+                "tokens": [tok.decode([t]) for t in rep.ids],
+                "advantages": [round(float(a), 4) for a in credit.advantages[r, :Lr]],
+                "reward": rep.reward,
+            }
+        rows.append(row)
+    return {
+        "step": step,
+        "prompt": problems[gids.index(g)].prompt,
+        "answer": problems[gids.index(g)].answer,
+        "samples": rows,
+    }

@@ -1,0 +1,88 @@
+"""The one call site of the policy loss: credit_ops.policy_loss over logits, or
+credit_ops.fused_linear_policy_loss over hidden states (logits never materialised), SPEC §4.
+
+Gradient accumulation normalises across the whole accumulated batch (all micro-batches, all processes): each
+micro-batch's loss, which the op aggregates over its own rows, is re-weighted by its share of the global
+normaliser (valid tokens for token_mean, sequences for the seq_mean_* aggregations), times the number of
+processes because DDP averages gradients. The sum of the micro-batch gradients is then exactly the gradient
+of the loss aggregated over the full batch.
+"""
+
+import torch
+from torch import Tensor
+
+import credit_ops
+
+from .rollout import Packed, forward_hidden, forward_logits
+
+# Aggregation per loss type (SPEC §4), unless loss.agg says otherwise.
+DEFAULT_AGG = dict(
+    grpo="seq_mean_token_mean",
+    dapo="token_mean",
+    bnpo="token_mean",
+    dr_grpo="seq_mean_token_sum_norm",
+    gspo="seq_mean_token_mean",
+    gspo_token="seq_mean_token_mean",
+    gated_gspo="seq_mean_token_mean",
+)
+SEQUENCE_LOSSES = ("gspo", "gspo_token", "gated_gspo")
+
+
+def loss_settings(cfg) -> dict:
+    """Keyword arguments for the op, fixed for the run."""
+    lt = cfg.loss_type
+    seq = lt in SEQUENCE_LOSSES
+    eps_low = cfg.loss.eps_low if cfg.loss.eps_low >= 0 else (3e-4 if seq else 0.2)
+    eps_high = cfg.loss.eps_high if cfg.loss.eps_high >= 0 else (4e-4 if seq else 0.28)
+    return dict(
+        loss_type=lt,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=cfg.loss.dual_clip or None,
+        beta=cfg.loss.beta,
+        kl_type=cfg.loss.kl_type,
+        agg=cfg.loss.agg or DEFAULT_AGG[lt],
+        max_length=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+    )
+
+
+def normaliser(batch: Packed, agg: str) -> Tensor:
+    """What the op divides by for this (micro-)batch: valid tokens or sequences. () float."""
+    if agg == "token_mean":
+        return batch.valid.sum().float()
+    return torch.tensor(float(len(batch)), device=batch.labels.device)
+
+
+def policy_loss(
+    model,
+    batch: Packed,
+    advantages: Tensor,
+    gates: Tensor | None,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    settings: dict,
+    *,
+    fused: bool,
+    scale: float | Tensor = 1.0,
+):
+    """Loss of one micro-batch, scaled by its share of the accumulated batch, and the op's stats.
+
+    Shapes: advantages (n, C) fp32, gates (n, C) or None, old/ref logprobs (n, C) fp32; batch.labels (n, C).
+    """
+    kw = dict(settings, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gates=gates)
+    if fused:
+        hidden = forward_hidden(model, batch)  # (n, C, H)
+        head = _lm_head(model)
+        loss, stats = credit_ops.fused_linear_policy_loss(
+            hidden, head.weight, batch.labels, advantages, bias=head.bias, **kw
+        )
+    else:
+        logits = forward_logits(model, batch)  # (n, C, V)
+        loss, stats = credit_ops.policy_loss(logits, batch.labels, advantages, **kw)
+    return loss * scale, stats
+
+
+def _lm_head(model):
+    inner = model.module if hasattr(model, "module") else model
+    return inner.get_output_embeddings()

@@ -1,0 +1,151 @@
+"""Models and tokenizers: the embedded tiny model (character tokenizer built locally, Qwen2- or Llama-style,
+warm-started on synthetic worked solutions) or any local Hugging Face model directory.
+
+Nothing here downloads anything: the tiny model is built from a config, a real model is read from disk.
+"""
+
+import hashlib
+import json
+import math
+import os
+import string
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# Digits and the task's symbols first (short ids for the common case), then enough printable ASCII that
+# revision prompts and JSONL tasks encode without <unk>.
+CHARS = "0123456789+-*=;#?:" + string.ascii_letters + " .,()[]/\n'\"!<>_|"
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one id per character, <bos>/<eos>/<pad>/<unk> specials."""
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK])}
+    for c in dict.fromkeys(CHARS):
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character a token
+    tok.decoder = decoders.Fuse()  # no spaces between characters when decoding
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, padding_side="left"
+    )
+    return fast
+
+
+def tiny_model(cfg, tokenizer):
+    """A small decoder (cfg.model.arch in {"qwen2", "llama"}) sized by cfg.model.{n_layer, d_model, n_head}."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    m = cfg.model
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=m.d_model,
+        intermediate_size=4 * m.d_model,
+        num_hidden_layers=m.n_layer,
+        num_attention_heads=m.n_head,
+        num_key_value_heads=m.n_head,
+        max_position_embeddings=m.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    if m.arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_pretrained(path: str, gguf_file: str | None = None, dtype=torch.float32):
+    """A local Hugging Face model directory (safetensors, or a GGUF file inside it). Never downloads."""
+    kw = dict(local_files_only=True)
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ---- supervised warm start (embedded default only)
+def _warm_key(cfg) -> str:
+    blob = json.dumps(
+        {"model": vars(cfg.model), "task": vars(cfg.task), "warm": vars(cfg.warm_start), "seed": cfg.seed},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def warm_start(model, tokenizer, task, cfg, log=print):
+    """Supervised fine-tuning on the task's worked solutions so RL starts from non-zero accuracy.
+
+    Cached under cfg.warm_start.cache_dir (keyed by the model/task/warm-start config and seed) so the
+    methods of an experiment share the same starting point and pay for it once.
+    """
+    w = cfg.warm_start
+    if w.steps <= 0:
+        return model
+    path = os.path.join(w.cache_dir, f"warm_{_warm_key(cfg)}.pt") if w.cache_dir else None
+    if path and os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        log(f"warm start: loaded {path}")
+        return model
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
+    model.train()
+    for step in range(w.steps):
+        lr = w.lr * min(1.0, (step + 1) / max(1, w.steps // 10)) * 0.5 * (1 + math.cos(math.pi * step / w.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        probs = task.sample(w.batch_size, gen)
+        texts = [(p.prompt, task.demonstration(p, gen)) for p in probs]
+        input_ids, labels, attn = sft_batch(tokenizer, texts)  # (B, T) each
+        out = model(input_ids=input_ids, attention_mask=attn, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % max(1, w.steps // 5) == 0 or step == w.steps - 1:
+            log(f"warm start {step + 1}/{w.steps}: loss {out.loss.item():.3f}")
+    model.eval()
+    if path:
+        os.makedirs(w.cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    return model
+
+
+def sft_batch(tokenizer, pairs):
+    """(prompt, completion) pairs -> right-padded input_ids, labels (prompt and padding -100), attention mask."""
+    rows, lab = [], []
+    for prompt, completion in pairs:
+        p = encode_prompt(tokenizer, prompt)
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + c)
+        lab.append([-100] * len(p) + c)
+    T = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])  # (B, T)
+    labels = torch.tensor([r + [-100] * (T - len(r)) for r in lab])  # (B, T)
+    attn = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])  # (B, T)
+    return input_ids, labels, attn
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids; chat models get their chat template, the char tokenizer a <bos>."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + ids

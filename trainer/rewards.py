@@ -1,0 +1,59 @@
+"""Verifiers: completion text -> reward in [0, 1]; correct means reward >= 0.5 (SPEC §1.1).
+
+task         the task's own scorer (arith: exact answer; gsm8k: reasoning-gym's scorer)
+exact        the extracted answer equals the reference string (whitespace-stripped)
+numeric      both parse as numbers and agree to 1e-6 relative
+math_verify  LaTeX-style answers through math-verify (\\frac{1}{2} == 0.5, sets, intervals, ...)
+"""
+
+import math
+
+from .tasks import Problem, Task, extract_answer
+
+
+def exact_match(answer: str | None, gold: str) -> float:
+    return float(answer is not None and answer.strip() == gold.strip())
+
+
+def _number(s: str) -> float | None:
+    try:
+        return float(s.replace(",", "").replace("$", "").strip())
+    except (ValueError, AttributeError):
+        return None
+
+
+def numeric_match(answer: str | None, gold: str) -> float:
+    a, b = _number(answer or ""), _number(gold)
+    if a is None or b is None:
+        return 0.0
+    return float(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9))
+
+
+def math_verify_match(completion: str, gold: str) -> float:
+    from math_verify import parse, verify
+
+    try:
+        g = parse(gold if "$" in gold or "\\" in gold else f"${gold}$")
+        a = parse(completion)
+        return float(bool(g) and bool(a) and verify(g, a))
+    except Exception:  # math-verify raises on unparsable input; that is a wrong answer
+        return 0.0
+
+
+class Verifier:
+    def __init__(self, kind: str, task: Task):
+        if kind not in ("task", "exact", "numeric", "math_verify"):
+            raise ValueError(f"unknown verifier {kind!r}")
+        self.kind, self.task = kind, task
+
+    def __call__(self, problem: Problem, completion: str) -> float:
+        if self.kind == "task":
+            return self.task.score(problem, completion)
+        if self.kind == "exact":
+            return exact_match(extract_answer(completion), problem.answer)
+        if self.kind == "numeric":
+            return numeric_match(extract_answer(completion), problem.answer)
+        return math_verify_match(completion, problem.answer)
+
+    def batch(self, problems: list[Problem], completions: list[str]) -> list[float]:
+        return [self(p, c) for p, c in zip(problems, completions, strict=False)]

@@ -1,0 +1,176 @@
+"""Rollout: batched sampling with transformers `generate`, and the packed batch the loss consumes.
+
+Layout of every training row (samples and repairs alike): the prompt left-padded to P, the completion
+right-padded to C, so completion token j sits at column P + j and is scored by the logits at column P + j - 1.
+
+    input_ids      (N, P + C)
+    attention_mask (N, P + C)   1 on real tokens
+    position_ids   (N, P + C)   cumsum(attention_mask) - 1: the positions `generate` used
+    completion     (N, C)       completion ids, pad after the end
+    labels         (N, C)       completion ids, -100 after the end (the loss's ignore_index)
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import credit_ops
+
+from .modeling import encode_prompt
+
+
+@dataclass
+class Packed:
+    input_ids: Tensor  # (N, P + C)
+    attention_mask: Tensor  # (N, P + C)
+    position_ids: Tensor  # (N, P + C)
+    labels: Tensor  # (N, C), -100 past each completion's end
+    P: int
+    C: int
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def rows(self, idx) -> "Packed":
+        return Packed(
+            self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.labels[idx], self.P, self.C
+        )
+
+    @property
+    def valid(self) -> Tensor:  # (N, C) bool
+        return self.labels != -100
+
+    @property
+    def lengths(self) -> Tensor:  # (N,)
+        return self.valid.sum(-1)
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> Packed:
+    """Left-pad the prompts, right-pad the completions, into one (N, P + C) batch."""
+    P = max(len(p) for p in prompts)
+    C = max(1, max(len(c) for c in completions))
+    N = len(prompts)
+    ids = torch.full((N, P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros((N, P + C), dtype=torch.long)
+    labels = torch.full((N, C), -100, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=False)):
+        ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p) : P + len(c)] = 1
+        if c:
+            ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+            labels[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return Packed(ids.to(device), attn.to(device), pos.to(device), labels.to(device), P, C)
+
+
+def forward_logits(model, batch: Packed) -> Tensor:
+    """Logits that score each completion token: (N, C, V), aligned with batch.labels."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.C + 1,  # columns P-1 .. P+C-1; the last one scores nothing
+        use_cache=False,
+    )
+    return out.logits[:, : batch.C]  # (N, C, V)
+
+
+def forward_hidden(model, batch: Packed) -> Tensor:
+    """Final hidden states (after the last norm) that score each completion token: (N, C, H)."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=1,  # the LM head runs on one column only: the loss applies it, fused
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.hidden_states[-1][:, batch.P - 1 : batch.P + batch.C - 1]  # (N, C, H)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch: Packed, *, temperature=1.0, micro_batch=0, entropy=False):
+    """Per-token log-probs (N, C) fp32 (and entropies) of the completions, no gradient."""
+    n = len(batch)
+    step = micro_batch or n
+    lps, ents = [], []
+    for s in range(0, n, step):
+        mb = batch.rows(slice(s, s + step))
+        logits = forward_logits(model, mb)  # (n, C, V)
+        out = credit_ops.token_logprobs(logits, mb.labels, temperature=temperature, return_entropy=entropy)
+        lp, ent = out if entropy else (out, None)
+        lps.append(lp.float())
+        if entropy:
+            ents.append(ent.float())
+    return (torch.cat(lps), torch.cat(ents)) if entropy else torch.cat(lps)
+
+
+@dataclass
+class Samples:
+    prompts: list[list[int]]  # N prompt id lists (the group's prompt, repeated G times)
+    completions: list[list[int]]  # N completion id lists (EOS included when generated)
+    texts: list[str]  # N decoded completions (no specials)
+    group_ids: Tensor  # (N,) long: the prompt each sample answers
+    n_generated: int  # generated tokens, for matched-compute budgets
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+    device="cpu",
+):
+    """Sample n completions per prompt (batched, left-padded, stop at EOS). Returns completion id lists
+    (trimmed after EOS, EOS kept) and their texts; prompt i's samples are rows i*n .. i*n + n - 1."""
+    P = max(len(p) for p in prompt_ids)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids], device=device)  # (B, P)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+    kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    if do_sample:
+        kw.update(temperature=temperature, top_p=top_p, top_k=top_k, num_return_sequences=n)
+    out = model.generate(input_ids=ids, attention_mask=attn, **kw)  # (B * n, P + L)
+    completions = []
+    for row in out[:, P:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id) + 1]
+        else:
+            while row and row[-1] == pad:
+                row.pop()
+        completions.append(row)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return completions, texts
+
+
+def rollout(model, tokenizer, problems, cfg, device) -> Samples:
+    """G samples for each of the B problems from the current (sampling) policy."""
+    r = cfg.rollout
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    completions, texts = generate(
+        model,
+        tokenizer,
+        prompts,
+        n=r.group_size,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        device=device,
+    )
+    G = r.group_size
+    return Samples(
+        prompts=[prompts[i // G] for i in range(len(completions))],
+        completions=completions,
+        texts=texts,
+        group_ids=torch.arange(len(problems)).repeat_interleave(G),
+        n_generated=sum(len(c) for c in completions),
+    )
