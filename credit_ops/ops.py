@@ -499,6 +499,12 @@ def _policy_tokens(labels, V, advantages, old_logprobs, ref_logprobs, mask, gate
     return valid, cast(adv), cast(old_logprobs), cast(ref_logprobs), cast(gates)
 
 
+def _pl_backend(device) -> str:
+    """The policy-loss ops' GPU kernels are Triton: "native" on a CUDA device runs them too."""
+    backend = pick(device, gpu="triton")
+    return "triton" if backend == "native" and device.type == "cuda" else backend
+
+
 class _PolicyLossInplace(torch.autograd.Function):
     """Token-level loss writing d loss / d logits into the logits' own storage (inplace_grad=True)."""
 
@@ -600,7 +606,7 @@ def policy_loss(
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     valid, adv, old, ref, g = _policy_tokens(labels, logits.shape[-1], advantages, old_logprobs, ref_logprobs, mask,
                                              gates, ignore_index, acc)  # fmt: skip
-    backend = pick(logits.device, gpu="triton")
+    backend = _pl_backend(logits.device)
     kw = dict(loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=float(beta),
               kl_type=kl_type, agg=agg, max_length=max_length)  # fmt: skip
     if backend == "reference":
@@ -681,7 +687,7 @@ def fused_linear_logprobs(
     h = _fused_linear_args(hidden, weight, labels, bias)
     _checks.check(temperature > 0, f"temperature must be > 0, got {temperature}")
     _checks.ids_in_range("labels", labels, weight.shape[0], ignore_index=ignore_index)
-    backend = pick(hidden.device, gpu="triton")
+    backend = _pl_backend(hidden.device)
     if backend == "reference":
         out = reference.fused_linear_logprobs(h, weight, labels.reshape(-1), bias=bias, temperature=temperature,
                                               ignore_index=ignore_index, return_entropy=True)  # fmt: skip
@@ -744,7 +750,7 @@ def fused_linear_policy_loss(
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     valid, adv, old, ref, g = _policy_tokens(labels, V, advantages, old_logprobs, ref_logprobs, mask, gates,
                                              ignore_index, acc)  # fmt: skip
-    backend = pick(hidden.device, gpu="triton")
+    backend = _pl_backend(hidden.device)
     kw = dict(loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=float(beta),
               kl_type=kl_type, agg=agg, max_length=max_length)  # fmt: skip
     if backend == "reference":
