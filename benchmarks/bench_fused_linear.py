@@ -92,4 +92,5 @@ def test_fused_linear_fwd_bwd(benchmark, inputs, impl):
             loss = out[0] if isinstance(out, tuple) else out
             torch.autograd.grad(loss, (h, w))
 
-    measure(benchmark, fn, impl=impl, rounds=None if DEVICE == "cuda" else 3)
+    rounds = (5 if impl in ("eager", "torch_compile", "liger") else None) if DEVICE == "cuda" else 3
+    measure(benchmark, fn, impl=impl, rounds=rounds)
