@@ -537,6 +537,35 @@ class _PolicyLossInplace(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+class _SeqPolicyLossInplace(torch.autograd.Function):
+    """GSPO family with inplace_grad=True: log-probs (one read), d loss / d logp from the O(B T) scalar graph, then
+    d loss / d logits written over the logits (a second read, one write), all in the forward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, validf, adv, old, ref, gates, kw, temperature, ignore_index, use_triton):
+        from credit_ops.triton_kernels.fused_linear import row_kernel
+
+        rows = row_kernel(use_triton)
+        x = logits.detach()
+        _, logp, ent = rows(x, x, labels, None, torch.zeros_like(validf), None, None, temperature=temperature,
+                            ignore_index=ignore_index, coef_given=True, write_grad=False)  # fmt: skip
+        with torch.enable_grad():
+            lp = logp.detach().requires_grad_(True)
+            loss, _ = reference.policy_loss_from_logprobs(lp, ent, validf, adv, old_logprobs=old, ref_logprobs=ref,
+                                                          gates=gates, **kw)  # fmt: skip
+            (coef,) = torch.autograd.grad(loss, lp)
+        rows(x, x, labels, None, coef.contiguous(), None, None, temperature=temperature, ignore_index=ignore_index,
+             coef_given=True, write_grad=True)  # fmt: skip
+        torch.autograd.graph.increment_version(x)  # the kernels wrote through a pointer
+        ctx.grad = x
+        ctx.mark_non_differentiable(logp, ent)
+        return loss.detach(), logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g1, _g2):
+        return _PolicyLossInplace.backward(ctx, grad_loss, _g1, _g2)[:1] + (None,) * 10
+
+
 def policy_loss(
     logits: Tensor,
     labels: Tensor,
@@ -583,7 +612,7 @@ def policy_loss(
     Token-level types run one fused kernel that reads each logit once per pass and writes d loss / d logits during
     the forward (backward only scales it by the incoming gradient, skipping even that when it is 1); the GSPO
     family runs a log-prob pass, O(B T) scalar math, and one gradient pass in backward. ``inplace_grad=True``
-    (token-level types; off by default) writes the gradient into the logits' own storage instead of a new
+    (off by default) writes the gradient into the logits' own storage, during the forward, instead of a new
     (B, T, V) buffer: the logits' values are destroyed by the forward, so nothing else may need them later (autograd
     raises if a saved tensor is overwritten); eager mode only.
 
@@ -615,7 +644,18 @@ def policy_loss(
                                      **kw)  # fmt: skip
     labels_eff = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     validf = valid.to(acc)
+    inplace = inplace_grad and logits.requires_grad and torch.is_grad_enabled()
+    if inplace:
+        _checks.check(logits.is_contiguous(), "inplace_grad=True needs contiguous logits")
     if loss_type in reference.SEQUENCE_LOSSES:
+        if inplace:
+            loss, logp, ent = _SeqPolicyLossInplace.apply(
+                logits, labels_eff.contiguous(), validf, adv, old, ref, g, kw, float(temperature), int(ignore_index),
+                backend == "triton",
+            )  # fmt: skip
+            _, stats = reference.policy_loss_from_logprobs(logp, ent, validf, adv, old_logprobs=old, ref_logprobs=ref,
+                                                           gates=g, **kw)  # fmt: skip
+            return loss, stats
         logp, ent = token_logprobs(logits, labels_eff, temperature=temperature, ignore_index=ignore_index,
                                    return_entropy=True)  # fmt: skip
         return reference.policy_loss_from_logprobs(logp, ent.detach(), validf, adv, old_logprobs=old,
@@ -628,8 +668,7 @@ def policy_loss(
             None if ref is None else ref.contiguous())  # fmt: skip
     params = dict(temperature=float(temperature), ignore_index=int(ignore_index), eps_low=eps_low, eps_high=eps_high,
                   dual_clip=float(dual_clip or 0.0), beta=float(beta), kl_type=kl)  # fmt: skip
-    if inplace_grad and logits.requires_grad and torch.is_grad_enabled():
-        _checks.check(logits.is_contiguous(), "inplace_grad=True needs contiguous logits")
+    if inplace:
         loss, logp, ent = _PolicyLossInplace.apply(logits, labels_eff.contiguous(), *args, params,
                                                    backend == "triton")  # fmt: skip
     else:

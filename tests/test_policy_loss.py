@@ -228,7 +228,7 @@ def test_bf16_error_within_2x_eager(backend, device, loss_type):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "gspo", "gated_gspo"])
 def test_inplace_grad(backend, device, loss_type):
     logits, labels, adv, kw = sample(2, 5, 33, torch.float32, device)
     base = logits.detach().clone().requires_grad_(True)
