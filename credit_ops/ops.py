@@ -88,7 +88,7 @@ def _pair_lengths(name: str, lengths: Tensor | None, ids_name: str, ids: Tensor)
     _checks.tensor(name, lengths, dtypes=_checks.INDEX_DTYPES)
     _checks.shape(name, lengths, (P,), "(one length per pair)")
     _checks.same_device(**{name: lengths, ids_name: ids})
-    _checks.values((lengths < 0) | (lengths > L), f"{name} must lie in [0, {L}] (the padded width), got a value outside")
+    _checks.values((lengths < 0) | (lengths > L), f"{name} must lie in [0, {L}] (the padded width)")
     return lengths.to(torch.int64)
 
 
@@ -682,6 +682,10 @@ def policy_loss(
     return loss, stats
 
 
+def _fl_op(name: str, backend: str):
+    return getattr(torch.ops.credit, f"{name}_triton" if backend == "triton" else name)
+
+
 def _fused_linear_args(hidden, weight, labels, bias):
     _checks.tensor("weight", weight, dtypes=_checks.FLOAT_DTYPES, dim=2)
     _checks.tensor("hidden", hidden, dtypes=(weight.dtype,), min_dim=2)
@@ -731,9 +735,8 @@ def fused_linear_logprobs(
         out = reference.fused_linear_logprobs(h, weight, labels.reshape(-1), bias=bias, temperature=temperature,
                                               ignore_index=ignore_index, return_entropy=True)  # fmt: skip
     else:
-        out = torch.ops.credit.fused_linear_logprobs_fwd(h, weight, bias, labels.reshape(-1), float(temperature),
-                                                         int(ignore_index), int(chunk_size or 0),
-                                                         backend == "triton")  # fmt: skip
+        op = _fl_op("fused_linear_logprobs_fwd", backend)
+        out = op(h, weight, bias, labels.reshape(-1), float(temperature), int(ignore_index), int(chunk_size or 0))
     logp, ent = out[0].view(labels.shape), out[1].detach().view(labels.shape)
     return (logp, ent) if return_entropy else logp
 
@@ -798,11 +801,10 @@ def fused_linear_policy_loss(
                                                   temperature=temperature, ignore_index=ignore_index, **kw)  # fmt: skip
     labels_eff = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     validf = valid.to(acc)
-    use_triton = backend == "triton"
     if loss_type in reference.SEQUENCE_LOSSES:
-        logp, ent = torch.ops.credit.fused_linear_logprobs_fwd(h, weight, bias, labels_eff.reshape(-1),
-                                                               float(temperature), int(ignore_index),
-                                                               int(chunk_size or 0), use_triton)  # fmt: skip
+        logp, ent = _fl_op("fused_linear_logprobs_fwd", backend)(h, weight, bias, labels_eff.reshape(-1),
+                                                                 float(temperature), int(ignore_index),
+                                                                 int(chunk_size or 0))  # fmt: skip
         return reference.policy_loss_from_logprobs(logp.view(labels.shape), ent.detach().view(labels.shape), validf,
                                                    adv, old_logprobs=old, ref_logprobs=ref, gates=g, **kw)  # fmt: skip
     weights = reference.aggregation_weights(validf, agg, max_length)
@@ -810,10 +812,10 @@ def fused_linear_policy_loss(
         weights = weights * g
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    loss, logp, ent, _, _, _ = torch.ops.credit.fused_linear_policy_loss_fwd(
+    loss, logp, ent, _, _, _ = _fl_op("fused_linear_policy_loss_fwd", backend)(
         h, weight, bias, labels_eff.reshape(-1), flat(adv), flat(weights), flat(old), flat(ref), float(temperature),
         int(ignore_index), eps_low, eps_high, float(dual_clip or 0.0), float(beta), _KL_INDEX[kl_type] if beta else 0,
-        int(chunk_size or 0), use_triton, needs_grad,
+        int(chunk_size or 0), needs_grad,
     )  # fmt: skip
     logp, ent = logp.detach().view(labels.shape), ent.detach().view(labels.shape)
     ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)

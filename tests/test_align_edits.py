@@ -47,8 +47,10 @@ def random_pairs(rng, count, max_len, vocabs=(2, 3, 8, 50, 150_000), rates=(0.0,
     for _ in range(count):
         vocab = rng.choice(vocabs)
         a = [rng.randrange(vocab) for _ in range(rng.randint(0, max_len))]
-        b = mutate(rng, a, rng.choice(rates), vocab) if rng.random() < 0.85 else [rng.randrange(vocab)
-                                                                                   for _ in range(rng.randint(0, max_len))]  # fmt: skip
+        if rng.random() < 0.85:
+            b = mutate(rng, a, rng.choice(rates), vocab)
+        else:  # an unrelated sequence
+            b = [rng.randrange(vocab) for _ in range(rng.randint(0, max_len))]
         pairs.append((a, b))
     return pairs
 
@@ -178,8 +180,16 @@ HAND = [
     ([1, 2, 3, 4], [1, 8, 9, 3, 4], "prev", [1, 1, 0, 0], [0, 0, -1, -1], [0, 1, 1, 0, 0], [-1, 0, 0, -1, -1], 2),
     ([1, 2, 3, 4], [1, 8, 9, 3, 4], "next", [0, 1, 0, 0], [-1, 0, -1, -1], [0, 1, 1, 0, 0], [-1, 0, 0, -1, -1], 2),
     # two separate runs numbered in order, shared by a and b
-    ([1, 2, 3, 4, 5], [1, 9, 3, 4, 8], "prev", [0, 1, 0, 0, 1], [-1, 0, -1, -1, 1], [0, 1, 0, 0, 1],
-     [-1, 0, -1, -1, 1], 2),  # fmt: skip
+    (
+        [1, 2, 3, 4, 5],
+        [1, 9, 3, 4, 8],
+        "prev",
+        [0, 1, 0, 0, 1],
+        [-1, 0, -1, -1, 1],
+        [0, 1, 0, 0, 1],
+        [-1, 0, -1, -1, 1],
+        2,
+    ),  # fmt: skip
     # empty sides, identical, nothing in common, single tokens
     ([], [], "prev", [], [], [], [], 0),
     ([], [3, 4], "prev", [], [], [1, 1], [0, 0], 2),
@@ -335,8 +345,8 @@ def test_compile():
     a, la = pack([[1, 2, 3, 4], [5, 6]])
     b, lb = pack([[1, 3, 4, 9], [6, 6, 6]])
     fn = torch.compile(lambda *x: credit_ops.align_edits(*x, insert_anchor="next"), fullgraph=True)
-    assert all(torch.equal(u, v) for u, v in zip(fn(a, la, b, lb), credit_ops.align_edits(a, la, b, lb,
-                                                                                         insert_anchor="next"), strict=True))  # fmt: skip
+    eager = credit_ops.align_edits(a, la, b, lb, insert_anchor="next")
+    assert all(torch.equal(u, v) for u, v in zip(fn(a, la, b, lb), eager, strict=True))
 
 
 # ---- steps and truncation
@@ -464,3 +474,13 @@ def test_steps_and_truncation_bad_input():
         credit_ops.segment_steps(torch.zeros(2, 4, dtype=torch.int64), torch.tensor([5, 1]), [0])
     with pytest.raises(ValueError, match="delimiter_ids must have 1 dimensions"):
         credit_ops.segment_steps(torch.zeros(2, 4, dtype=torch.int64), None, torch.zeros(1, 1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend,device", DEVICES)
+def test_empty_batch(backend, device):
+    a = torch.zeros(0, 5, dtype=torch.int64, device=device)
+    b = torch.zeros(0, 3, dtype=torch.int64, device=device)
+    lengths = torch.zeros(0, dtype=torch.int64, device=device)
+    with credit_ops.use_backend(backend):
+        out = credit_ops.align_edits(a, lengths, b, lengths)
+    assert out.mask_a.shape == (0, 5) and out.region_b.shape == (0, 3) and out.distance.shape == (0,)

@@ -1,9 +1,12 @@
-// CPU kernel for credit::align_edits: pairs in parallel across cores, each aligned by the framework-free core
+// CPU kernel for credit::align_edits: pairs in parallel across cores (dynamically balanced), each aligned by the framework-free core
 // (csrc/core/align_edits.h) with a per-thread workspace.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
 
 #include "core/align_edits.h"
 
@@ -40,10 +43,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> align_edi
     int32_t* rb = region_b.mutable_data_ptr<int32_t>();
     int32_t* dist = distance.mutable_data_ptr<int32_t>();
     const auto anchor = static_cast<core::InsertAnchor>(insert_anchor);
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    // Pairs differ wildly in cost (length x edits): workers take the next pair from a shared counter.
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), P);
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       // Reused across calls: fresh multi-megabyte buffers would cost a page fault per 4 KiB every call.
       thread_local core::AlignWorkspace ws;
-      for (int64_t r = begin; r < end; ++r) {
+      for (int64_t r = next.fetch_add(1); r < P; r = next.fetch_add(1)) {
         const int64_t n = lap[r], m = lbp[r];
         const core::EditOutputs out{ma + r * La, mb + r * Lb, ra + r * La, rb + r * Lb};
         dist[r] = static_cast<int32_t>(core::align_pair(ap + r * La, n, bp + r * Lb, m, anchor, out, ws));
