@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_check.sh                  # everything
 #   STAGES="build bench" bash scripts/gpu_check.sh
-#   BENCH="benchmarks/bench_token_logprobs.py" bash scripts/gpu_check.sh
+#   BENCH="benchmarks/bench_token_logprobs.py" TESTS_TIMEOUT=120 bash scripts/gpu_check.sh
 #
 # Pure-Python peers missing on the GPU image (liger-kernel, rapidfuzz) are installed from wheels/ when present
 # (`pip download --no-deps liger-kernel rapidfuzz -d wheels/` on a machine with the package index).
@@ -40,21 +40,21 @@ fi
 
 if [[ $STAGES == *tests* ]]; then
   t0=$SECONDS
-  timeout 240 $PY -m pytest -q -x --ignore=tests/test_trainer.py -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
+  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q --ignore=tests/test_trainer.py -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && status=1
   echo "tests: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 fi
 
 if [[ $STAGES == *sweep* ]]; then
-  timeout 120 $PY benchmarks/sweep_token_logprobs.py >"$OUT/sweep.txt" 2>&1
+  timeout ${SWEEP_TIMEOUT:-90} $PY benchmarks/sweep_token_logprobs.py >"$OUT/sweep.txt" 2>&1
   echo "sweep: rc=$? $(head -1 "$OUT/sweep.txt")"
   echo "best (entropy block warps ms frac):"; grep -E "^(True|False)" "$OUT/sweep.txt" | sort -k1,1 -k4,4n | awk '!seen[$1]++'
 fi
 
 if [[ $STAGES == *bench* ]]; then
   t0=$SECONDS
-  timeout 300 $PY -m pytest -q -p no:cacheprovider $BENCH --benchmark-json "$OUT/bench.json" \
+  timeout ${BENCH_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider $BENCH --benchmark-json "$OUT/bench.json" \
     --benchmark-columns=median,iqr >"$OUT/bench.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && status=1
   echo "bench: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/bench.log")"
