@@ -7,6 +7,7 @@
 #   STAGES="build bench" bash scripts/gpu_check.sh
 #   BENCH="benchmarks/bench_token_logprobs.py" TESTS_TIMEOUT=120 bash scripts/gpu_check.sh
 #
+# The tests stage runs the CUDA cases (-k cuda; TESTS_K="" runs everything).
 # Pure-Python peers missing on the GPU image (liger-kernel, rapidfuzz) are installed from wheels/ when present
 # (`pip download --no-deps liger-kernel rapidfuzz -d wheels/` on a machine with the package index).
 set -uo pipefail
@@ -40,7 +41,7 @@ fi
 
 if [[ $STAGES == *tests* ]]; then
   t0=$SECONDS
-  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q --ignore=tests/test_trainer.py -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
+  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q --ignore=tests/test_trainer.py -p no:cacheprovider -k "${TESTS_K:-cuda}" tests >"$OUT/tests.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && status=1
   echo "tests: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
