@@ -72,37 +72,43 @@ for _name in ["credit::policy_loss_fwd"] + ["credit::policy_loss_fwd_triton"] * 
 
 
 def _fused_linear_policy_loss_setup(ctx, inputs, output):
-    ctx.has_bias = inputs[2] is not None
+    ctx.has_bias, ctx.computed = inputs[2] is not None, inputs[-1]
     ctx.save_for_backward(output[3], output[4], output[5])
 
 
 def _fused_linear_policy_loss_backward(ctx, grad_loss, _g1, _g2, _g3, _g4, _g5):
+    if not ctx.computed:  # called without compute_grad: the forward computed no gradient to hand back
+        return (None,) * 17
     gh, gw, gb = ctx.saved_tensors
     gb = scale_grad(gb, grad_loss) if ctx.has_bias else None
-    return (scale_grad(gh, grad_loss), scale_grad(gw, grad_loss), gb) + (None,) * 15
-
-
-torch.library.register_autograd(
-    "credit::fused_linear_policy_loss_fwd",
-    _fused_linear_policy_loss_backward,
-    setup_context=_fused_linear_policy_loss_setup,
-)
+    return (scale_grad(gh, grad_loss), scale_grad(gw, grad_loss), gb) + (None,) * 14
 
 
 def _fused_linear_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, chunk_size, use_triton = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, chunk_size = inputs
     ctx.save_for_backward(hidden, weight, bias, labels)
-    ctx.args = (temperature, ignore_index, chunk_size, use_triton)
+    ctx.args = (temperature, ignore_index, chunk_size)
 
 
-def _fused_linear_logprobs_backward(ctx, grad_logprobs, _grad_entropy):
-    hidden, weight, bias, labels = ctx.saved_tensors
-    if grad_logprobs is None:
-        return (None,) * 8
-    gh, gw, gb = torch.ops.credit.fused_linear_logprobs_bwd(grad_logprobs, hidden, weight, bias, labels, *ctx.args)
-    return gh, gw, (gb if bias is not None else None), None, None, None, None, None
+def _fused_linear_logprobs_backward(bwd_op):
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        if grad_logprobs is None:
+            return (None,) * 7
+        gh, gw, gb = bwd_op(grad_logprobs, hidden, weight, bias, labels, *ctx.args)
+        return gh, gw, (gb if bias is not None else None), None, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd(
-    "credit::fused_linear_logprobs_fwd", _fused_linear_logprobs_backward, setup_context=_fused_linear_logprobs_setup
-)
+for _suffix in [""] + ["_triton"] * _triton_ops.AVAILABLE:
+    torch.library.register_autograd(
+        f"credit::fused_linear_policy_loss_fwd{_suffix}",
+        _fused_linear_policy_loss_backward,
+        setup_context=_fused_linear_policy_loss_setup,
+    )
+    torch.library.register_autograd(
+        f"credit::fused_linear_logprobs_fwd{_suffix}",
+        _fused_linear_logprobs_backward(getattr(torch.ops.credit, f"fused_linear_logprobs_bwd{_suffix}")),
+        setup_context=_fused_linear_logprobs_setup,
+    )

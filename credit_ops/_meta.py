@@ -96,7 +96,7 @@ def _policy_loss_rows_fake(grad, logits, labels, advantages, weights, old_logpro
 
 def _fused_linear_policy_loss_fwd_fake(hidden, weight, bias, labels, advantages, weights, old_logprobs,
                                        ref_logprobs, temperature, ignore_index, eps_low, eps_high, dual_clip, beta,
-                                       kl_type, chunk_size, use_triton, compute_grad):  # fmt: skip
+                                       kl_type, chunk_size, compute_grad):  # fmt: skip
     new = lambda size: hidden.new_empty(size, dtype=_stats_dtype(hidden))  # noqa: E731
     n = hidden.shape[0]
     if not compute_grad:
@@ -105,19 +105,22 @@ def _fused_linear_policy_loss_fwd_fake(hidden, weight, bias, labels, advantages,
     return new(()), new(n), new(n), hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_b
 
 
-def _fused_linear_logprobs_fwd_fake(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, use_triton):
+def _fused_linear_logprobs_fwd_fake(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=_stats_dtype(hidden)), hidden.new_empty(n, dtype=_stats_dtype(hidden))
 
 
 def _fused_linear_logprobs_bwd_fake(grad_logprobs, hidden, weight, bias, labels, temperature, ignore_index,
-                                    chunk_size, use_triton):  # fmt: skip
+                                    chunk_size):  # fmt: skip
     grad_b = hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape)
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_b
 
 
 _register(["credit::policy_loss_fwd"] + ["credit::policy_loss_fwd_triton"] * _TRITON, _policy_loss_fwd_fake)
 _register(["credit::policy_loss_rows_"], _policy_loss_rows_fake)
-_register(["credit::fused_linear_policy_loss_fwd"], _fused_linear_policy_loss_fwd_fake)
-_register(["credit::fused_linear_logprobs_fwd"], _fused_linear_logprobs_fwd_fake)
-_register(["credit::fused_linear_logprobs_bwd"], _fused_linear_logprobs_bwd_fake)
+for _op, _fake in [
+    ("fused_linear_policy_loss_fwd", _fused_linear_policy_loss_fwd_fake),
+    ("fused_linear_logprobs_fwd", _fused_linear_logprobs_fwd_fake),
+    ("fused_linear_logprobs_bwd", _fused_linear_logprobs_bwd_fake),
+]:
+    _register([f"credit::{_op}"] + [f"credit::{_op}_triton"] * _TRITON, _fake)

@@ -68,74 +68,67 @@ if AVAILABLE:
         return loss, logp, ent, grad if write_grad else logits.new_empty(0)
 
 
-# The fused LM head ops are plain torch around a row kernel (C++ on CPU, Triton on GPU: use_triton picks), so they
-# are registered whether or not Triton is installed.
-from credit_ops.triton_kernels import fused_linear as _fl  # noqa: E402
+    # The fused LM head on GPU: torch matmuls around the Triton row kernel (the C++ CPU ops are in
+    # csrc/cpu/fused_linear.cpp; these also run on CPU tensors under TRITON_INTERPRET=1).
+    from credit_ops.triton_kernels import fused_linear as _fl
 
+    def _c(t):
+        return None if t is None else t.contiguous()
 
-def _c(t):
-    return None if t is None else t.contiguous()
+    @torch.library.custom_op("credit::fused_linear_policy_loss_fwd_triton", mutates_args=())
+    def fused_linear_policy_loss_fwd_triton(
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        advantages: Tensor,
+        weights: Tensor,
+        old_logprobs: Tensor | None,
+        ref_logprobs: Tensor | None,
+        temperature: float,
+        ignore_index: int,
+        eps_low: float,
+        eps_high: float,
+        dual_clip: float,
+        beta: float,
+        kl_type: int,
+        chunk_size: int,
+        compute_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _fl.fused_linear_policy_loss_forward(
+            hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(), _c(advantages), _c(weights),
+            _c(old_logprobs), _c(ref_logprobs), temperature=temperature, ignore_index=ignore_index, eps_low=eps_low,
+            eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type, chunk_size=chunk_size,
+            use_triton=True, compute_grad=compute_grad,
+        )  # fmt: skip
 
+    @torch.library.custom_op("credit::fused_linear_logprobs_fwd_triton", mutates_args=())
+    def fused_linear_logprobs_fwd_triton(
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        temperature: float,
+        ignore_index: int,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        return _fl.fused_linear_logprobs_forward(
+            hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(), temperature=temperature,
+            ignore_index=ignore_index, chunk_size=chunk_size, use_triton=True,
+        )  # fmt: skip
 
-@torch.library.custom_op("credit::fused_linear_policy_loss_fwd", mutates_args=())
-def fused_linear_policy_loss_fwd(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    advantages: Tensor,
-    weights: Tensor,
-    old_logprobs: Tensor | None,
-    ref_logprobs: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float,
-    beta: float,
-    kl_type: int,
-    chunk_size: int,
-    use_triton: bool,
-    compute_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _fl.fused_linear_policy_loss_forward(
-        hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(), _c(advantages), _c(weights),
-        _c(old_logprobs), _c(ref_logprobs), temperature=temperature, ignore_index=ignore_index, eps_low=eps_low,
-        eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type, chunk_size=chunk_size,
-        use_triton=use_triton, compute_grad=compute_grad,
-    )  # fmt: skip
-
-
-@torch.library.custom_op("credit::fused_linear_logprobs_fwd", mutates_args=())
-def fused_linear_logprobs_fwd(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    temperature: float,
-    ignore_index: int,
-    chunk_size: int,
-    use_triton: bool,
-) -> tuple[Tensor, Tensor]:
-    return _fl.fused_linear_logprobs_forward(
-        hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(), temperature=temperature,
-        ignore_index=ignore_index, chunk_size=chunk_size, use_triton=use_triton,
-    )  # fmt: skip
-
-
-@torch.library.custom_op("credit::fused_linear_logprobs_bwd", mutates_args=())
-def fused_linear_logprobs_bwd(
-    grad_logprobs: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    temperature: float,
-    ignore_index: int,
-    chunk_size: int,
-    use_triton: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _fl.fused_linear_logprobs_backward(
-        grad_logprobs, hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(),
-        temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size, use_triton=use_triton,
-    )  # fmt: skip
+    @torch.library.custom_op("credit::fused_linear_logprobs_bwd_triton", mutates_args=())
+    def fused_linear_logprobs_bwd_triton(
+        grad_logprobs: Tensor,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        temperature: float,
+        ignore_index: int,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _fl.fused_linear_logprobs_backward(
+            grad_logprobs, hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(),
+            temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size, use_triton=True,
+        )  # fmt: skip

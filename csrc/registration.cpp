@@ -64,4 +64,19 @@ TORCH_LIBRARY(credit, m) {
       "Tensor? old_logprobs, Tensor? ref_logprobs, float temperature, int ignore_index, float eps_low, "
       "float eps_high, float dual_clip, float beta, int kl_type, bool coef_given, bool write_grad) "
       "-> (Tensor loss, Tensor logprobs, Tensor entropy)");
+  // Fused LM head: hidden (N, H), weight (V, H), bias (V,) or None, labels and per-token tensors (N,); logits are
+  // computed chunk_size tokens at a time (0: ~512 MiB of logits per chunk), never all at once. The loss op returns
+  // the gradients computed in its forward ((0,) without compute_grad, grad_bias (0,) without bias).
+  m.def(
+      "fused_linear_policy_loss_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor advantages, "
+      "Tensor weights, Tensor? old_logprobs, Tensor? ref_logprobs, float temperature, int ignore_index, "
+      "float eps_low, float eps_high, float dual_clip, float beta, int kl_type, int chunk_size, bool compute_grad) "
+      "-> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, "
+      "int ignore_index, int chunk_size) -> (Tensor logprobs, Tensor entropy)");
+  m.def(
+      "fused_linear_logprobs_bwd(Tensor grad_logprobs, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+      "float temperature, int ignore_index, int chunk_size) -> (Tensor grad_hidden, Tensor grad_weight, "
+      "Tensor grad_bias)");
 }

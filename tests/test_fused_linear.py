@@ -165,13 +165,14 @@ def test_opcheck(backend, device):
     hidden, weight, b, labels, adv, kw = sample(2, 3, 4, 11, torch.float32, device)
     w = torch.rand(6, device=device)
     flat = lambda t: t.reshape(-1).float()  # noqa: E731
-    use_triton = backend == "triton"
+    sfx = "_triton" if backend == "triton" else ""
     args = (hidden.reshape(-1, 4).requires_grad_(True), weight.requires_grad_(True), b.requires_grad_(True),
             labels.reshape(-1), flat(adv), w, flat(kw["old_logprobs"]), flat(kw["ref_logprobs"]), 1.0, -100, 0.2,
-            0.28, 0.0, 0.1, 3, 2, use_triton, True)  # fmt: skip
-    torch.library.opcheck(torch.ops.credit.fused_linear_policy_loss_fwd, args)
-    lp_args = (args[0], args[1], None, args[3], 1.0, -100, 2, use_triton)
-    torch.library.opcheck(torch.ops.credit.fused_linear_logprobs_fwd, lp_args)
+            0.28, 0.0, 0.1, 3, 2, True)  # fmt: skip
+    torch.library.opcheck(getattr(torch.ops.credit, f"fused_linear_policy_loss_fwd{sfx}"), args)
+    torch.library.opcheck(getattr(torch.ops.credit, f"fused_linear_policy_loss_fwd{sfx}"), args[:-1] + (False,))
+    lp_args = (args[0], args[1], None, args[3], 1.0, -100, 2)
+    torch.library.opcheck(getattr(torch.ops.credit, f"fused_linear_logprobs_fwd{sfx}"), lp_args)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)

@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cmath>
 #include <limits>
@@ -16,18 +15,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/policy_loss.h"
 #include "cpu/vec_math.h"
 
 namespace credit::cpu {
 namespace {
 
 constexpr int kLanes = 16;  // independent accumulators: lets GCC vectorise the reductions
-
-struct LossParams {
-  double lo, hi, dual_clip, beta;
-  int64_t kl_type;  // 0 none, 1 k1, 2 k2, 3 k3
-  bool on_policy, coef_given, write_grad;
-};
 
 // Pass 1 over a row: m = max z / T, then e_j = exp(z_j / T - m) with S = sum e and Tt = sum e (z / T - m) (the
 // entropy needs no large-magnitude cancellation). e_j is kept in `e` (which may alias z) so the gradient pass needs
@@ -84,10 +78,10 @@ inline void row_exp(const double* z, double* e, int64_t V, double inv_t, double*
 // bf16 <-> fp32 by bit manipulation (round to nearest even, NaN kept quiet) so the loops vectorise.
 CREDIT_CLONES void load_bf16(const at::BFloat16* src, float* dst, int64_t V) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t j = 0; j < V; ++j) dst[j] = std::bit_cast<float>(static_cast<uint32_t>(s[j]) << 16);
+  for (int64_t j = 0; j < V; ++j) dst[j] = __builtin_bit_cast(float, static_cast<uint32_t>(s[j]) << 16);
 }
 inline uint16_t bf16_bits(float f) {
-  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
   const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(r);
 }
@@ -158,6 +152,8 @@ inline const acc_t* row_as_acc(const scalar_t* row, int64_t V, std::vector<acc_t
 inline at::Tensor opt_as(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
   return t.has_value() && t->defined() ? t->to(dtype).contiguous() : at::Tensor();
 }
+
+}  // namespace
 
 // The shared driver: logits (B, T, V) with unit stride along V (rows may be strided, e.g. a logits[:, :-1] slice);
 // grad (B, T, V) contiguous or logits itself; every per-token tensor (B, T).
@@ -255,6 +251,8 @@ LossParams make_params(double eps_low, double eps_high, double dual_clip, double
   return LossParams{1.0 - eps_low, 1.0 + eps_high, dual_clip, beta, beta != 0.0 ? kl_type : 0,
                     on_policy, coef_given, write_grad};
 }
+
+namespace {
 
 bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 

@@ -1,0 +1,30 @@
+// The row driver shared by the CPU policy-loss op (policy_loss.cpp) and the CPU fused LM head (fused_linear.cpp).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace credit::cpu {
+
+struct LossParams {
+  double lo, hi, dual_clip, beta;  // lo = 1 - eps_low, hi = 1 + eps_high; dual_clip 0 = off
+  int64_t kl_type;                 // 0 none, 1 k1, 2 k2, 3 k3
+  bool on_policy, coef_given, write_grad;
+};
+
+LossParams make_params(double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_type,
+                       bool on_policy, bool coef_given, bool write_grad);
+
+// logits (B, T, V) with unit stride along V; grad (B, T, V) contiguous, or logits itself (overwritten with the
+// gradient); per-token tensors (B, T). coef_given: weights are dL/dlogp. -> loss (), logprobs, entropy (B, T).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rows(const at::Tensor& grad, const at::Tensor& logits,
+                                                           const at::Tensor& labels,
+                                                           const std::optional<at::Tensor>& advantages,
+                                                           const at::Tensor& weights,
+                                                           const std::optional<at::Tensor>& old_logprobs,
+                                                           const std::optional<at::Tensor>& ref_logprobs,
+                                                           double temperature, int64_t ignore_index,
+                                                           const LossParams& params);
+
+}  // namespace credit::cpu
