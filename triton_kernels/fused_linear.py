@@ -7,7 +7,8 @@ lse / logp / entropy / the loss in fp32 and overwrites the buffer with d loss / 
 matmuls read it: grad_hidden[chunk] = dlogits @ W and grad_W += dlogits.T @ hidden[chunk]. Token-level losses
 thus cost the three matmuls plus one read and one write of each chunk, and need one chunk buffer of memory.
 
-Plain torch here (the row kernel is passed in), so the CPU path needs no Triton.
+Plain torch around the row kernel, which is passed in (row_kernel): the Triton one on GPU (and on CPU under
+TRITON_INTERPRET=1); csrc/cpu/fused_linear.cpp is the same loop in C++ for the CPU ops.
 """
 
 import torch
