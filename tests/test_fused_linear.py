@@ -111,10 +111,10 @@ def test_real_vocab_cuda(loss_type):
     adv = torch.randn(B, T, device="cuda")
     opts = dict(loss_type=loss_type, gates=torch.rand(B, T, device="cuda"), mask=torch.rand(B, T, device="cuda") > 0.1)
 
-    def fused(h, w, _):
+    def fused(h, w, *_):
         return credit_ops.fused_linear_policy_loss(h, w, labels, adv, chunk_size=128, **opts)
 
-    def logits_path(h, w, _):
+    def logits_path(h, w, *_):
         return credit_ops.policy_loss(torch.nn.functional.linear(h, w), labels, adv, **opts)
 
     loss, stats, gs = grads(fused, hidden, weight, None)
