@@ -484,3 +484,16 @@ def test_empty_batch(backend, device):
     with credit_ops.use_backend(backend):
         out = credit_ops.align_edits(a, lengths, b, lengths)
     assert out.mask_a.shape == (0, 5) and out.region_b.shape == (0, 3) and out.distance.shape == (0,)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_checkpointed_blocks_and_strips(monkeypatch):
+    """A 1 MiB scratch per warp forces the kernel to recompute row blocks from checkpoints; b longer than
+    2048 tokens spreads its bits over several strips of 32 words."""
+    rng = random.Random(12)
+    pairs = random_pairs(rng, 6, 5000, vocabs=(3, 150_000), rates=(0.01, 0.3))
+    expected = run(pairs)
+    monkeypatch.setenv("CREDIT_OPS_ALIGN_WARP_SCRATCH_MB", "1")
+    assert_same(run(pairs, device="cuda"), expected)
+    monkeypatch.setenv("CREDIT_OPS_ALIGN_SCRATCH_MB", "1")  # a single warp loops over all pairs
+    assert_same(run(pairs, device="cuda"), expected)

@@ -69,6 +69,7 @@ struct Band {
 // One row of the block-based DP over words [w0, w1]; D0/HP of the row go to d0/hp when given.
 // The carry into word w0 is HP = 1, HN = 0: the true boundary D[i][0] = i for w0 = 0, and a real path
 // (a deletion) otherwise.
+template <bool kStore>
 inline void row_step(const uint64_t* __restrict pm, uint64_t* __restrict vp, uint64_t* __restrict vn, int64_t w0,
                      int64_t w1, uint64_t* __restrict d0, uint64_t* __restrict hp) {
   uint64_t hp_c = 1, hn_c = 0;
@@ -78,7 +79,7 @@ inline void row_step(const uint64_t* __restrict pm, uint64_t* __restrict vp, uin
     const uint64_t D0 = (((X & VP) + VP) ^ VP) | X | VN;
     uint64_t HP = VN | ~(D0 | VP);
     uint64_t HN = D0 & VP;
-    if (d0) {
+    if constexpr (kStore) {
       d0[w - w0] = D0;
       hp[w - w0] = HP;
     }
@@ -300,9 +301,10 @@ int64_t align_pair(const T* a, int64_t n, const T* b, int64_t m, InsertAnchor an
       cur_w0 = w0, cur_w1 = std::max(cur_w1, w1);
       const uint64_t* pm = pm_row(i);
       if (store_now)
-        row_step(pm, ws.vp.data(), ws.vn.data(), w0, w1, ws.d0.get() + ws.row_off[i], ws.hp.get() + ws.row_off[i]);
+        row_step<true>(pm, ws.vp.data(), ws.vn.data(), w0, w1, ws.d0.get() + ws.row_off[i],
+                       ws.hp.get() + ws.row_off[i]);
       else
-        row_step(pm, ws.vp.data(), ws.vn.data(), w0, w1, nullptr, nullptr);
+        row_step<false>(pm, ws.vp.data(), ws.vn.data(), w0, w1, nullptr, nullptr);
       pm_done(i);
     }
     int64_t dist = left;
@@ -336,7 +338,7 @@ int64_t align_pair(const T* a, int64_t n, const T* b, int64_t m, InsertAnchor an
           const int64_t w0 = band.w0(r), w1 = band.w1(r);
           for (int64_t w = w1c + 1; w <= w1; ++w) ws.vp[w] = ~uint64_t(0), ws.vn[w] = 0;
           w1c = std::max(w1c, w1);
-          row_step(pm_row(r), ws.vp.data(), ws.vn.data(), w0, w1, ws.d0.get() + ws.row_off[r],
+          row_step<true>(pm_row(r), ws.vp.data(), ws.vn.data(), w0, w1, ws.d0.get() + ws.row_off[r],
                    ws.hp.get() + ws.row_off[r]);
           pm_done(r);
         }

@@ -54,7 +54,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> align_edi
 
   Scratch scr = plan_scratch(La, Lb, env_bytes("CREDIT_OPS_ALIGN_WARP_SCRATCH_MB", 8));
   const int64_t total_budget = env_bytes("CREDIT_OPS_ALIGN_SCRATCH_MB", 1024);
-  const int64_t num_warps = std::clamp<int64_t>(total_budget / scr.per_warp, 1, P);
+  // Warps loop over pairs, so more warps than fit on the device at once only add scratch.
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.get_device()));
+  const int64_t resident = std::max<int64_t>(1, static_cast<int64_t>(sms) * 2 * kWarps);  // 2 blocks/SM at ~190 regs
+  const int64_t num_warps = std::clamp<int64_t>(std::min(total_budget / scr.per_warp, resident), 1, P);
   at::Tensor scratch = at::empty({num_warps * scr.per_warp}, A.options().dtype(at::kByte));
   scr.base = scratch.mutable_data_ptr<uint8_t>();
 
