@@ -27,7 +27,8 @@ _ONE_TILE_MAX = 16384  # rows up to this many logits are held in registers (one 
 _TILE, _TILE_INTERPRET = 4096, 1024  # streaming tile for longer rows
 SPLIT_ROWS = True
 # Row slice per program in the split-row kernel (CREDIT_OPS_SPLIT_BLOCK overrides it for tuning on a new card).
-_SPLIT_BLOCK, _SPLIT_BLOCK_INTERPRET = int(os.environ.get("CREDIT_OPS_SPLIT_BLOCK", 8192)), 4096
+# 4096 logits (4 warps) per program: small enough that ~6 programs share an SM and hide each other's exchange latency.
+_SPLIT_BLOCK, _SPLIT_BLOCK_INTERPRET = int(os.environ.get("CREDIT_OPS_SPLIT_BLOCK", 4096)), 4096
 _MAX_SPIN = 1 << 16
 
 KL_TYPES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
@@ -133,7 +134,7 @@ def _policy_loss_fwd_kernel(
     tl.store(entropy_ptr + row, ((log2_s - t_sum / s_sum) * LN2).to(ACC))
 
     c = _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, hi, dual_clip, beta, ACC,
-                    COEF_GIVEN, ON_POLICY, KL_TYPE, DUAL_CLIP, True)
+                    COEF_GIVEN, ON_POLICY, KL_TYPE, DUAL_CLIP, True)  # fmt: skip
 
     # Pass 2: d/dz = (c / T) (onehot - p)
     if WRITE_GRAD:
@@ -187,24 +188,26 @@ def _policy_loss_split_kernel(
     s_k = tl.sum(e, 0)
     t_k = tl.sum(tl.where(e > 0, e * d, 0.0), 0)
 
+    # Few round trips to L2, none of them fenced but the counter's: relaxed adds into zeros publish the partials,
+    # the acq_rel counter increment orders them before it, acquire polls, relaxed adds of 0 read the siblings'.
     pp = part_ptr + pid * 3
-    tl.atomic_add(pp, m_k)  # into zeros: the sum is the value, written at L2 where the siblings read it
-    tl.atomic_add(pp + 1, s_k)
-    tl.atomic_add(pp + 2, t_k)
+    tl.atomic_add(pp, m_k, sem="relaxed")
+    tl.atomic_add(pp + 1, s_k, sem="relaxed")
+    tl.atomic_add(pp + 2, t_k, sem="relaxed")
     tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + row, 1) + 1  # acq_rel, gpu scope: publishes the partials above
+    arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel") + 1
     spins = tl.full((), 0, tl.int32)
     while (arrived < P) & (spins < max_spin):
-        arrived = tl.atomic_add(count_ptr + row, 0)
+        arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
         spins += 1
     tl.debug_barrier()
     if arrived >= P:
         ks = tl.arange(0, P2)
         pm = ks < P
         q = part_ptr + (row * P + ks) * 3
-        ms = tl.atomic_add(q, tl.zeros((P2,), ACC), mask=pm)  # coherent reads of the siblings' partials
-        ss = tl.atomic_add(q + 1, tl.zeros((P2,), ACC), mask=pm)
-        ts = tl.atomic_add(q + 2, tl.zeros((P2,), ACC), mask=pm)
+        ms = tl.atomic_add(q, tl.zeros((P2,), ACC), mask=pm, sem="relaxed")
+        ss = tl.atomic_add(q + 1, tl.zeros((P2,), ACC), mask=pm, sem="relaxed")
+        ts = tl.atomic_add(q + 2, tl.zeros((P2,), ACC), mask=pm, sem="relaxed")
         ms = tl.where(pm, ms, float("-inf"))
         m = tl.max(ms, 0)
         a = tl.where(pm, tl.exp2(ms - m), 0.0)
@@ -233,7 +236,7 @@ def _policy_loss_split_kernel(
         tl.store(logp_ptr + row, logp.to(ACC))
         tl.store(entropy_ptr + row, ((log2_s - t_sum / s_sum) * LN2).to(ACC))
     c = _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, hi, dual_clip, beta, ACC,
-                    COEF_GIVEN, ON_POLICY, KL_TYPE, DUAL_CLIP, k == 0)
+                    COEF_GIVEN, ON_POLICY, KL_TYPE, DUAL_CLIP, k == 0)  # fmt: skip
     c = c * inv_t
     p = tl.exp2(z - lse2)
     g = tl.where(offs == label, c - c * p, -c * p)
@@ -296,6 +299,7 @@ def policy_loss_forward(
             ACC=acc, COEF_GIVEN=coef_given, ON_POLICY=old_logprobs is None, KL_TYPE=kl_type if beta != 0.0 else 0,
             DUAL_CLIP=dual_clip > 0, P=P, P2=triton.next_power_of_2(P), BLOCK_V=block,
             FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE, num_warps=max(1, min(16, block // 1024)),
+            num_stages=1,
         )  # fmt: skip
         loss = logp.new_zeros(()) if coef_given else loss_tok.sum()
         return loss, logp, entropy, grad
