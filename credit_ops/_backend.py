@@ -1,7 +1,7 @@
 """Which implementation an op runs: the compiled kernels, the Triton kernels, or the pure-PyTorch reference.
 
     auto       CPU tensors -> C++ kernels; CUDA tensors -> the op's GPU kernel (Triton or CUDA)
-    native     the C++/CUDA kernels only
+    native     the compiled kernels: C++ on CPU, the op's GPU kernel (CUDA or Triton) on CUDA
     triton     the Triton kernels, also for CPU tensors when TRITON_INTERPRET=1 (how the tests run them)
     reference  credit_ops.reference: slow, obviously right, for debugging and as the test oracle
 
@@ -56,7 +56,8 @@ def pick(device, gpu: str = "triton") -> str:
     backend = get_backend()
     if backend == "reference":
         return "reference"
-    if backend == "triton" or (backend == "auto" and device.type == "cuda" and gpu == "triton"):
+    # An op has one GPU implementation: for a Triton op, "native" on CUDA means its Triton kernel.
+    if backend == "triton" or (device.type == "cuda" and gpu == "triton"):
         if device.type != "cuda" and not triton_interpreting():
             raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
         return "triton"

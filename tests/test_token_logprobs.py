@@ -73,6 +73,23 @@ def test_extreme_logits_and_neg_inf(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
+def test_rows_that_move_the_running_max(backend, device):
+    """Rows whose maximum arrives late (every block rescales), early, or after blocks of -inf."""
+    V = 5000
+    logits = torch.randn(4, V, dtype=torch.float64)
+    logits[0] = torch.linspace(-1e3, 1e3, V)  # increasing: a new max in every block
+    logits[1] = torch.linspace(1e3, -1e3, V)  # decreasing: the max in the first block
+    logits[2, :4200] = float("-inf")  # leading blocks entirely -inf
+    logits[3] = torch.linspace(-30, 30, V) + torch.randn(V)
+    labels = torch.tensor([V - 1, 3, 4500, 2500])
+    logits, labels = logits.float().to(device), labels.to(device)
+    lp, ent = run(backend, logits, labels)
+    want_lp, want_ent = expected(logits, labels)
+    assert_close(lp, want_lp, 1e-5)
+    assert_close(ent, want_ent, 1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
 def test_leading_dims_and_label_dtypes(backend, device, label_dtype):
     logits, labels = sample_inputs((2, 3, 4), 129, torch.float32, device, label_dtype=label_dtype)
