@@ -251,9 +251,8 @@ def _config(V: int, interpret: bool) -> tuple[bool, int, int]:
 
 
 def _use_split(V: int, write_grad: bool) -> bool:
-    """Long rows with a gradient to write go to the split-row kernel (one read); CREDIT_OPS_SPLIT_ROWS=0 turns it off
-    (then the two-pass kernel runs: its second read hits L2 only while few rows are in flight)."""
-    return write_grad and V > _ONE_TILE_MAX and SPLIT_ROWS and os.environ.get("CREDIT_OPS_SPLIT_ROWS", "1") != "0"
+    """Only long rows with a gradient to write may go to the split-row kernel (see _split_wins)."""
+    return write_grad and V > _ONE_TILE_MAX and SPLIT_ROWS
 
 
 def policy_loss_forward(
@@ -284,36 +283,69 @@ def policy_loss_forward(
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     dummy = logp
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    if _use_split(V, write_grad):
+    ptrs = (
+        dummy if advantages is None else advantages, weights if weights is not None else dummy,
+        dummy if old_logprobs is None else old_logprobs, dummy if ref_logprobs is None else ref_logprobs,
+        loss_tok, logp, entropy,
+    )  # fmt: skip
+    scalars = (logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature, ignore_index,
+               1.0 - eps_low, 1.0 + eps_high, dual_clip, beta)  # fmt: skip
+    flags = dict(ACC=acc, COEF_GIVEN=coef_given, ON_POLICY=old_logprobs is None,
+                 KL_TYPE=kl_type if beta != 0.0 else 0, DUAL_CLIP=dual_clip > 0)  # fmt: skip
+
+    def split():
         block = _SPLIT_BLOCK_INTERPRET if interpret else _SPLIT_BLOCK
         P = triton.cdiv(V, block)
         part = torch.zeros(N * P * 3, device=logits.device, dtype=acc_dtype)
         count = torch.zeros(N, device=logits.device, dtype=torch.int32)
         _policy_loss_split_kernel[(N * P,)](
-            logits, grad, labels,
-            dummy if advantages is None else advantages, weights if weights is not None else dummy,
-            dummy if old_logprobs is None else old_logprobs, dummy if ref_logprobs is None else ref_logprobs,
-            loss_tok, logp, entropy, part, count,
-            logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature,
-            ignore_index, 1.0 - eps_low, 1.0 + eps_high, dual_clip, beta, 0 if interpret else _MAX_SPIN,
-            ACC=acc, COEF_GIVEN=coef_given, ON_POLICY=old_logprobs is None, KL_TYPE=kl_type if beta != 0.0 else 0,
-            DUAL_CLIP=dual_clip > 0, P=P, P2=triton.next_power_of_2(P), BLOCK_V=block,
-            FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE, num_warps=max(1, min(16, block // 1024)),
-            num_stages=1,
+            logits, grad, labels, *ptrs, part, count, *scalars, 0 if interpret else _MAX_SPIN, **flags,
+            P=P, P2=triton.next_power_of_2(P), BLOCK_V=block, FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE,
+            num_warps=max(1, min(16, block // 1024)), num_stages=1,
         )  # fmt: skip
-        loss = logp.new_zeros(()) if coef_given else loss_tok.sum()
-        return loss, logp, entropy, grad
-    one_tile, block, warps = _config(V, interpret)
-    _policy_loss_fwd_kernel[(N,)](
-        logits, grad if write_grad else logits, labels,
-        dummy if advantages is None else advantages, weights if weights is not None else dummy,
-        dummy if old_logprobs is None else old_logprobs, dummy if ref_logprobs is None else ref_logprobs,
-        loss_tok, logp, entropy,
-        logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature,
-        ignore_index, 1.0 - eps_low, 1.0 + eps_high, dual_clip, beta,
-        ACC=acc, COEF_GIVEN=coef_given, WRITE_GRAD=write_grad,
-        ON_POLICY=old_logprobs is None, KL_TYPE=kl_type if beta != 0.0 else 0, DUAL_CLIP=dual_clip > 0,
-        ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
-    )  # fmt: skip
+
+    def per_row():
+        one_tile, block, warps = _config(V, interpret)
+        _policy_loss_fwd_kernel[(N,)](
+            logits, grad if write_grad else logits, labels, *ptrs, *scalars, **flags, WRITE_GRAD=write_grad,
+            ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+
+    if _use_split(V, write_grad) and _split_wins(logits, grad, N, V, split, per_row, interpret):
+        split()
+    else:
+        per_row()
     loss = logp.new_zeros(()) if coef_given else loss_tok.sum()
     return loss, logp, entropy, grad
+
+
+_SPLIT_CHOICE: dict = {}
+
+
+def _split_wins(logits, grad, N, V, split, per_row, interpret) -> bool:
+    """Split rows or two passes per row? Timed once per (device, dtype, V, row-count bucket) on the first CUDA call
+    (both kernels write the same outputs; a few launches and one synchronisation, once), unless
+    CREDIT_OPS_SPLIT_ROWS=1 / 0 forces the choice. Not timed in the in-place mode (a second run would read the
+    gradient as logits), while a CUDA graph is captured, or in the interpreter: the split kernel then."""
+    import torch
+
+    forced = os.environ.get("CREDIT_OPS_SPLIT_ROWS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    key = (logits.device, logits.dtype, V, min(N, 1 << 14).bit_length())
+    if key in _SPLIT_CHOICE:
+        return _SPLIT_CHOICE[key]
+    if interpret or logits.device.type != "cuda" or grad is logits or torch.cuda.is_current_stream_capturing():
+        return True
+    times = []
+    for fn in (per_row, split):
+        fn()  # compile + warm-up
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    _SPLIT_CHOICE[key] = times[1] <= times[0]
+    return _SPLIT_CHOICE[key]
