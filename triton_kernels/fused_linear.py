@@ -96,6 +96,7 @@ def fused_linear_policy_loss_forward(
             grad_w.addmm_(z.t(), h)
             if grad_b is not None:
                 grad_b += z.sum(0, dtype=acc)
+        del z, z3  # free this chunk's buffer before the next one is allocated
     grad_b = hidden.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
     return loss, logp, entropy, grad_h, grad_w, grad_b
 
@@ -119,6 +120,7 @@ def fused_linear_logprobs_forward(hidden, weight, bias, labels, *, temperature, 
         )  # fmt: skip
         logp[s:e] = lp.view(-1)
         entropy[s:e] = ent.view(-1)
+        del z3
     return logp, entropy
 
 
@@ -146,4 +148,5 @@ def fused_linear_logprobs_backward(grad_logprobs, hidden, weight, bias, labels, 
         grad_w.addmm_(z.t(), h)
         if grad_b is not None:
             grad_b += z.sum(0, dtype=acc)
+        del z, z3
     return grad_h, grad_w, hidden.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
