@@ -37,7 +37,7 @@ class ModelConfig:
 class TaskConfig:
     name: str = "arith"  # arith | jsonl | gsm8k
     n_terms: int = 3  # arith: operands per problem
-    max_value: int = 15  # arith: operands in [0, max_value]
+    max_value: int = 9  # arith: operands in [0, max_value]
     ops: str = "+-"
     slip_prob: float = 0.3  # arith: chance that a warm-start demonstration step holds a slip
     path: str = ""  # jsonl: the dataset file
@@ -104,9 +104,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
+    lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     max_grad_norm: float = 1.0
     micro_batch_size: int = 0  # rows per backward (0 = all); gradient accumulation over the rest
     ppo_epochs: int = 1  # updates per rollout
@@ -117,7 +117,7 @@ class Config:
     name: str = "default"
     algo: str = "ibpo"
     seed: int = 0
-    steps: int = 120
+    steps: int = 200
     token_budget: int = 0  # stop once this many tokens were generated (rollouts + revisions); 0 = off
     out_dir: str = "runs"
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
@@ -125,9 +125,9 @@ class Config:
     resume: str = ""  # a checkpoint directory, or "auto" = the latest in out_dir/name
     stop_after: int = 0  # stop (and checkpoint) after this many steps, e.g. to test resume; 0 = off
     log_samples_every: int = 20  # store sample groups for the report every N steps
-    eval_every: int = 0  # greedy accuracy on held-out prompts every N steps (0 = off)
+    eval_every: int = 20  # greedy accuracy on held-out prompts every N steps (0 = off)
     eval_prompts: int = 64
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    threads: int = 0  # torch CPU threads (0 = 1 for the tiny model on CPU, where more threads only add overhead)
     progress: bool = True
     report: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)

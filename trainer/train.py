@@ -50,21 +50,23 @@ def build_model(cfg, task, log):
 
 
 @torch.no_grad()
-def evaluate(model, tok, task, verifier, cfg, device) -> float:
-    """Greedy accuracy on a fixed held-out set of prompts (its own seed, never trained on)."""
+def evaluate(model, tok, task, verifier, cfg, device, samples_per_prompt: int = 0) -> dict:
+    """Accuracy on a fixed held-out set of prompts (its own seed, never trained on): greedy, and, with
+    samples_per_prompt > 0, sampled at the rollout temperature. Leaves the training RNG untouched."""
     probs = task.sample(cfg.eval_prompts, torch.Generator().manual_seed(10**6 + cfg.seed))
     prompts = [encode_prompt(tok, p.prompt) for p in probs]
-    _, texts = generate(
-        model,
-        tok,
-        prompts,
-        n=1,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=1.0,
-        do_sample=False,
-        device=device,
-    )
-    return sum(verifier(p, t) >= 0.5 for p, t in zip(probs, texts, strict=False)) / len(probs)
+    r = cfg.rollout
+    _, texts = generate(model, tok, prompts, n=1, max_new_tokens=r.max_new_tokens, temperature=1.0,
+                        do_sample=False, device=device)  # fmt: skip
+    out = {"eval_accuracy": sum(verifier(p, t) >= 0.5 for p, t in zip(probs, texts, strict=True)) / len(probs)}
+    if samples_per_prompt:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(10**6 + cfg.seed)
+            _, texts = generate(model, tok, prompts, n=samples_per_prompt, max_new_tokens=r.max_new_tokens,
+                                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, device=device)  # fmt: skip
+        per = [probs[i // samples_per_prompt] for i in range(len(texts))]
+        out["eval_sampled_accuracy"] = sum(verifier(p, t) >= 0.5 for p, t in zip(per, texts, strict=True)) / len(per)
+    return out
 
 
 def _latest_checkpoint(run_dir):
@@ -76,9 +78,9 @@ def _latest_checkpoint(run_dir):
 
 
 def train(cfg) -> dict:
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     on_gpu = torch.cuda.is_available()
+    if cfg.threads > 0 or not (on_gpu or cfg.model.path):
+        torch.set_num_threads(cfg.threads or 1)
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
     acc = Accelerator(mixed_precision=mp, log_with=_trackers() or None, project_dir=cfg.run_dir)
     device, rank, world = acc.device, acc.process_index, acc.num_processes
@@ -230,7 +232,7 @@ def train(cfg) -> dict:
             time=time.time() - t0,
         )
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == 0):
-            m["eval_accuracy"] = evaluate(policy(), tok, task, verifier, cfg, device) if main else 0.0
+            m["eval_accuracy"] = evaluate(policy(), tok, task, verifier, cfg, device)["eval_accuracy"]
         history.append(m)
         if main:
             with open(metrics_path, "a") as f:
@@ -258,8 +260,9 @@ def train(cfg) -> dict:
     if history:
         summary.update({k: v for k, v in history[-1].items() if isinstance(v, float)})
     if main:
-        if cfg.eval_every:
-            summary["eval_accuracy"] = evaluate(policy(), tok, task, verifier, cfg, device)
+        summary.update(evaluate(policy(), tok, task, verifier, cfg, device, samples_per_prompt=4))
+        with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
         if cfg.report:
             from .report import write_report
 
