@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from credit_ops.trainer.config import ALGOS, ConfigError, load_config
 from credit_ops.trainer.rewards import Verifier
 from credit_ops.trainer.tasks import ArithTask, JsonlTask, Problem, extract_answer, oracle_repair
