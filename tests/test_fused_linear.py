@@ -213,7 +213,7 @@ def test_compile_fullgraph(backend, device, loss_type):
         return loss * 3.0, stats["entropy_mean"]
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     l1 = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
     l2 = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
     with credit_ops.use_backend(backend):
