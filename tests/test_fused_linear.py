@@ -65,7 +65,7 @@ def test_matches_reference(backend, device, loss_type, bias, chunk_size):
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
     loss, stats, gs = grads(ours, hidden, weight, b, scale=1.7)
     want_loss, want_stats, want_gs = grads(ref, cpu(hidden), cpu(weight), cpu(b), scale=1.7)
-    tol = 1e-7 if backend == "triton" else 1e-9
+    tol = 1e-9 if backend != "triton" else 1e-7 if device == "cpu" else 1e-5  # Triton: fp32 scalar args
     close(loss, want_loss, tol)
     for g, wg in zip(gs, want_gs, strict=True):
         close(g, wg, tol)
@@ -156,7 +156,7 @@ def test_logprobs(backend, device, bias):
                                                 bias=ref_leaves[2] if bias else None, temperature=0.8,
                                                 return_entropy=True)  # fmt: skip
     want_gs = torch.autograd.grad((want_lp * cot.cpu()).sum(), ref_leaves)
-    tol = 1e-7 if backend == "triton" else 1e-9
+    tol = 1e-9 if backend != "triton" else 1e-7 if device == "cpu" else 1e-5  # Triton: fp32 scalar args
     assert lp.shape == labels.shape
     close(lp, want_lp, tol)
     close(ent, want_ent, tol)

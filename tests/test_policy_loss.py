@@ -63,9 +63,10 @@ def expected(logits, labels, adv, scale=1.0, **kw):
     return loss.detach(), g, stats
 
 
-def tol64(backend):
-    """float64 tolerance: Triton passes float scalars (eps, beta, 1/T) to kernels as fp32."""
-    return 1e-7 if backend == "triton" else 1e-9
+def tol64(backend, device):
+    """float64 tolerance: Triton passes float scalars (eps, beta, log2(e) / T) to kernels as fp32 (the interpreter
+    keeps them in fp64 in places), which moves logp by ~1e-7 relative."""
+    return 1e-9 if backend != "triton" else 1e-7 if device == "cpu" else 1e-5
 
 
 def close(got, want, tol):
@@ -100,7 +101,7 @@ def test_parity_grid(backend, device, loss_type, agg, per_token, gates, mask):
     if backend == "triton" and not (per_token and gates and mask) and agg is not None:
         pytest.skip("triton: flag combinations are covered with the default agg (interpreter and GPU time)")
     flags = dict(per_token=per_token, gates=gates, mask=mask)
-    check_all(backend, device, torch.float64, tol64(backend), sample_kw=flags, loss_type=loss_type, agg=agg,
+    check_all(backend, device, torch.float64, tol64(backend, device), sample_kw=flags, loss_type=loss_type, agg=agg,
               max_length=9, beta=0.05, dual_clip=3.0)  # fmt: skip
 
 
@@ -109,9 +110,9 @@ def test_parity_grid(backend, device, loss_type, agg, per_token, gates, mask):
 @pytest.mark.parametrize("kl_type", R.KL_TYPES)
 def test_options(backend, device, loss_type, kl_type):
     """On-policy, KL types, no dual clip, temperature, explicit eps, a downstream scale on the loss."""
-    check_all(backend, device, torch.float64, tol64(backend), sample_kw=dict(old=False), loss_type=loss_type,
+    check_all(backend, device, torch.float64, tol64(backend, device), sample_kw=dict(old=False), loss_type=loss_type,
               kl_type=kl_type, beta=0.1, temperature=0.7, eps_low=0.1, eps_high=0.3, max_length=8)  # fmt: skip
-    check_all(backend, device, torch.float64, tol64(backend), scale=-2.5, loss_type=loss_type, max_length=8)
+    check_all(backend, device, torch.float64, tol64(backend, device), scale=-2.5, loss_type=loss_type, max_length=8)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
@@ -124,7 +125,7 @@ def test_parity_dtypes(backend, device, dtype, V):
         check_all(backend, device, dtype, 1e-5, V=V, loss_type=loss_type, beta=0.05)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["two_pass", "split_rows"])
+@pytest.mark.parametrize("split", [False, True, "exchange"], ids=["two_pass", "split_rows", "split_exchange"])
 def test_long_rows_triton(monkeypatch, split):
     """Rows longer than one tile: the two-pass kernel (second pass backwards) and the split-row kernel (P programs
     per row exchanging softmax partials; under the interpreter all but the last program of a row take the
@@ -133,7 +134,8 @@ def test_long_rows_triton(monkeypatch, split):
         pytest.skip("no triton backend")
     from credit_ops.triton_kernels import policy_loss as pl
 
-    monkeypatch.setattr(pl, "SPLIT_ROWS", split)
+    monkeypatch.setattr(pl, "SPLIT_ROWS", bool(split))
+    monkeypatch.setattr(pl, "_SPLIT_TWICE", split == "exchange")  # every program combines the siblings' partials
     monkeypatch.setattr(pl, "_ONE_TILE_MAX", 16)
     for name in ("_TILE_INTERPRET", "_TILE", "_SPLIT_BLOCK", "_SPLIT_BLOCK_INTERPRET"):
         monkeypatch.setattr(pl, name, 16)
@@ -143,10 +145,12 @@ def test_long_rows_triton(monkeypatch, split):
     logits[0, 1, 16:32] = float("-inf")  # a whole slice at -inf
     labels[0, 0], labels[0, 1] = 1, 0
     for loss_type in ("dapo", "grpo"):
-        loss, g, _ = loss_and_grad("triton", logits, labels, adv, loss_type=loss_type, beta=0.1, **kw)
-        want_loss, want_g, _ = expected(logits, labels, adv, loss_type=loss_type, beta=0.1, **kw)
+        loss, g, stats = loss_and_grad("triton", logits, labels, adv, loss_type=loss_type, beta=0.1, **kw)
+        want_loss, want_g, want_stats = expected(logits, labels, adv, loss_type=loss_type, beta=0.1, **kw)
         close(loss, want_loss, 1e-5)
         close(g, want_g, 1e-5)
+        for k, v in want_stats.items():  # logp and entropy come from program 0 of each row
+            close(stats[k], v, 1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: full-size vocabulary rows")
@@ -175,8 +179,8 @@ def test_real_vocab_cuda(rows):
             want = (loss, g.float(), stats)
     close(got[0], want[0], 1e-4)
     torch.testing.assert_close(got[1], want[1], rtol=1e-2, atol=1e-2 * want[1].abs().max().item())
-    for k in want[2]:
-        close(got[2][k], want[2][k], 1e-4)
+    for k in want[2]:  # a clip decision may flip on a token or two at fp32 rounding: 1 / 4096 = 2.4e-4
+        torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-4, atol=6e-4 if "clip" in k else 1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -298,8 +302,8 @@ def test_matches_trl_formulas(backend, device, loss_type, per_token, on_policy):
                     loss_type=trl_type, importance_sampling_level=level, beta=0.04, epsilon_low=eps[0],
                     epsilon_high=eps[1], max_completion_length=11, temperature=0.9)  # fmt: skip
     (want_g,) = torch.autograd.grad(want, x)
-    close(loss, want.detach(), tol64(backend))
-    close(g, want_g, tol64(backend))
+    close(loss, want.detach(), tol64(backend, device))
+    close(g, want_g, tol64(backend, device))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)

@@ -30,6 +30,7 @@ SPLIT_ROWS = True
 # 4096 logits (4 warps) per program: small enough that ~6 programs share an SM and hide each other's exchange latency.
 _SPLIT_BLOCK, _SPLIT_BLOCK_INTERPRET = int(os.environ.get("CREDIT_OPS_SPLIT_BLOCK", 4096)), 4096
 _MAX_SPIN = 1 << 16
+_SPLIT_TWICE = False  # tests: rerun the split kernel on the published partials (see PUBLISHED)
 
 KL_TYPES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 
@@ -160,7 +161,10 @@ def _policy_loss_split_kernel(
     stride_b, stride_t, T, V, scale, inv_t, ignore_index, lo, hi, dual_clip, beta, max_spin,
     ACC: tl.constexpr, COEF_GIVEN: tl.constexpr, ON_POLICY: tl.constexpr, KL_TYPE: tl.constexpr,
     DUAL_CLIP: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, BLOCK_V: tl.constexpr, FALLBACK_TILE: tl.constexpr,
+    PUBLISHED: tl.constexpr = False,
 ):  # fmt: skip
+    # PUBLISHED (tests only): the partials are already in part_ptr from a previous launch, so every program takes the
+    # exchange path; the interpreter runs programs one after another and would otherwise only take it in the last.
     # P programs per row, each holding a BLOCK_V slice of it in registers: read once, gradient written from registers.
     # The row's softmax statistics are combined through a tiny exchange (partials + an arrival counter). A program
     # whose siblings do not all arrive within max_spin polls (not co-resident) recomputes the statistics by
@@ -190,17 +194,20 @@ def _policy_loss_split_kernel(
 
     # Few round trips to L2, none of them fenced but the counter's: relaxed adds into zeros publish the partials,
     # the acq_rel counter increment orders them before it, acquire polls, relaxed adds of 0 read the siblings'.
-    pp = part_ptr + pid * 3
-    tl.atomic_add(pp, m_k, sem="relaxed")
-    tl.atomic_add(pp + 1, s_k, sem="relaxed")
-    tl.atomic_add(pp + 2, t_k, sem="relaxed")
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel") + 1
-    spins = tl.full((), 0, tl.int32)
-    while (arrived < P) & (spins < max_spin):
-        arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
-        spins += 1
-    tl.debug_barrier()
+    if PUBLISHED:
+        arrived = tl.full((), P, tl.int32)
+    else:
+        pp = part_ptr + pid * 3
+        tl.atomic_add(pp, m_k, sem="relaxed")
+        tl.atomic_add(pp + 1, s_k, sem="relaxed")
+        tl.atomic_add(pp + 2, t_k, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel") + 1
+        spins = tl.full((), 0, tl.int32)
+        while (arrived < P) & (spins < max_spin):
+            arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
+            spins += 1
+        tl.debug_barrier()
     if arrived >= P:
         ks = tl.arange(0, P2)
         pm = ks < P
@@ -298,11 +305,13 @@ def policy_loss_forward(
         P = triton.cdiv(V, block)
         part = torch.zeros(N * P * 3, device=logits.device, dtype=acc_dtype)
         count = torch.zeros(N, device=logits.device, dtype=torch.int32)
-        _policy_loss_split_kernel[(N * P,)](
-            logits, grad, labels, *ptrs, part, count, *scalars, 0 if interpret else _MAX_SPIN, **flags,
-            P=P, P2=triton.next_power_of_2(P), BLOCK_V=block, FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE,
-            num_warps=max(1, min(16, block // 1024)), num_stages=1,
-        )  # fmt: skip
+        for published in (False, True) if _SPLIT_TWICE else (False,):
+            _policy_loss_split_kernel[(N * P,)](
+                logits, grad, labels, *ptrs, part, count, *scalars, 0 if interpret else _MAX_SPIN, **flags,
+                P=P, P2=triton.next_power_of_2(P), BLOCK_V=block,
+                FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE, PUBLISHED=published,
+                num_warps=max(1, min(16, block // 1024)), num_stages=1,
+            )  # fmt: skip
 
     def per_row():
         one_tile, block, warps = _config(V, interpret)
