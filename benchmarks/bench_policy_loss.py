@@ -2,8 +2,9 @@
 triton_grpo_loss, side by side; time and peak extra memory.
 
 CPU: (4, 256, 32000). GPU: the ANCHORS.md shape, bf16 (8, 2049, 151936) model output sliced to [:, :-1]
-(N = 16384 tokens, ~5 GB). credit_ops runs with per-token advantages and gates (Liger cannot take them: it runs
-with per-sequence advantages); "credit_ops_seq_adv" is the like-for-like row. Bytes counted = one read of the
+(N = 16384 tokens, ~5 GB). credit_ops and Liger take the full (B, T + 1, V) output (the last position
+dropped); credit_ops runs with per-token advantages and gates (Liger cannot take them: it runs with per-sequence
+advantages); "credit_ops_seq_adv" is the like-for-like row, "credit_ops_aligned_view" passes logits[:, :-1]. Bytes counted = one read of the
 logits plus one write of the gradient (the 2-pass floor).
 """
 
@@ -21,8 +22,8 @@ if DEVICE == "cuda":
 else:
     B, T, V, DTYPES = 4, 256, 32000, [torch.float32, torch.bfloat16]
 
-IMPLS = ["credit_ops", "credit_ops_seq_adv", "credit_ops_inplace", "credit_ops_split", "credit_ops_two_pass", "eager",
-         "torch_compile", "liger"]  # fmt: skip
+IMPLS = ["credit_ops", "credit_ops_seq_adv", "credit_ops_inplace", "credit_ops_aligned_view", "credit_ops_split",
+         "credit_ops_two_pass", "eager", "torch_compile", "liger"]  # fmt: skip
 
 
 def _liger():
@@ -67,14 +68,20 @@ def test_policy_loss_fwd_bwd(benchmark, inputs, impl, loss_type):
               eps_high=0.28)  # fmt: skip
     leaf = full.detach().requires_grad_(True)
     if impl == "credit_ops_inplace":
-        # the gradient overwrites the logits: contiguous (B, T, V) logits, overwritten anew each step (as Liger's)
-        x = full[:, :-1].contiguous().requires_grad_(True)
+        # the gradient overwrites the (B, T + 1, V) model output, as Liger's inplace=True does
+        x = full.detach().clone().requires_grad_(True)
 
         def fn():
             loss, _ = credit_ops.policy_loss(x, labels, adv_tok, gates=gates, inplace_grad=True, **kw)
             torch.autograd.grad(loss, x)
 
-    elif impl.startswith("credit_ops"):
+    elif impl == "credit_ops_aligned_view":  # logits[:, :-1]: autograd then builds the full gradient from the slice's
+
+        def fn():
+            loss, _ = credit_ops.policy_loss(leaf[:, :-1], labels, adv_tok, gates=gates, **kw)
+            torch.autograd.grad(loss, leaf)
+
+    elif impl.startswith("credit_ops"):  # the (B, T + 1, V) model output, last position dropped (Liger's input)
         adv, g = (adv_seq, None) if impl == "credit_ops_seq_adv" else (adv_tok, gates)
         # the two GPU layouts for long rows, forced (credit_ops picks the faster by timing once)
         forced = {"credit_ops_split": "1", "credit_ops_two_pass": "0"}.get(impl)
@@ -85,7 +92,7 @@ def test_policy_loss_fwd_bwd(benchmark, inputs, impl, loss_type):
             if forced:
                 os.environ["CREDIT_OPS_SPLIT_ROWS"] = forced
             try:
-                loss, _ = credit_ops.policy_loss(leaf[:, :-1], labels, adv, gates=g, **kw)
+                loss, _ = credit_ops.policy_loss(leaf, labels, adv, gates=g, **kw)
                 torch.autograd.grad(loss, leaf)
             finally:
                 os.environ.pop("CREDIT_OPS_SPLIT_ROWS", None)

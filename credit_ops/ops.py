@@ -590,7 +590,10 @@ def policy_loss(
     """GRPO-family clipped policy loss with per-token advantages and gates, straight from the logits (SPEC §4).
 
     ``logits[:, t]`` scores ``labels[:, t]``: pass logits already shifted against the labels (for a causal LM,
-    ``logits[:, :-1]`` with ``labels = input_ids[:, 1:]``; the strided slice is read in place, not copied).
+    ``logits[:, :-1]`` with ``labels = input_ids[:, 1:]``; the strided slice is read in place, not copied), or the
+    model's full ``(B, T + 1, V)`` output, whose last position is then dropped (TRL / Liger's convention). The full
+    output is cheaper in training: the gradient is written for the whole tensor, while a slice's gradient needs
+    autograd to allocate a zeroed (B, T + 1, V) buffer and copy into it.
     With logp_t = log softmax(logits_t / T)[labels_t], l_t = logp_t - old_t, valid tokens M_t (mask and
     labels != ignore_index), gates g_t in [0, 1] (1 when None):
 
@@ -617,7 +620,7 @@ def policy_loss(
     raises if a saved tensor is overwritten); eager mode only.
 
     Shapes:
-        logits: (B, T, V) bfloat16 / float16 / float32 / float64, unit stride along V
+        logits: (B, T, V) or (B, T + 1, V) bfloat16 / float16 / float32 / float64, unit stride along V
         labels: (B, T) int32 / int64 in [0, V) or ``ignore_index``
         advantages: (B,) per sequence or (B, T) per token
         old_logprobs, ref_logprobs, gates: (B, T) float; mask: (B, T) bool or numeric (nonzero = valid)
@@ -626,8 +629,13 @@ def policy_loss(
             num_tokens (means over valid tokens; no host synchronisation)
     """
     _checks.tensor("logits", logits, dtypes=_checks.FLOAT_DTYPES, dim=3)
-    _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES)
-    _checks.shape("labels", labels, logits.shape[:2], "(the first two dimensions of logits)")
+    _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES, dim=2)
+    B, T = labels.shape
+    _checks.check(
+        logits.shape[0] == B and logits.shape[1] in (T, T + 1),
+        f"logits {tuple(logits.shape)} must be (B, T, V) aligned with labels {tuple(labels.shape)}, or the model's "
+        "full (B, T + 1, V) output whose last position is dropped",
+    )
     _checks.check(logits.shape[-1] > 0, "logits must have a non-empty vocabulary dimension")
     _checks.same_device(logits=logits, labels=labels)
     eps_low, eps_high, agg = _policy_config(loss_type, eps_low, eps_high, dual_clip, beta, kl_type, agg, max_length,
@@ -639,11 +647,17 @@ def policy_loss(
     kw = dict(loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=float(beta),
               kl_type=kl_type, agg=agg, max_length=max_length)  # fmt: skip
     if backend == "reference":
-        return reference.policy_loss(logits, labels, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                     mask=mask, gates=gates, temperature=temperature, ignore_index=ignore_index,
-                                     **kw)  # fmt: skip
+        return reference.policy_loss(logits[:, :T], labels, advantages, old_logprobs=old_logprobs,
+                                     ref_logprobs=ref_logprobs, mask=mask, gates=gates, temperature=temperature,
+                                     ignore_index=ignore_index, **kw)  # fmt: skip
     labels_eff = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     validf = valid.to(acc)
+    if logits.shape[1] == T + 1:
+        # The model's full output: score it in place with an ignored last position, so the gradient is written for
+        # the whole tensor (zero last row) and autograd needs no (B, T + 1, V) buffer for a slice's backward.
+        pad = lambda t, fill: None if t is None else torch.cat([t, t.new_full((B, 1), fill)], 1)  # noqa: E731
+        labels_eff, validf, adv, old, ref, g = (pad(labels_eff, ignore_index), pad(validf, 0), pad(adv, 0),
+                                                pad(old, 0), pad(ref, 0), pad(g, 0))  # fmt: skip
     inplace = inplace_grad and logits.requires_grad and torch.is_grad_enabled()
     if inplace:
         _checks.check(logits.is_contiguous(), "inplace_grad=True needs contiguous logits")

@@ -358,6 +358,29 @@ def test_strided_logits_slice():
         assert (x.grad[:, -1] == 0).all()
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS_ALL := [*KERNEL_BACKENDS, ("reference", "cpu")],
+                         ids=[f"{b}-{d}" for b, d in BACKENDS_ALL])  # fmt: skip
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "gspo", "gated_gspo"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace_grad"])
+def test_full_model_output(backend, device, loss_type, inplace):
+    """(B, T + 1, V) logits: the last position is dropped; the gradient covers the whole tensor (zero last row)."""
+    logits, labels, adv, kw = sample(2, 5, 19, torch.float32, device)
+    full = torch.randn(2, 6, 19, device=device)
+    full[:, :-1] = logits
+    kw.update(loss_type=loss_type, beta=0.1)
+    base = full.clone().requires_grad_(True)
+    x = base * 1.0
+    with credit_ops.use_backend(backend):
+        loss, stats = credit_ops.policy_loss(x, labels, adv, inplace_grad=inplace, **kw)
+    loss.backward()
+    want_loss, want_g, want_stats = expected(logits, labels, adv, **kw)
+    close(loss, want_loss, 1e-5)
+    close(base.grad[:, :-1], want_g, 1e-5)
+    assert (base.grad[:, -1] == 0).all()
+    for k, v in want_stats.items():
+        close(stats[k], v, 1e-5)
+
+
 # ---- registration: opcheck and torch.compile
 def _op_args(device, dtype=torch.float32):
     logits, labels, adv, kw = sample(2, 4, 13, dtype, device)
@@ -424,7 +447,7 @@ def test_bad_input():
     _bad("eps_low", eps_high=-0.1)
     _bad("dual_clip", dual_clip=0.5)
     _bad("temperature", temperature=0.0)
-    _bad("labels", labels=torch.zeros(2, 5, dtype=torch.long))
+    _bad("logits", labels=torch.zeros(2, 5, dtype=torch.long))
     _bad("labels", labels=torch.full((2, 4), 11))
     _bad("advantages", advantages=torch.zeros(3))
     _bad("advantages", advantages=torch.zeros(2, 5))
@@ -432,4 +455,5 @@ def test_bad_input():
     _bad("gates", gates=torch.full((2, 4), 1.5))
     _bad("old_logprobs", old_logprobs=torch.zeros(2, 3))
     _bad("logits", logits=torch.zeros(2, 4))
+    _bad("logits", logits=torch.zeros(2, 6, 11))  # neither T nor T + 1 positions
     _bad("labels", labels=torch.zeros(2, 4))
