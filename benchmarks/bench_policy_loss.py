@@ -1,11 +1,11 @@
 """policy_loss forward+backward over logits: credit_ops vs eager PyTorch, torch.compile and (GPU) Liger-Kernel's
 triton_grpo_loss, side by side; time and peak extra memory.
 
-CPU: (4, 256, 32000). GPU: the ANCHORS.md shape, bf16 (8, 2049, 151936) model output sliced to [:, :-1]
-(N = 16384 tokens, ~5 GB). credit_ops and Liger take the full (B, T + 1, V) output (the last position
-dropped); credit_ops runs with per-token advantages and gates (Liger cannot take them: it runs with per-sequence
-advantages); "credit_ops_seq_adv" is the like-for-like row, "credit_ops_aligned_view" passes logits[:, :-1]. Bytes counted = one read of the
-logits plus one write of the gradient (the 2-pass floor).
+CPU: (4, 256, 32000). GPU: the ANCHORS.md shape, bf16 (8, 2049, 151936) model output, N = 16384 scored tokens
+(~5 GB). credit_ops and Liger take the full (B, T + 1, V) output (the last position dropped); credit_ops runs with
+per-token advantages and gates (Liger cannot take them: it runs with per-sequence advantages); "credit_ops_seq_adv"
+is the like-for-like row, "credit_ops_aligned_view" passes logits[:, :-1]. Bytes counted = one read of the logits
+plus one write of the gradient (the 2-pass floor).
 """
 
 import os
