@@ -53,11 +53,12 @@ class WarmStartConfig:
     batch_size: int = 64
     lr: float = 3e-3
     cache_dir: str = "runs/.cache"  # "" = no cache
+    seed: int = -1  # -1 = the run's seed; experiments pin it so every seed starts from one model
 
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = 8  # B prompts per step (per process)
+    prompts_per_step: int = 16  # B prompts per step (per process)
     group_size: int = 8  # G samples per prompt
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -104,7 +105,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0

@@ -75,9 +75,13 @@ def load_pretrained(path: str, gguf_file: str | None = None, dtype=torch.float32
 
 
 # ---- supervised warm start (embedded default only)
+def _warm_seed(cfg) -> int:
+    return cfg.warm_start.seed if cfg.warm_start.seed >= 0 else cfg.seed
+
+
 def _warm_key(cfg) -> str:
     blob = json.dumps(
-        {"model": vars(cfg.model), "task": vars(cfg.task), "warm": vars(cfg.warm_start), "seed": cfg.seed},
+        {"model": vars(cfg.model), "task": vars(cfg.task), "warm": vars(cfg.warm_start), "seed": _warm_seed(cfg)},
         sort_keys=True,
         default=str,
     )
@@ -98,7 +102,7 @@ def warm_start(model, tokenizer, task, cfg, log=print):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log(f"warm start: loaded {path}")
         return model
-    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    gen = torch.Generator().manual_seed(_warm_seed(cfg) + 7919)
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
     model.train()
     for step in range(w.steps):

@@ -10,13 +10,14 @@ One step, per process (SPEC §1):
 The data position and the sampling RNG are functions of (seed, step, rank), so a resumed run replays exactly.
 """
 
+import contextlib
 import copy
 import json
 import os
 import time
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.utils import set_seed
 
 from . import credit as credit_mod
@@ -43,7 +44,7 @@ def build_model(cfg, task, log):
     if cfg.model.path:
         return load_pretrained(cfg.model.path, cfg.model.gguf_file or None)
     tok = char_tokenizer()
-    set_seed(cfg.seed)
+    set_seed(cfg.warm_start.seed if cfg.warm_start.seed >= 0 else cfg.seed)  # the initial weights
     model = tiny_model(cfg, tok)
     warm_start(model, tok, task, cfg, log=log)
     return model, tok
@@ -98,6 +99,15 @@ def train(cfg) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     model, opt, sched = acc.prepare(model, opt, sched)
     policy = lambda: acc.unwrap_model(model)  # noqa: E731  (generation runs on the unwrapped module)
+
+    def full_params():
+        """Generation needs whole weights: under FSDP gather them for the rollout (no-op otherwise)."""
+        if acc.distributed_type == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            return FSDP.summon_full_params(model, writeback=False, recurse=True)
+        return contextlib.nullcontext()
+
     reviser = build_reviser(cfg, task, tok, verifier, policy, device) if cfg.uses_repairs else None
     settings = loss_settings(cfg)
     delimiter = credit_mod.delimiter_ids(tok, task.delimiter)  # step ends, for step-level masks
@@ -146,19 +156,20 @@ def train(cfg) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step * world + rank)
         problems = task.sample(cfg.rollout.prompts_per_step, gen)
         policy().eval()
-        samples = rollout(policy(), tok, problems, cfg, device)
-        per_sample = [problems[g] for g in samples.group_ids.tolist()]
-        rewards = verifier.batch(per_sample, samples.texts)  # N floats
-        n_gen = samples.n_generated
+        with full_params(), acc.autocast():
+            samples = rollout(policy(), tok, problems, cfg, device)
+            per_sample = [problems[g] for g in samples.group_ids.tolist()]
+            rewards = verifier.batch(per_sample, samples.texts)  # N floats
+            n_gen = samples.n_generated
 
-        # -- revise: repairs of the wrong samples (credit methods only)
-        repairs = []
-        if reviser is not None:
-            repairs = reviser(per_sample, samples, rewards)
-            n_gen += sum(r.n_generated for r in repairs)
-            if cfg.revise.verified_truncation:
-                good = [r for r in repairs if r.reward >= 0.5]
-                n_gen += verified_truncation(policy(), tok, per_sample, samples, good, verifier, cfg, device)
+            # -- revise: repairs of the wrong samples (credit methods only)
+            repairs = []
+            if reviser is not None:
+                repairs = reviser(per_sample, samples, rewards)
+                n_gen += sum(r.n_generated for r in repairs)
+                if cfg.revise.verified_truncation:
+                    good = [r for r in repairs if r.reward >= 0.5]
+                    n_gen += verified_truncation(policy(), tok, per_sample, samples, good, verifier, cfg, device)
 
         # -- credit: advantages and gates for the samples and the repair rows that join the loss
         credit = credit_mod.assign(cfg, samples, rewards, repairs, device, delimiter)
@@ -168,14 +179,11 @@ def train(cfg) -> dict:
         adv = credit.advantages[:, : batch.C].to(device)  # (N + R, C)
         gates = credit.gates[:, : batch.C].to(device) if credit.gates is not None else None
         mb = cfg.optim.micro_batch_size or len(batch)
-        old_lp, entropy = sequence_logprobs(
-            policy(), batch, temperature=cfg.rollout.temperature, micro_batch=mb, entropy=True
-        )  # (N + R, C) each: the sampling model's
-        ref_lp = (
-            sequence_logprobs(ref_model, batch, temperature=cfg.rollout.temperature, micro_batch=mb)
-            if ref_model
-            else None
-        )
+        with acc.autocast():  # the training forward's precision, so the first ratio is exactly 1
+            T = cfg.rollout.temperature
+            # (N + R, C) each: the sampling model's log-probs (the wrapped module: FSDP shards stay sharded)
+            old_lp, entropy = sequence_logprobs(model, batch, temperature=T, micro_batch=mb, entropy=True)
+            ref_lp = sequence_logprobs(ref_model, batch, temperature=T, micro_batch=mb) if ref_model else None
 
         # -- update: ppo_epochs passes over micro-batches, normalised over the accumulated batch
         model.train()
