@@ -158,7 +158,7 @@ def _policy_loss_fwd_kernel(
 def _policy_loss_split_kernel(
     logits_ptr, grad_ptr, labels_ptr, adv_ptr, weight_ptr, old_ptr, ref_ptr,
     loss_ptr, logp_ptr, entropy_ptr, part_ptr, count_ptr,
-    stride_b, stride_t, T, V, scale, inv_t, ignore_index, lo, hi, dual_clip, beta, max_spin,
+    stride_b, stride_t, T, V, scale, inv_t, ignore_index, lo, hi, dual_clip, beta, max_spin, scale_again,
     ACC: tl.constexpr, COEF_GIVEN: tl.constexpr, ON_POLICY: tl.constexpr, KL_TYPE: tl.constexpr,
     DUAL_CLIP: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, BLOCK_V: tl.constexpr, FALLBACK_TILE: tl.constexpr,
     PUBLISHED: tl.constexpr = False,
@@ -185,7 +185,11 @@ def _policy_loss_split_kernel(
             tl.store(entropy_ptr + row, 0.0)
         return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    z = tl.load(base + offs, mask=inb, other=float("-inf")).to(ACC) * scale
+    # The slice stays in registers in the logits' dtype (bf16: half the registers, twice the programs per SM to hide
+    # the exchange); it is widened twice, with scale and with scale_again (the same value) so the compiler cannot
+    # merge the two and keep the fp32 copy alive across the exchange.
+    x = tl.load(base + offs, mask=inb, other=float("-inf"))
+    z = x.to(ACC) * scale
     m_k = tl.max(z, 0)
     d = z - m_k
     e = tl.exp2(d)
@@ -245,7 +249,7 @@ def _policy_loss_split_kernel(
     c = _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, hi, dual_clip, beta, ACC,
                     COEF_GIVEN, ON_POLICY, KL_TYPE, DUAL_CLIP, k == 0)  # fmt: skip
     c = c * inv_t
-    p = tl.exp2(z - lse2)
+    p = tl.exp2(x.to(ACC) * scale_again - lse2)
     g = tl.where(offs == label, c - c * p, -c * p)
     tl.store(out + offs, g.to(out.dtype.element_ty), mask=inb)
 
@@ -307,7 +311,7 @@ def policy_loss_forward(
         count = torch.zeros(N, device=logits.device, dtype=torch.int32)
         for published in (False, True) if _SPLIT_TWICE else (False,):
             _policy_loss_split_kernel[(N * P,)](
-                logits, grad, labels, *ptrs, part, count, *scalars, 0 if interpret else _MAX_SPIN, **flags,
+                logits, grad, labels, *ptrs, part, count, *scalars, 0 if interpret else _MAX_SPIN, scalars[4], **flags,
                 P=P, P2=triton.next_power_of_2(P), BLOCK_V=block,
                 FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE, PUBLISHED=published,
                 num_warps=max(1, min(16, block // 1024)), num_stages=1,
