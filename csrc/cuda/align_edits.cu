@@ -4,7 +4,9 @@
 // Per pair: trim the common prefix/suffix with ballots; Hyyro's block-based bit-parallel DP over the core,
 // b's bits split into strips of 32 words (one word per lane) and a's rows pipelined across the lanes (lane l
 // works on row t - l at step t, the horizontal carry moves one lane per step through a shuffle; strips run
-// one after the other, the carry between strips goes through global scratch). Per cell the DP keeps two
+// one after the other, the column between strips goes through global scratch). A strip only runs the rows
+// where it meets the diagonal band that can hold a path of cost <= k (k: |n - m| + 512 first; when the banded
+// distance exceeds k, once more with k = that distance, which is then exact). Per cell the DP keeps two
 // bits (D0 and HP) for the traceback. Scratch per warp is bounded: when a pair's bits exceed it, the forward
 // pass only keeps checkpoints every R rows and the traceback recomputes one block of R rows at a time.
 // Scratch is sized from the padded widths on the host, so nothing waits on the device.

@@ -11,13 +11,15 @@ namespace credit::cuda_kernels {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarps = 4;  // warps per block
 
+constexpr int kStrip = 2048;  // columns of b per strip: 32 lanes x 64 bits
+
 struct Scratch {
   uint8_t* base;
-  int64_t per_warp;    // bytes
-  int64_t bits_off;    // ulonglong2 [S][R + 31][32]: D0, HP of a block of rows
-  int64_t ckpt_off;    // ulonglong2 [blocks][S * 32]: VP, VN after rows R, 2R, ...
-  int64_t carry_off;   // uint8 [S - 1][La + 1]: HP | HN << 1 out of each strip's last word, per row
-  int R;               // rows per block
+  int64_t per_warp;  // bytes
+  int64_t bits_off;  // ulonglong2 [S][R + 31][32]: D0, HP of a block of rows
+  int64_t ckpt_off;  // ulonglong2 [blocks][S * 32]: VP, VN after rows R, 2R, ...
+  int64_t bnd_off;   // int32 [S - 1][La + 1]: D[i][kStrip * (s + 1)], the column right of strip s, per row
+  int R;             // rows per block
 };
 
 // Scratch layout per warp, from the padded widths (a pair's core lengths are only known on the device).
@@ -32,25 +34,41 @@ inline Scratch plan_scratch(int64_t La, int64_t Lb, int64_t warp_budget) {
   scr.R = static_cast<int>(R);
   scr.bits_off = 0;
   scr.ckpt_off = round_up(S * (R + 31) * 32 * 16, 16);
-  scr.carry_off = scr.ckpt_off + (nblocks > 1 ? nblocks * S * 32 * 16 : 0);
-  scr.per_warp = round_up(scr.carry_off + (S > 1 ? (S - 1) * (La + 1) : 0), 256);
+  scr.bnd_off = scr.ckpt_off + (nblocks > 1 ? nblocks * S * 32 * 16 : 0);
+  scr.per_warp = round_up(scr.bnd_off + (S > 1 ? (S - 1) * (La + 1) * 4 : 0), 256);
   return scr;
 }
 
-__device__ __forceinline__ int64_t warp_sum(int64_t v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
+// The band j - i in [lo, hi] holds every path of cost <= k. Strip s only runs the rows that meet it.
+struct Band {
+  int lo, hi, nn, mm;
+  __device__ int row0(int s) const { return max(1, s * kStrip + 1 - hi); }
+  __device__ int row1(int s) const { return min(nn, min(mm, (s + 1) * kStrip) - lo); }
+};
+
+// D[x][kStrip * s], the column left of strip s, as the strips before it left it: exact on row 0 and for
+// strip 0; below the rows strip s - 1 ran, a column of deletions (a real path, so an upper bound).
+__device__ __forceinline__ int left_value(const int* __restrict__ bnd, int cstride, const Band& band, int s, int x) {
+  if (s == 0) return x;
+  if (x == 0) return s * kStrip;
+  const int last = band.row1(s - 1);
+  const int* col = bnd + static_cast<int64_t>(s - 1) * cstride;
+  return x <= last ? col[x] : col[last] + (x - last);
 }
 
-// Rows r0+1..r1 of the DP, every strip. Optionally keeps the rows' bits, the checkpoints, the strip carries.
-// Returns the distance contribution of the final row (sum of the vertical deltas); meaningful for r1 == nn.
+// Rows r0+1..r1 of the banded DP, every strip. Optionally keeps the rows' bits, the checkpoints, the
+// strip boundary columns. Returns D[nn][mm] of the band (the cost of a real path) when r1 == nn.
 template <typename T>
-__device__ int64_t dp_rows(const T* __restrict__ A, const T* __restrict__ B, int mm, int W, int S, int r0, int r1,
-                           int R, bool store, bool save_ckpt, bool write_carry, ulonglong2* __restrict__ bits,
-                           ulonglong2* __restrict__ ckpt, uint8_t* __restrict__ carry, int cstride) {
+__device__ int dp_rows(const T* __restrict__ A, const T* __restrict__ B, const Band& band, int W, int S, int r0,
+                       int r1, int R, bool store, bool save_ckpt, bool write_bnd, ulonglong2* __restrict__ bits,
+                       ulonglong2* __restrict__ ckpt, int* __restrict__ bnd, int cstride) {
   const int lane = threadIdx.x & 31;
-  int64_t total = 0;
+  const int mm = band.mm;
+  int dist = 0;
   for (int s = 0; s < S; ++s) {
+    const int i0 = band.row0(s), i1 = band.row1(s);
+    const int first = max(r0 + 1, i0), last = min(r1, i1);
+    if (first > last) continue;
     const int w = s * 32 + lane;
     const bool word_on = w < W;
     // b's 64 tokens of this lane's word live in registers; bits past mm compare against a real token, which
@@ -61,25 +79,25 @@ __device__ int64_t dp_rows(const T* __restrict__ A, const T* __restrict__ B, int
       const int jj = w * 64 + k;
       tok[k] = (word_on && jj < mm) ? B[jj] : B[0];
     }
-    uint64_t vp = ~0ull, vn = 0;
-    if (r0 > 0 && word_on) {
+    uint64_t vp = ~0ull, vn = 0;  // entering the band: a row of insertions from the column on its left
+    if (first - 1 >= i0 && word_on) {
       const ulonglong2 c = ckpt[static_cast<int64_t>(r0 / R) * S * 32 + w];
       vp = c.x, vn = c.y;
     }
+    int left = left_value(bnd, cstride, band, s, first - 1);  // lane 0: D[i - 1][left column]
     uint32_t hout_p = 0, hout_n = 0;
-    const int steps = r1 - r0 + 31;
-    for (int t = 0; t < steps; ++t) {
+    int vout = 0;
+    const int t_end = last - r0 - 1 + 31;
+    for (int t = first - r0 - 1; t <= t_end; ++t) {
       uint32_t hin_p = __shfl_up_sync(kFull, hout_p, 1);
       uint32_t hin_n = __shfl_up_sync(kFull, hout_n, 1);
+      int vin = __shfl_up_sync(kFull, vout, 1);  // D[i][64 w]
       const int i = r0 + 1 + t - lane;
-      const bool on = word_on && i > r0 && i <= r1;
-      if (lane == 0) {
-        if (s == 0) {
-          hin_p = 1, hin_n = 0;  // D[i][0] - D[i-1][0] = 1
-        } else if (on) {
-          const uint8_t cb = carry[static_cast<int64_t>(s - 1) * cstride + i];
-          hin_p = cb & 1u, hin_n = cb >> 1;
-        }
+      const bool on = word_on && i >= first && i <= last;
+      if (lane == 0 && on) {
+        vin = left_value(bnd, cstride, band, s, i);
+        hin_p = vin - left == 1, hin_n = vin - left == -1;
+        left = vin;
       }
       if (on) {
         const T c = A[i - 1];
@@ -99,19 +117,19 @@ __device__ int64_t dp_rows(const T* __restrict__ A, const T* __restrict__ B, int
         HN = (HN << 1) | hin_n;
         vp = HN | ~(D0 | HP);
         vn = HP & D0;
-        if (write_carry && lane == 31 && s + 1 < S)
-          carry[static_cast<int64_t>(s) * cstride + i] = static_cast<uint8_t>(hout_p | (hout_n << 1));
+        vout = vin + __popcll(vp) - __popcll(vn);
+        if (write_bnd && lane == 31 && s + 1 < S) bnd[static_cast<int64_t>(s) * cstride + i] = vout;
         if (save_ckpt && i % R == 0 && i < r1) ckpt[static_cast<int64_t>(i / R) * S * 32 + w] = make_ulonglong2(vp, vn);
+        if (w == W - 1 && i == band.nn) {
+          const int rem = mm - w * 64;
+          const uint64_t msk = rem >= 64 ? ~0ull : ((1ull << rem) - 1);
+          dist = vin + __popcll(vp & msk) - __popcll(vn & msk);
+        }
       }
     }
-    if (word_on) {
-      const int rem = mm - w * 64;
-      const uint64_t msk = rem >= 64 ? ~0ull : ((1ull << rem) - 1);
-      total += __popcll(vp & msk) - __popcll(vn & msk);
-    }
-    __syncwarp();  // lane 31's carries (and the checkpoints) are read by other lanes of this warp later
+    __syncwarp();  // lane 31's boundary column (and the checkpoints) are read by other lanes later
   }
-  return warp_sum(total);
+  return __shfl_sync(kFull, dist, (W - 1) & 31);
 }
 
 struct Emit {
@@ -150,7 +168,7 @@ __global__ void __launch_bounds__(kWarps * 32) align_edits_kernel(
   uint8_t* mine = scr.base + warp * scr.per_warp;
   ulonglong2* bits = reinterpret_cast<ulonglong2*>(mine + scr.bits_off);
   ulonglong2* ckpt = reinterpret_cast<ulonglong2*>(mine + scr.ckpt_off);
-  uint8_t* carry = mine + scr.carry_off;
+  int* bnd = reinterpret_cast<int*>(mine + scr.bnd_off);
   const int R = scr.R;
 
   for (int64_t pr = warp; pr < P; pr += num_warps) {
@@ -192,19 +210,29 @@ __global__ void __launch_bounds__(kWarps * 32) align_edits_kernel(
     __syncwarp();
 
     Emit em{ma, mb, ra, rb, n, anchor, lane};
-    int64_t dist = nn + mm;
+    int dist = nn + mm;
     int i = nn, j = mm;
     if (nn > 0 && mm > 0) {
       const int W = (mm + 63) / 64, S = (W + 31) / 32;
       const int nblocks = (nn + R - 1) / R;
       const int cstride = La + 1;
       const bool single = nblocks == 1;
-      // Forward pass over all rows: the distance, and the bits themselves when they fit in one block.
-      dist = nn + dp_rows(A, B, mm, W, S, 0, nn, R, single, !single, true, bits, ckpt, carry, cstride);
+      // Forward pass over all rows: the distance, and the bits themselves when they fit in one block. A first
+      // narrow band skips the strips far from the diagonal; its (upper bound) distance d, when above the
+      // band's k, gives a second band that certainly holds every optimal path.
+      const int diff = mm - nn, kmax = max(nn, mm);
+      int k = min(kmax, abs(diff) + 512);
+      Band band{};
+      while (true) {
+        band = Band{max(-k, diff - k), min(k, diff + k), nn, mm};
+        dist = dp_rows(A, B, band, W, S, 0, nn, R, single, !single, true, bits, ckpt, bnd, cstride);
+        if (dist <= k || k == kmax) break;
+        k = min(kmax, dist);
+      }
       for (int bi = nblocks - 1; bi >= 0 && i > 0; --bi) {
         const int r0 = bi * R, r1 = min(nn, r0 + R);
         if (i <= r0) continue;
-        if (!single) dp_rows(A, B, mm, W, S, r0, r1, R, true, false, false, bits, ckpt, carry, cstride);
+        if (!single) dp_rows(A, B, band, W, S, r0, r1, R, true, false, false, bits, ckpt, bnd, cstride);
         __syncwarp();
         while (i > r0) {
           if (j == 0) {
@@ -256,7 +284,7 @@ __global__ void __launch_bounds__(kWarps * 32) align_edits_kernel(
       if (ra[t] >= 0) ra[t] = runs - 1 - ra[t];
     for (int t = lane; t < m; t += 32)
       if (rb[t] >= 0) rb[t] = runs - 1 - rb[t];
-    if (lane == 0) distance[pr] = static_cast<int32_t>(dist);
+    if (lane == 0) distance[pr] = dist;
     __syncwarp();
   }
 }

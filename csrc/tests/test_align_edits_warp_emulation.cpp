@@ -57,6 +57,10 @@ template <typename V>
 V __shfl_xor_sync(unsigned, V v, int o) {
   return exchange(v, lane_id() ^ o);
 }
+template <typename V>
+V __shfl_sync(unsigned, V v, int src) {
+  return exchange(v, src);
+}
 inline unsigned __ballot_sync(unsigned, bool pred) {
   g_warp->slot[lane_id()] = pred;
   g_warp->bar.arrive_and_wait();
@@ -65,6 +69,7 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
   g_warp->bar.arrive_and_wait();
   return m;
 }
+using std::abs;
 using std::max;
 using std::min;
 
@@ -191,6 +196,14 @@ int main() {
   run_and_compare(pack(long_pairs, 0), 0, int64_t(8) << 20, 1, "two strips");
   // The same with a tiny per-warp budget: 32-row blocks recomputed from checkpoints.
   run_and_compare(pack(long_pairs, 0), 1, 1, 1, "two strips, checkpointed blocks");
+  // Three strips: a narrow band skips rows of the outer strips (1% edits); 30% edits need the second band.
+  std::vector<int64_t> c(4300);
+  for (auto& v : c) v = static_cast<int64_t>(g() % 1000);
+  std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> banded{{c, mutate(g, c, 0.01, 1000)},
+                                                                            {c, mutate(g, c, 0.3, 1000)}};
+  banded.push_back({c, std::vector<int64_t>(c.begin() + 700, c.end())});  // |n - m| beyond the first band
+  run_and_compare(pack(banded, 0), 0, int64_t(8) << 20, 1, "three strips, banded");
+  run_and_compare(pack(banded, 0), 2, 1, 1, "three strips, banded, checkpointed blocks");
   auto mid = random_pairs(g, 6, 300);
   run_and_compare(pack(mid, 2), 0, 1, 2, "one strip, checkpointed blocks");
   if (failures) {
