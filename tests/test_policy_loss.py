@@ -151,6 +151,14 @@ def test_long_rows_triton(monkeypatch, split):
         close(g, want_g, 1e-5)
         for k, v in want_stats.items():  # logp and entropy come from program 0 of each row
             close(stats[k], v, 1e-5)
+        # in place (the fused LM head's chunks): the per-row kernel, whatever the layout choice
+        x = logits.clone().requires_grad_(True)
+        with credit_ops.use_backend("triton"):
+            loss2, _ = credit_ops.policy_loss(x * 1.0, labels, adv, loss_type=loss_type, beta=0.1, inplace_grad=True,
+                                              **kw)  # fmt: skip
+        (g2,) = torch.autograd.grad(loss2, x)
+        close(loss2, want_loss, 1e-5)
+        close(g2, want_g, 1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: full-size vocabulary rows")

@@ -7,7 +7,9 @@ c_t (onehot - p) / T can be written at once. Three layouts:
 - long rows with a gradient (_policy_loss_split_kernel): P programs per row each hold a slice in registers and
   exchange (max, sum, entropy) partials through a small scratch buffer and an arrival counter, so each logit is
   read from device memory once and the gradient written once. A program whose siblings do not arrive in time
-  (not co-resident) recomputes the statistics itself by streaming the row: slower, never stuck;
+  (not co-resident) recomputes the statistics itself by streaming the row: slower, never stuck. Never in place
+  (gradient over the logits: inplace_grad, the fused LM head's chunks), where a program could read a slice that a
+  sibling already overwrote;
 - otherwise (_policy_loss_fwd_kernel): one program per row, pass 1 online log-sum-exp + entropy, pass 2 the
   gradient, walking the row backwards so its first tiles are the ones pass 1 left in L2.
 
@@ -324,7 +326,10 @@ def policy_loss_forward(
             ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
 
-    if _use_split(V, write_grad) and _split_wins(logits, grad, N, V, split, per_row, interpret):
+    # In place (grad is the logits), a split program could read a sibling's slice after it was overwritten (the
+    # label's logit, or the whole row in the fallback): only the per-row kernel, which reads before it writes.
+    inplace = write_grad and (grad is logits or grad.data_ptr() == logits.data_ptr())
+    if not inplace and _use_split(V, write_grad) and _split_wins(logits, grad, N, V, split, per_row, interpret):
         split()
     else:
         per_row()
@@ -339,7 +344,8 @@ def _split_wins(logits, grad, N, V, split, per_row, interpret) -> bool:
     """Split rows or two passes per row? Timed once per (device, dtype, V, row-count bucket) on the first CUDA call
     (both kernels write the same outputs; a few launches and one synchronisation, once), unless
     CREDIT_OPS_SPLIT_ROWS=1 / 0 forces the choice. Not timed in the in-place mode (a second run would read the
-    gradient as logits), while a CUDA graph is captured, or in the interpreter: the split kernel then."""
+    gradient as logits; it never splits anyway), while a CUDA graph is captured, or in the interpreter: the split
+    kernel then."""
     import torch
 
     forced = os.environ.get("CREDIT_OPS_SPLIT_ROWS")
