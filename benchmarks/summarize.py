@@ -1,7 +1,7 @@
-"""Print a side-by-side table from a pytest-benchmark JSON file: per group, each implementation's median,
+"""Print a side-by-side table from pytest-benchmark JSON files: per group, each implementation's median,
 its ratio to the eager reference, GB/s, fraction of the copy bandwidth and peak extra memory.
 
-    python benchmarks/summarize.py results.json [--markdown]
+    python benchmarks/summarize.py results.json [more.json ...] [--markdown] [--merge merged.json]
 """
 
 import json
@@ -9,9 +9,19 @@ import sys
 from collections import defaultdict
 
 
-def rows(path):
-    with open(path) as f:
-        data = json.load(f)
+def load(paths):
+    merged = None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] += data["benchmarks"]
+    return merged or {"benchmarks": []}
+
+
+def rows(data):
     groups = defaultdict(list)
     for b in data["benchmarks"]:
         groups[b["group"] or b["name"]].append(b)
@@ -34,13 +44,19 @@ def rows(path):
 
 
 def main():
-    path = sys.argv[1]
-    table = list(rows(path))
+    args = sys.argv[1:]
+    merge_to = args[args.index("--merge") + 1] if "--merge" in args else None
+    paths = [a for a in args if a.endswith(".json") and a != merge_to]
+    data = load(paths)
+    if merge_to:
+        with open(merge_to, "w") as f:
+            json.dump(data, f)
+    table = list(rows(data))
     if not table:
-        print("no benchmarks in", path)
+        print("no benchmarks in", *paths)
         return
     cols = list(dict.fromkeys(k for r in table for k in r))
-    if "--markdown" in sys.argv:
+    if "--markdown" in args:
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
         for r in table:

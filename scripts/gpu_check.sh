@@ -54,12 +54,22 @@ if [[ $STAGES == *sweep* ]]; then
 fi
 
 if [[ $STAGES == *bench* ]]; then
-  t0=$SECONDS
-  timeout ${BENCH_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider $BENCH --benchmark-json "$OUT/bench.json" \
-    --benchmark-columns=median,iqr >"$OUT/bench.log" 2>&1
-  rc=$?; [ $rc -ne 0 ] && status=1
-  echo "bench: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/bench.log")"
+  # One pytest run per file, each under its own limit, so one slow peer cannot cost the other results.
+  tmp=$(mktemp -d)
+  : >"$OUT/bench.log"
+  for f in $BENCH; do
+    [ -d "$f" ] && files=$(ls "$f"/bench_*.py) || files=$f
+    for file in $files; do
+      t0=$SECONDS
+      stem=$(basename "$file" .py)
+      timeout ${BENCH_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider "$file" --benchmark-json "$tmp/$stem.json" \
+        --benchmark-columns=median,iqr >>"$OUT/bench.log" 2>&1
+      rc=$?; [ $rc -ne 0 ] && status=1
+      echo "bench $stem: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/bench.log")"
+    done
+  done
   grep -E "^(FAILED|ERROR)" "$OUT/bench.log" | head -20
-  [ -f "$OUT/bench.json" ] && $PY benchmarks/summarize.py "$OUT/bench.json" --markdown | tee "$OUT/table.md"
+  jsons=$(ls "$tmp"/*.json 2>/dev/null)
+  [ -n "$jsons" ] && $PY benchmarks/summarize.py $jsons --markdown --merge "$OUT/bench.json" | tee "$OUT/table.md"
 fi
 exit $status
