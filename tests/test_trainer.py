@@ -210,3 +210,19 @@ def test_two_process_accelerate_launch(tmp_path, cache):
     assert len(rows) == 2
     # two processes, each with its own prompts: twice the tokens of one process's rollout
     assert rows[0]["generated_tokens"] > 0
+
+
+def test_local_model_dir_and_external_reviser(tmp_path, cache):
+    """Any local HF model directory as the policy (model.path) and as an external reviser (revise.model_path)."""
+    from credit_ops.trainer.modeling import char_tokenizer, tiny_model
+
+    cfg = load_config([*TINY])
+    tok = char_tokenizer()
+    model_dir = tmp_path / "hf_model"
+    tiny_model(cfg, tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    _, _, rows = run(
+        tmp_path, cache, f"model.path={model_dir}", "algo=ibpo", "revise.reviser=external",
+        f"revise.model_path={model_dir}", "revise.max_new_tokens=8", "steps=2",
+    )  # fmt: skip
+    assert len(rows) == 2
