@@ -45,7 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> align_edi
     const auto anchor = static_cast<core::InsertAnchor>(insert_anchor);
     // Pairs differ wildly in cost (length x edits): workers take the next pair from a shared counter.
     std::atomic<int64_t> next{0};
-    const int64_t workers = std::min<int64_t>(at::get_num_threads(), P);
+    // Waking the pool costs more than a small batch's whole DP (a few us idle, far more on a busy machine).
+    double words = 0;
+    for (int64_t r = 0; r < P; ++r) words += static_cast<double>(lap[r]) * static_cast<double>(lbp[r] + 63) / 64;
+    const int64_t workers = words < 65536 ? 1 : std::min<int64_t>(at::get_num_threads(), P);
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       // Reused across calls: fresh multi-megabyte buffers would cost a page fault per 4 KiB every call.
       thread_local core::AlignWorkspace ws;
