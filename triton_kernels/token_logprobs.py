@@ -98,10 +98,11 @@ def _acc(logits):
     return tl.float64 if logits.dtype == torch.float64 else tl.float32
 
 
-def _block_v(V: int) -> tuple[int, int]:
-    # Chosen by benchmarks/sweep_token_logprobs.py on an H200 (bf16, V = 151936): 2048 x 2 warps reads at 98% of
-    # the copy bandwidth; small programs keep many rows in flight per SM.
-    block = min(triton.next_power_of_2(max(V, 1)), 2048)
+def _block_v(V: int, entropy: bool = False) -> tuple[int, int]:
+    # Chosen by benchmarks/sweep_token_logprobs.py on an H200 (bf16, V = 151936; benchmarks/results/): 2048 x 2
+    # warps reads at 98.6% of the copy bandwidth, 1024 x 2 is the best with the entropy (81%); small programs
+    # keep many rows in flight per SM.
+    block = min(triton.next_power_of_2(max(V, 1)), 1024 if entropy else 2048)
     return block, (2 if block >= 512 else 1)
 
 
@@ -119,7 +120,7 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
     entropy = torch.empty((B, T) if return_entropy else (0,), device=logits.device, dtype=out_dtype)
     if N == 0:
         return logprobs, entropy, lse
-    block, warps = _block_v(V)
+    block, warps = _block_v(V, return_entropy)
     block, warps = block_v or block, num_warps or warps
     _token_logprobs_fwd_kernel[(N,)](
         logits, labels, logprobs, entropy, lse,
