@@ -61,7 +61,7 @@ def _ms(xs, fmt="{:.3f}"):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    opts = {"seeds": 3, "budget": 150_000, "workers": 2, "target": 0.5, "out": "runs/experiment"}
+    opts = {"seeds": 3, "budget": 150_000, "workers": 2, "target": 0.45, "out": "runs/experiment"}
     extra = []
     for a in argv:
         k, _, v = a.lstrip("-").partition("=")

@@ -141,6 +141,13 @@ def train(cfg) -> dict:
                 json.dump({"step": step, "generated_tokens": generated, "history": history}, f)
         acc.wait_for_everyone()
 
+    initial = {}
+    if start == 0:  # the warm-started policy on held-out prompts, for the summary (every rank: FSDP gathers)
+        policy().eval()
+        with full_params(), acc.autocast():
+            initial = evaluate(policy(), tok, task, verifier, cfg, device, samples_per_prompt=4)
+        log(f"held-out accuracy before RL: greedy {initial['eval_accuracy']:.3f}, "
+            f"sampled {initial['eval_sampled_accuracy']:.3f}")  # fmt: skip
     bar = None
     if main and cfg.progress:
         from tqdm.auto import tqdm
@@ -240,7 +247,9 @@ def train(cfg) -> dict:
             time=time.time() - t0,
         )
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == 0):
-            m["eval_accuracy"] = evaluate(policy(), tok, task, verifier, cfg, device)["eval_accuracy"]
+            policy().eval()
+            with full_params(), acc.autocast():
+                m["eval_accuracy"] = evaluate(policy(), tok, task, verifier, cfg, device)["eval_accuracy"]
         history.append(m)
         if main:
             with open(metrics_path, "a") as f:
@@ -267,8 +276,11 @@ def train(cfg) -> dict:
     summary = {"steps": done, "generated_tokens": generated, "time": time.time() - t0}
     if history:
         summary.update({k: v for k, v in history[-1].items() if isinstance(v, float)})
-    if main:
+    summary.update({f"initial_{k}": v for k, v in initial.items()})
+    policy().eval()
+    with full_params(), acc.autocast():  # every rank: under FSDP gathering the weights is collective
         summary.update(evaluate(policy(), tok, task, verifier, cfg, device, samples_per_prompt=4))
+    if main:
         with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         if cfg.report:
