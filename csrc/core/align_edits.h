@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -246,8 +247,13 @@ int64_t align_pair(const T* a, int64_t n, const T* b, int64_t m, InsertAnchor an
   // insertion/deletion mixes it underestimates: with a large vocabulary it is close to the distance.
   int64_t surplus_a = 0, surplus_b = 0;
   ws.tally.assign(ws.count.begin(), ws.count.end());
-  for (int64_t i = 0; i < nn; ++i) ws.a_id[i] < 0 ? ++surplus_a : --ws.tally[ws.a_id[i]];
-  for (int32_t d = 0; d < D; ++d) ws.tally[d] > 0 ? surplus_b += ws.tally[d] : surplus_a -= ws.tally[d];
+  for (int64_t i = 0; i < nn; ++i) {
+    if (ws.a_id[i] < 0)
+      ++surplus_a;
+    else
+      --ws.tally[ws.a_id[i]];
+  }
+  for (int32_t d = 0; d < D; ++d) (ws.tally[d] > 0 ? surplus_b : surplus_a) += std::abs(ws.tally[d]);
   const int64_t bag = std::max(surplus_a, surplus_b);
   int64_t k = std::min(kmax, std::max(std::abs(diff), bag + bag / 2) + 64), upper = kmax;
   bool first = true;
