@@ -16,85 +16,29 @@
 #include <vector>
 
 #include "cpu/policy_loss.h"
+#include "cpu/softmax_rows.h"
 #include "cpu/vec_math.h"
 
 namespace credit::cpu {
 namespace {
 
-constexpr int kLanes = 16;  // independent accumulators: lets GCC vectorise the reductions
-
-// Pass 1 over a row: m = max z / T, then e_j = exp(z_j / T - m) with S = sum e and Tt = sum e (z / T - m) (the
-// entropy needs no large-magnitude cancellation). e_j is kept in `e` (which may alias z) so the gradient pass needs
-// no second exp: p_j = e_j / S.
-template <typename acc_t, bool kStore>
-__attribute__((always_inline)) inline void row_exp_impl(const acc_t* z, acc_t* e, int64_t V, acc_t inv_t, acc_t* m_out,
-                                                        acc_t* S_out, acc_t* T_out) {
-  acc_t mx[kLanes];
-  std::fill(mx, mx + kLanes, -std::numeric_limits<acc_t>::infinity());
-  const int64_t body = V - V % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) mx[l] = z[i + l] > mx[l] ? z[i + l] : mx[l];
-  acc_t m = *std::max_element(mx, mx + kLanes);
-  for (int64_t i = body; i < V; ++i) m = std::max(m, z[i]);
-  m *= inv_t;
-  acc_t s[kLanes] = {}, t[kLanes] = {};
-  for (int64_t i = 0; i < body; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      acc_t d = std::max(z[i + l] * inv_t - m, acc_t(-87));  // -inf logits: keep e * d finite
-      acc_t ex = fast_exp(d);
-      s[l] += ex;
-      t[l] += ex * d;
-      if constexpr (kStore) e[i + l] = ex;
-    }
-  acc_t S = 0, Tt = 0;
-  for (int l = 0; l < kLanes; ++l) S += s[l], Tt += t[l];
-  for (int64_t i = body; i < V; ++i) {
-    acc_t d = std::max(z[i] * inv_t - m, acc_t(-87));
-    acc_t ex = fast_exp(d);
-    S += ex;
-    Tt += ex * d;
-    if constexpr (kStore) e[i] = ex;
-  }
-  *m_out = m, *S_out = S, *T_out = Tt;
-}
-
-#define CREDIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-CREDIT_CLONES void row_exp_f32(const float* z, float* e, int64_t V, float inv_t, float* m, float* S, float* Tt) {
-  if (e)
-    row_exp_impl<float, true>(z, e, V, inv_t, m, S, Tt);
-  else
-    row_exp_impl<float, false>(z, e, V, inv_t, m, S, Tt);
-}
-inline void row_exp(const float* z, float* e, int64_t V, float inv_t, float* m, float* S, float* Tt) {
-  row_exp_f32(z, e, V, inv_t, m, S, Tt);
-}
-inline void row_exp(const double* z, double* e, int64_t V, double inv_t, double* m, double* S, double* Tt) {
-  if (e)
-    row_exp_impl<double, true>(z, e, V, inv_t, m, S, Tt);
-  else
-    row_exp_impl<double, false>(z, e, V, inv_t, m, S, Tt);
-}
-
-// bf16 <-> fp32 by bit manipulation (round to nearest even, NaN kept quiet) so the loops vectorise.
-CREDIT_CLONES void load_bf16(const at::BFloat16* src, float* dst, int64_t V) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t j = 0; j < V; ++j) dst[j] = __builtin_bit_cast(float, static_cast<uint32_t>(s[j]) << 16);
-}
-inline uint16_t bf16_bits(float f) {
+// fp32 -> bf16 by bit manipulation (round to nearest even, NaN kept quiet) so the loops vectorise.
+CREDIT_INLINE uint16_t bf16_bits(float f) {
   const uint32_t u = __builtin_bit_cast(uint32_t, f);
   const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(r);
 }
 
 // Pass 2: out_j = -k e_j with k = c / (T S); the caller adds c / T at the label. out may alias e.
-CREDIT_CLONES void grad_f32(const float* e, float k, int64_t V, float* out) {
+CREDIT_INLINE void grad_f32_impl(const float* e, float k, int64_t V, float* out) {
   for (int64_t j = 0; j < V; ++j) out[j] = -k * e[j];
 }
-CREDIT_CLONES void grad_bf16(const float* e, float k, int64_t V, at::BFloat16* out) {
+CREDIT_INLINE void grad_bf16_impl(const float* e, float k, int64_t V, at::BFloat16* out) {
   uint16_t* o = reinterpret_cast<uint16_t*>(out);
   for (int64_t j = 0; j < V; ++j) o[j] = bf16_bits(-k * e[j]);
 }
-#undef CREDIT_CLONES
+CREDIT_CPU_DISPATCH(grad_f32, (const float* e, float k, int64_t V, float* out), (e, k, V, out))
+CREDIT_CPU_DISPATCH(grad_bf16, (const float* e, float k, int64_t V, at::BFloat16* out), (e, k, V, out))
 inline void row_grad(const float* e, float k, int64_t V, float* out) { grad_f32(e, k, V, out); }
 inline void row_grad(const float* e, float k, int64_t V, at::BFloat16* out) { grad_bf16(e, k, V, out); }
 inline void row_grad(const float* e, float k, int64_t V, at::Half* out) {
@@ -132,21 +76,6 @@ inline void token_loss(acc_t logp, acc_t old, acc_t ref, acc_t A, const LossPara
   }
   *loss = pg;
   *dloss = dpg;
-}
-
-// Row i as acc_t: the row itself when it already is, else converted into buf.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* row_as_acc(const scalar_t* row, int64_t V, std::vector<acc_t>& buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return row;
-  } else {
-    buf.resize(V);
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
-      load_bf16(row, buf.data(), V);
-    else
-      for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<acc_t>(row[j]);
-    return buf.data();
-  }
 }
 
 inline at::Tensor opt_as(const std::optional<at::Tensor>& t, at::ScalarType dtype) {

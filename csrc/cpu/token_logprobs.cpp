@@ -1,5 +1,5 @@
 // CPU kernels for credit::token_logprobs_{fwd,bwd}: rows in parallel, two passes over each row
-// (max, then exp-sums) on an fp32 copy; entropy comes from the same exp-sums at no extra exp.
+// (max, then exp-sums: softmax_rows.h) on an fp32 copy; entropy comes from the same exp-sums at no extra exp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,54 +10,17 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/softmax_rows.h"
 #include "cpu/vec_math.h"
 
 namespace credit::cpu {
 namespace {
 
-// Softmax statistics of z / T for one row: log-sum-exp and entropy -sum_j p_j log p_j. Two passes over
-// the row (max, then exp-sums); the entropy reuses the exps of the normaliser.
-CREDIT_INLINE void row_stats_impl(const float* z, int64_t V, float inv_t, float* lse, float* entropy) {
-  const int64_t body = V - V % kVec;
-  v8f mv = splat(-INFINITY);
-  for (int64_t i = 0; i < body; i += kVec) mv = vmax(mv, load8(z + i));
-  float m = hmax(mv);
-  for (int64_t i = body; i < V; ++i) m = z[i] > m ? z[i] : m;
-  m *= inv_t;  // max commutes with the positive scale 1 / T
-
-  v8f s = {}, t = {};
-  for (int64_t i = 0; i < body; i += kVec) {
-    // -inf logits: clamping the shifted value keeps e * d finite (~0) instead of 0 * -inf.
-    v8f d = vmax(load8(z + i) * inv_t - m, splat(-87.0f));
-    v8f e = vexp(d);
-    s += e;
-    t += e * d;
-  }
-  float S = hsum(s), Tt = hsum(t);
-  for (int64_t i = body; i < V; ++i) {
-    float d = std::max(z[i] * inv_t - m, -87.0f);
-    float e = std::exp(d);
-    S += e;
-    Tt += e * d;
-  }
-  *lse = m + std::log(S);
-  *entropy = std::log(S) - Tt / S;
-}
-
-CREDIT_CPU_DISPATCH(row_stats, (const float* z, int64_t V, float inv_t, float* lse, float* entropy),
-                    (z, V, inv_t, lse, entropy))
-
-void row_stats(const double* z, int64_t V, double inv_t, double* lse, double* entropy) {
-  double m = -INFINITY;
-  for (int64_t i = 0; i < V; ++i) m = std::max(m, z[i]);
-  m *= inv_t;
-  double S = 0, Tt = 0;
-  for (int64_t i = 0; i < V; ++i) {
-    double d = z[i] * inv_t - m;
-    double e = std::exp(d);
-    S += e;
-    Tt += e == 0.0 ? 0.0 : e * d;  // p log p -> 0 as p -> 0
-  }
+// log-sum-exp and entropy of one row of z / T.
+template <typename acc_t>
+inline void row_stats(const acc_t* z, int64_t V, acc_t inv_t, acc_t* lse, acc_t* entropy) {
+  acc_t m, S, Tt;
+  row_exp(z, static_cast<acc_t*>(nullptr), V, inv_t, &m, &S, &Tt);
   *lse = m + std::log(S);
   *entropy = std::log(S) - Tt / S;
 }
@@ -87,18 +50,6 @@ void row_grad(const double* z, int64_t V, double inv_t, double lse, double H, do
     double logp = z[i] * inv_t - lse;
     double p = std::exp(logp);
     out[i] = p == 0.0 ? 0.0 : inv_t * (-g * p - ge * p * (logp + H));
-  }
-}
-
-// Row i of the logits as acc_t: the row itself when it already is, else converted into buf.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* row_as_acc(const scalar_t* row, int64_t V, std::vector<acc_t>& buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return row;
-  } else {
-    buf.resize(V);
-    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<acc_t>(row[j]);
-    return buf.data();
   }
 }
 

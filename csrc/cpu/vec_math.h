@@ -77,21 +77,4 @@ CREDIT_INLINE v8f vexp(v8f x) {
   return p * __builtin_bit_cast(v8f, bits);
 }
 
-// Scalar exp(x) for x <= 88 with the same polynomial, for loops GCC auto-vectorises itself.
-CREDIT_INLINE float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-}
-CREDIT_INLINE double fast_exp(double x) { return std::exp(x); }
-
 }  // namespace credit::cpu
