@@ -72,6 +72,34 @@ def plot_metrics(rows, out_dir) -> list[str]:
     return written
 
 
+def summary_figure(rows, path, keys=("accuracy", "active_tokens", "grad_norm")) -> str:
+    """A one-row overview (accuracy with the held-out greedy points, active-token ratio, gradient norm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = dict(PLOTS)
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), dpi=100)
+    for ax, key in zip(axes, keys, strict=True):
+        ys = [r[key] for r in rows]
+        ax.plot(steps, ys, color="#9ecae1", lw=1)
+        ax.plot(steps, smooth(ys, 10), color="#08519c", lw=2, label="training batch (10-step mean)")
+        if key == "accuracy":
+            ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+            if ev:
+                ax.plot(*zip(*ev, strict=True), "o-", color="#d94801", lw=1.5, ms=4, label="greedy, held-out")
+            ax.legend(fontsize=7)
+        ax.set_title(titles[key])
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _color(a: float, scale: float) -> str:
     """Advantage -> background: green positive, red negative, white zero."""
     x = max(-1.0, min(1.0, a / scale)) if scale > 0 else 0.0
@@ -130,6 +158,8 @@ def write_report(run_dir: str) -> str:
         with open(os.path.join(run_dir, "config.json")) as f:
             cfg = json.load(f)
     pngs = plot_metrics(rows, run_dir)
+    if rows:
+        summary_figure(rows, os.path.join(run_dir, "overview.png"))
     imgs = []
     for name in pngs:
         with open(os.path.join(run_dir, name), "rb") as f:
