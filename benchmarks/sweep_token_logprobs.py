@@ -8,7 +8,6 @@ import sys
 
 import torch
 import triton.testing
-
 from credit_ops.triton_kernels.token_logprobs import token_logprobs_forward
 
 
@@ -25,8 +24,10 @@ def main():
     print("entropy block warps    ms   frac_of_copy")
     configs = [(False, 2048, 2), (False, 4096, 4)] + [(True, b, w) for b in (1024, 2048, 4096) for w in (2, 4)]
     for entropy, block, warps in configs:
-        fn = lambda: token_logprobs_forward(logits, labels, 1.0, -100, entropy, block, warps)  # noqa: E731
-        ms = triton.testing.do_bench(fn, return_mode="median")
+        ms = triton.testing.do_bench(
+            lambda e=entropy, b=block, w=warps: token_logprobs_forward(logits, labels, 1.0, -100, e, b, w),
+            return_mode="median",
+        )
         print(f"{entropy!s:7} {block:5} {warps:5} {ms:7.3f}  {nbytes / ms / 1e6 / copy_bw:.3f}")
 
 

@@ -14,31 +14,43 @@ except ImportError as e:  # pragma: no cover - only when the extension was never
         f"in the credit-ops checkout first ({e})"
     ) from e
 
-from credit_ops import _autograd, _meta, _triton_ops  # noqa: F401,E402  (registration side effects)
+from credit_ops import _autograd, _meta, _triton_ops  # noqa: F401,E402,I001  (registration side effects)
 from credit_ops._backend import get_backend, use_backend  # noqa: E402
 from credit_ops._checks import set_value_checks  # noqa: E402
-from credit_ops.ops import token_logprobs  # noqa: E402
-from credit_ops.ops import align_edits, segment_steps, step_masks, truncate_regions  # noqa: E402
-from credit_ops.ops import fused_linear_logprobs, fused_linear_policy_loss, policy_loss  # noqa: E402
-from credit_ops.credit_assign import CreditAssignment, credit_assign, group_advantages, ibpo_shaping, token_advantages  # noqa: E402,E501
+from credit_ops.credit_assign import CreditAssignment, credit_assign  # noqa: E402
+from credit_ops.ops import (  # noqa: E402
+    AlignEdits,
+    align_edits,
+    fused_linear_logprobs,
+    fused_linear_policy_loss,
+    group_advantages,
+    ibpo_shaping,
+    policy_loss,
+    segment_steps,
+    step_masks,
+    token_advantages,
+    token_logprobs,
+    truncate_regions,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignEdits",
     "CreditAssignment",
+    "align_edits",
     "credit_assign",
+    "fused_linear_logprobs",
+    "fused_linear_policy_loss",
+    "get_backend",
     "group_advantages",
     "ibpo_shaping",
-    "token_advantages",
-    "align_edits",
-    "get_backend",
+    "policy_loss",
     "segment_steps",
     "set_value_checks",
     "step_masks",
+    "token_advantages",
     "token_logprobs",
     "truncate_regions",
     "use_backend",
-    "policy_loss",
-    "fused_linear_policy_loss",
-    "fused_linear_logprobs",
 ]
