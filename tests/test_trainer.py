@@ -207,8 +207,7 @@ def test_two_process_accelerate_launch(tmp_path, cache):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(os.path.join(tmp_path, "ddp"))
-    assert len(rows) == 2
-    # two processes, each with its own prompts: twice the tokens of one process's rollout
+    assert len(rows) == 2 and rows[0]["processes"] == 2
     assert rows[0]["generated_tokens"] > 0
 
 

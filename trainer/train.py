@@ -243,6 +243,7 @@ def train(cfg) -> dict:
             grad_norm=gn,
             grad_norm_var=float(torch.tensor(recent).var()) if len(recent) > 1 else 0.0,
             generated_tokens=generated,
+            processes=world,
             lr=sched.get_last_lr()[0],
             time=time.time() - t0,
         )
