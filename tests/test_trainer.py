@@ -198,10 +198,12 @@ def test_report_and_plots(tmp_path, cache):
 
 
 def test_two_process_accelerate_launch(tmp_path, cache):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    """DDP over gloo: `--multi_gpu` picks accelerate's torchrun launcher; without a GPU the trainer's
+    Accelerator(cpu=True) makes it MULTI_CPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU processes, also on a GPU box
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "credit_ops.trainer",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "credit_ops.trainer",
         *TINY, f"out_dir={tmp_path}", f"warm_start.cache_dir={cache}", "name=ddp", "algo=ibpo", "steps=2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -83,7 +83,8 @@ def train(cfg) -> dict:
     if cfg.threads > 0 or not (on_gpu or cfg.model.path):
         torch.set_num_threads(cfg.threads or 1)
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
-    acc = Accelerator(mixed_precision=mp, log_with=_trackers() or None, project_dir=cfg.run_dir)
+    # cpu=True without a GPU: `accelerate launch --num_processes N` then runs DDP over gloo (MULTI_CPU)
+    acc = Accelerator(cpu=not on_gpu, mixed_precision=mp, log_with=_trackers() or None, project_dir=cfg.run_dir)
     device, rank, world = acc.device, acc.process_index, acc.num_processes
     main = acc.is_main_process
     log = acc.print
