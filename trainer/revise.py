@@ -130,8 +130,8 @@ def verified_truncation(model, tokenizer, problems, samples, repairs, verifier, 
     b = [r.ids for r in repairs]
     a_t, a_len = _pad(a, device)
     b_t, b_len = _pad(b, device)
-    _, _, _, region_b, _ = credit_ops.align_edits(a_t, a_len, b_t, b_len, insert_anchor=cfg.credit.insert_anchor)
-    region_b = region_b.cpu()
+    aligned = credit_ops.align_edits(a_t, a_len, b_t, b_len, insert_anchor=cfg.credit.insert_anchor)
+    region_b = aligned.region_b.cpu()  # (M, Tb): edit-region index of each repair token, -1 where unedited
     k0, spent = max(1, cfg.revise.truncate_k), 0
     for r, row, n_regions in zip(repairs, region_b, (region_b.max(-1).values + 1).tolist(), strict=False):
         p = problems[r.sample]
@@ -155,10 +155,11 @@ def verified_truncation(model, tokenizer, problems, samples, repairs, verifier, 
             spent += len(cont[0])
             ids = prefix + cont[0]
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            if verifier(p, text) >= 0.5:
+            reward = verifier(p, text)
+            if reward >= 0.5:
                 if ids[-1] != tokenizer.eos_token_id:
                     ids = ids + [tokenizer.eos_token_id]
-                r.ids, r.text, r.reward = ids, text, 1.0
+                r.ids, r.text, r.reward = ids, text, reward
                 break
     return spent
 
