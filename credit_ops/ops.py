@@ -4,6 +4,7 @@ Every function accepts tensors on CPU or CUDA; see credit_ops._backend for how t
 and credit_ops._checks for how (and when) value checks run.
 """
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -719,6 +720,25 @@ def _fused_linear_args(hidden, weight, labels, bias):
     return hidden.reshape(-1, hidden.shape[-1])
 
 
+def _lm_head_autocast(fn):
+    """Under torch.autocast the LM head's operands go to the autocast dtype (what nn.Linear would compute in) and
+    the op runs with autocast off: its chunked matmuls write into buffers of the operands' dtype. Gradients reach
+    the original (e.g. fp32 master) tensors through the casts."""
+
+    @functools.wraps(fn)
+    def wrapper(hidden, weight, labels, *args, bias=None, **kwargs):
+        device = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
+        if not torch.is_autocast_enabled(device):
+            return fn(hidden, weight, labels, *args, bias=bias, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+        cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+        with torch.autocast(device, enabled=False):
+            return fn(cast(hidden), cast(weight), labels, *args, bias=cast(bias), **kwargs)
+
+    return wrapper
+
+
+@_lm_head_autocast
 def fused_linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -755,6 +775,7 @@ def fused_linear_logprobs(
     return (logp, ent) if return_entropy else logp
 
 
+@_lm_head_autocast
 def fused_linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,

@@ -246,3 +246,25 @@ def test_bad_input():
         f(hidden, weight, torch.full_like(labels, 11), adv)
     with pytest.raises(ValueError, match="weight.shape"):
         credit_ops.fused_linear_logprobs(hidden, weight[:, :2], labels)
+
+
+def test_autocast_runs_the_head_in_the_autocast_dtype():
+    """Under torch.autocast, fp32 master weights: the head computes in bf16 (like nn.Linear) and the gradients
+    reach the fp32 tensors."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    weight = (torch.randn(40, 16) / 4).requires_grad_()
+    labels = torch.randint(0, 40, (2, 5))
+    adv = torch.randn(2, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = credit_ops.fused_linear_policy_loss(hidden, weight, labels, adv)
+        logp = credit_ops.fused_linear_logprobs(hidden, weight, labels)
+    loss.backward()
+    h16, w16 = hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_()
+    want, _ = credit_ops.fused_linear_policy_loss(h16, w16, labels, adv)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(logp, credit_ops.fused_linear_logprobs(h16.detach(), w16.detach(), labels))
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    torch.testing.assert_close(hidden.grad, h16.grad.float())
+    torch.testing.assert_close(weight.grad, w16.grad.float())

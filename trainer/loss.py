@@ -74,15 +74,10 @@ def policy_loss(
     if fused:
         hidden = forward_hidden(model, batch)  # (n, C, H)
         head = _lm_head(model)
-        dev = hidden.device.type
-        # The fused op runs its own matmuls: give it one dtype (autocast's, under mixed precision) and keep
-        # autocast out of it, so its in-place chunked matmuls see the dtypes they were written for.
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
-        bias = None if head.bias is None else head.bias.to(dtype)
-        with torch.autocast(dev, enabled=False):
-            loss, stats = credit_ops.fused_linear_policy_loss(
-                hidden.to(dtype), head.weight.to(dtype), batch.labels, advantages, bias=bias, **kw
-            )
+        # Under autocast the op itself runs the head in the autocast dtype.
+        loss, stats = credit_ops.fused_linear_policy_loss(
+            hidden, head.weight, batch.labels, advantages, bias=head.bias, **kw
+        )
     else:
         logits = forward_logits(model, batch)  # (n, C, V)
         loss, stats = credit_ops.policy_loss(logits, batch.labels, advantages, **kw)
