@@ -69,7 +69,7 @@ def extensions():
         ext = CUDAExtension(
             "credit_ops._C",
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            extra_compile_args={"cxx": [*cxx, "-DCREDIT_OPS_WITH_CUDA"], "nvcc": [*nvcc, "-DCREDIT_OPS_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             **{**common, "include_dirs": common["include_dirs"] + [os.path.abspath(p) for p in extra_inc]},
         )
     else:
