@@ -12,20 +12,20 @@ template <bool kStore>
 CREDIT_INLINE void row_exp_f32(const float* z, float* e, int64_t V, float inv_t, float* m_out, float* S_out,
                                float* T_out) {
   const int64_t body = V - V % kVec;
-  v8f mv = splat(-INFINITY);
-  for (int64_t i = 0; i < body; i += kVec) mv = vmax(mv, load8(z + i));
+  vfloat mv = splat(-INFINITY);
+  for (int64_t i = 0; i < body; i += kVec) mv = vmax(mv, loadv(z + i));
   float m = hmax(mv);
   for (int64_t i = body; i < V; ++i) m = z[i] > m ? z[i] : m;
   m *= inv_t;  // max commutes with the positive scale 1 / T
 
-  v8f s = {}, t = {};
+  vfloat s = {}, t = {};
   for (int64_t i = 0; i < body; i += kVec) {
     // -inf logits: clamping the shifted value keeps e * d finite (~0) instead of 0 * -inf.
-    v8f d = vmax(load8(z + i) * inv_t - m, splat(-87.0f));
-    v8f ex = vexp(d);
+    vfloat d = vmax(loadv(z + i) * inv_t - m, splat(-87.0f));
+    vfloat ex = vexp(d);
     s += ex;
     t += ex * d;
-    if constexpr (kStore) store8(e + i, ex);
+    if constexpr (kStore) storev(e + i, ex);
   }
   float S = hsum(s), Tt = hsum(t);
   for (int64_t i = body; i < V; ++i) {

@@ -30,9 +30,9 @@ CREDIT_INLINE void row_grad_impl(const float* z, int64_t V, float inv_t, float l
                                  float* out) {
   const int64_t body = V - V % kVec;
   for (int64_t i = 0; i < body; i += kVec) {
-    v8f logp = vmax(load8(z + i) * inv_t - lse, splat(-87.0f));
-    v8f p = vexp(logp);
-    store8(out + i, (-g * p - ge * p * (logp + H)) * inv_t);
+    vfloat logp = vmax(loadv(z + i) * inv_t - lse, splat(-87.0f));
+    vfloat p = vexp(logp);
+    storev(out + i, (-g * p - ge * p * (logp + H)) * inv_t);
   }
   for (int64_t i = body; i < V; ++i) {
     float logp = std::max(z[i] * inv_t - lse, -87.0f);

@@ -1,8 +1,9 @@
-// Portable SIMD helpers for the CPU kernels: GCC/Clang vector extensions (8 x fp32), compiled per ISA through
-// target_clones by the callers, so one source serves SSE, AVX2+FMA and AVX-512 machines.
+// Portable SIMD helpers for the CPU kernels: GCC/Clang vector extensions of 16 x fp32 (one AVX-512 register, two
+// AVX2 or four SSE ones), compiled per ISA through CREDIT_CPU_DISPATCH: one source serves every x86-64 machine.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #define CREDIT_INLINE __attribute__((always_inline)) inline
@@ -28,7 +29,12 @@ enum class Isa { kBase, kAvx2, kAvx512 };
 
 inline Isa cpu_isa() {
   static const Isa isa = [] {
+    // CREDIT_OPS_CPU_ISA=base|avx2 caps the choice (tests run every path on one machine).
+    const char* cap = std::getenv("CREDIT_OPS_CPU_ISA");
+    if (cap && std::strcmp(cap, "base") == 0) return Isa::kBase;
     __builtin_cpu_init();
+    if (cap && std::strcmp(cap, "avx2") == 0)
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kBase;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::kAvx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
     return Isa::kBase;
@@ -36,24 +42,24 @@ inline Isa cpu_isa() {
   return isa;
 }
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-constexpr int kVec = 8;
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+constexpr int kVec = 16;
 
-CREDIT_INLINE v8f splat(float x) { return v8f{} + x; }
-CREDIT_INLINE v8f load8(const float* p) {
-  v8f v;
+CREDIT_INLINE vfloat splat(float x) { return vfloat{} + x; }
+CREDIT_INLINE vfloat loadv(const float* p) {
+  vfloat v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-CREDIT_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-CREDIT_INLINE v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
-CREDIT_INLINE float hsum(v8f v) {
+CREDIT_INLINE void storev(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+CREDIT_INLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+CREDIT_INLINE float hsum(vfloat v) {
   float s = 0;
   for (int l = 0; l < kVec; ++l) s += v[l];
   return s;
 }
-CREDIT_INLINE float hmax(v8f v) {
+CREDIT_INLINE float hmax(vfloat v) {
   float m = v[0];
   for (int l = 1; l < kVec; ++l) m = v[l] > m ? v[l] : m;
   return m;
@@ -61,20 +67,20 @@ CREDIT_INLINE float hmax(v8f v) {
 
 // exp(x), Cephes-style range reduction + degree-6 polynomial (~1 ulp on the softmax range). Inputs are
 // clamped to [-87, 88]: below, the result is ~1e-38 instead of a denormal (callers clamp -inf logits there).
-CREDIT_INLINE v8f vexp(v8f x) {
+CREDIT_INLINE vfloat vexp(vfloat x) {
   x = vmax(x, splat(-87.0f));
   x = x > 88.0f ? splat(88.0f) : x;
-  v8f n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest without a branch
-  v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v8f p = splat(1.9875691500e-4f);
+  vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest without a branch
+  vfloat r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vfloat p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  return p * __builtin_bit_cast(v8f, bits);
+  vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  return p * __builtin_bit_cast(vfloat, bits);
 }
 
 }  // namespace credit::cpu
