@@ -9,31 +9,16 @@
 #include <optional>
 #include <vector>
 
-#include "core/advantages.h"
+#include "advantages_args.h"
 
 namespace credit::cpu {
 namespace {
 
 using namespace credit::adv;
 
-at::ScalarType out_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_rows(const char* op, const char* name, const at::Tensor& x, int64_t n) {
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, op, ": ", name, " must be (", n, "), got ", x.sizes());
-}
-
-void check_optional_rows(const char* op, const char* name, const std::optional<at::Tensor>& x, int64_t n) {
-  if (!x.has_value()) return;
-  check_rows(op, name, *x, n);
-  TORCH_CHECK(x->scalar_type() == at::kLong, op, ": ", name, " must be int64");
-}
-
 at::Tensor group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& group_ids, int64_t num_groups,
                                 int64_t mode, double eps) {
-  TORCH_CHECK(rewards.dim() == 1, "group_advantages: rewards must be (N,), got ", rewards.sizes());
-  check_rows("group_advantages", "group_ids", group_ids, rewards.size(0));
-  TORCH_CHECK(mode >= kGrpo && mode <= kBatch, "group_advantages: unknown mode ", mode);
-  TORCH_CHECK(num_groups >= 0, "group_advantages: num_groups must be >= 0");
+  check_group_advantages(rewards, group_ids, num_groups, mode);
   const int64_t N = rewards.size(0);
   const int64_t G = mode == kBatch ? 1 : num_groups;
   const at::Tensor r = rewards.to(out_dtype(rewards)).contiguous();
@@ -76,12 +61,8 @@ at::Tensor group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& gro
 std::tuple<at::Tensor, at::Tensor> ibpo_shaping_cpu(const at::Tensor& rewards, const at::Tensor& n_correct,
                                                     const at::Tensor& n_valid, double rho, double lam,
                                                     double threshold) {
-  TORCH_CHECK(rewards.dim() == 1, "ibpo_shaping: rewards must be (N,), got ", rewards.sizes());
+  check_ibpo_shaping(rewards, n_correct, n_valid);
   const int64_t N = rewards.size(0);
-  check_rows("ibpo_shaping", "n_correct", n_correct, N);
-  check_rows("ibpo_shaping", "n_valid", n_valid, N);
-  TORCH_CHECK(n_correct.scalar_type() == at::kLong && n_valid.scalar_type() == at::kLong,
-              "ibpo_shaping: n_correct and n_valid must be int64");
   const at::Tensor r = rewards.to(out_dtype(rewards)).contiguous();
   const at::Tensor nc = n_correct.contiguous(), nv = n_valid.contiguous();
   at::Tensor shaped = at::empty({N}, r.options()), phi = at::empty({N}, r.options());
@@ -136,15 +117,8 @@ std::tuple<at::Tensor, at::Tensor> token_advantages_cpu(const at::Tensor& seq_ad
                                                         const std::optional<at::Tensor>& lengths,
                                                         const std::optional<at::Tensor>& starts, bool sign_guard,
                                                         double unmasked_weight, bool correct_in_loss) {
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool, "token_advantages: mask must be bool (B, T)");
+  check_token_advantages(seq_adv, mask, wrong, has_repair, lengths, starts);
   const int64_t B = mask.size(0), T = mask.size(1);
-  check_rows("token_advantages", "seq_adv", seq_adv, B);
-  check_rows("token_advantages", "wrong", wrong, B);
-  check_rows("token_advantages", "has_repair", has_repair, B);
-  TORCH_CHECK(wrong.scalar_type() == at::kBool && has_repair.scalar_type() == at::kBool,
-              "token_advantages: wrong and has_repair must be bool");
-  check_optional_rows("token_advantages", "lengths", lengths, B);
-  check_optional_rows("token_advantages", "starts", starts, B);
   const at::Tensor a = seq_adv.to(out_dtype(seq_adv)).contiguous();
   const at::Tensor m = mask.contiguous(), w = wrong.contiguous(), h = has_repair.contiguous();
   const at::Tensor ends = lengths.has_value() ? lengths->contiguous() : at::Tensor();
@@ -171,15 +145,8 @@ std::tuple<at::Tensor, at::Tensor> repair_advantages_cpu(const at::Tensor& seq_a
                                                          const at::Tensor& repair_of, const at::Tensor& selected,
                                                          const std::optional<at::Tensor>& lengths,
                                                          const std::optional<at::Tensor>& starts) {
-  TORCH_CHECK(seq_adv.dim() == 1, "repair_advantages: seq_adv must be (N,)");
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool, "repair_advantages: mask must be bool (M, T)");
+  check_repair_advantages(seq_adv, mask, repair_of, selected, lengths, starts);
   const int64_t N = seq_adv.size(0), M = mask.size(0), T = mask.size(1);
-  check_rows("repair_advantages", "repair_of", repair_of, M);
-  check_rows("repair_advantages", "selected", selected, M);
-  TORCH_CHECK(repair_of.scalar_type() == at::kLong, "repair_advantages: repair_of must be int64");
-  TORCH_CHECK(selected.scalar_type() == at::kBool, "repair_advantages: selected must be bool");
-  check_optional_rows("repair_advantages", "lengths", lengths, M);
-  check_optional_rows("repair_advantages", "starts", starts, M);
   const at::Tensor a = seq_adv.to(out_dtype(seq_adv)).contiguous();
   const at::Tensor m = mask.contiguous(), src = repair_of.contiguous(), sel = selected.contiguous();
   const at::Tensor ends = lengths.has_value() ? lengths->contiguous() : at::Tensor();

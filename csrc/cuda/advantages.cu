@@ -14,7 +14,7 @@
 #include <limits>
 #include <optional>
 
-#include "core/advantages.h"
+#include "advantages_args.h"
 
 namespace credit::cuda {
 namespace {
@@ -25,7 +25,6 @@ constexpr int kThreads = 256;
 constexpr int kTokensPerThread = 4;
 constexpr int64_t kMaxBlocks = 65535;
 
-at::ScalarType out_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t blocks_for(int64_t n, int64_t per_block) {
   return std::min<int64_t>(std::max<int64_t>((n + per_block - 1) / per_block, 1), kMaxBlocks);
@@ -150,26 +149,19 @@ __global__ void token_kernel(const bool* __restrict__ mask, const scalar_t* __re
   }
 }
 
-void check_rows(const char* op, const char* name, const at::Tensor& x, int64_t n) {
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, op, ": ", name, " must be (", n, "), got ", x.sizes());
-}
-
-const int64_t* optional_rows(const char* op, const char* name, const std::optional<at::Tensor>& x, int64_t n,
+// The data pointer of an optional (already checked) per-row int64 tensor, kept alive by holder.
+const int64_t* optional_rows(const char* op, const char* name, const std::optional<at::Tensor>& x,
                              at::Tensor& holder) {
   if (!x.has_value()) return nullptr;
-  check_rows(op, name, *x, n);
-  TORCH_CHECK(x->scalar_type() == at::kLong && x->is_cuda(), op, ": ", name, " must be an int64 CUDA tensor");
+  TORCH_CHECK(x->is_cuda(), op, ": ", name, " must be on the GPU");
   holder = x->contiguous();
   return holder.const_data_ptr<int64_t>();
 }
 
 at::Tensor group_advantages_cuda(const at::Tensor& rewards, const at::Tensor& group_ids, int64_t num_groups,
                                  int64_t mode, double eps) {
-  TORCH_CHECK(rewards.dim() == 1, "group_advantages: rewards must be (N,), got ", rewards.sizes());
-  check_rows("group_advantages", "group_ids", group_ids, rewards.size(0));
+  check_group_advantages(rewards, group_ids, num_groups, mode);
   TORCH_CHECK(group_ids.is_cuda(), "group_advantages: group_ids must be on the GPU of rewards");
-  TORCH_CHECK(mode >= kGrpo && mode <= kBatch, "group_advantages: unknown mode ", mode);
-  TORCH_CHECK(num_groups >= 0, "group_advantages: num_groups must be >= 0");
   c10::cuda::CUDAGuard guard(rewards.device());
   const int64_t N = rewards.size(0);
   const bool batch = mode == kBatch;
@@ -203,12 +195,8 @@ at::Tensor group_advantages_cuda(const at::Tensor& rewards, const at::Tensor& gr
 std::tuple<at::Tensor, at::Tensor> ibpo_shaping_cuda(const at::Tensor& rewards, const at::Tensor& n_correct,
                                                      const at::Tensor& n_valid, double rho, double lam,
                                                      double threshold) {
-  TORCH_CHECK(rewards.dim() == 1, "ibpo_shaping: rewards must be (N,), got ", rewards.sizes());
+  check_ibpo_shaping(rewards, n_correct, n_valid);
   const int64_t N = rewards.size(0);
-  check_rows("ibpo_shaping", "n_correct", n_correct, N);
-  check_rows("ibpo_shaping", "n_valid", n_valid, N);
-  TORCH_CHECK(n_correct.scalar_type() == at::kLong && n_valid.scalar_type() == at::kLong,
-              "ibpo_shaping: n_correct and n_valid must be int64");
   TORCH_CHECK(n_correct.is_cuda() && n_valid.is_cuda(), "ibpo_shaping: all tensors must be on the GPU");
   c10::cuda::CUDAGuard guard(rewards.device());
   const at::Tensor r = rewards.to(out_dtype(rewards)).contiguous();
@@ -243,19 +231,14 @@ std::tuple<at::Tensor, at::Tensor> token_advantages_cuda(const at::Tensor& seq_a
                                                          const std::optional<at::Tensor>& lengths,
                                                          const std::optional<at::Tensor>& starts, bool sign_guard,
                                                          double unmasked_weight, bool correct_in_loss) {
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool, "token_advantages: mask must be bool (B, T)");
+  check_token_advantages(seq_adv, mask, wrong, has_repair, lengths, starts);
   const int64_t B = mask.size(0), T = mask.size(1);
-  check_rows("token_advantages", "seq_adv", seq_adv, B);
-  check_rows("token_advantages", "wrong", wrong, B);
-  check_rows("token_advantages", "has_repair", has_repair, B);
-  TORCH_CHECK(wrong.scalar_type() == at::kBool && has_repair.scalar_type() == at::kBool,
-              "token_advantages: wrong and has_repair must be bool");
   TORCH_CHECK(seq_adv.is_cuda() && wrong.is_cuda() && has_repair.is_cuda(),
               "token_advantages: all tensors must be on the GPU");
   c10::cuda::CUDAGuard guard(mask.device());
   at::Tensor ends_holder, starts_holder;
-  const int64_t* ends = optional_rows("token_advantages", "lengths", lengths, B, ends_holder);
-  const int64_t* begins = optional_rows("token_advantages", "starts", starts, B, starts_holder);
+  const int64_t* ends = optional_rows("token_advantages", "lengths", lengths, ends_holder);
+  const int64_t* begins = optional_rows("token_advantages", "starts", starts, starts_holder);
   const at::Tensor a = seq_adv.to(out_dtype(seq_adv)).contiguous();
   const at::Tensor m = mask.contiguous(), w = wrong.contiguous(), h = has_repair.contiguous();
   at::Tensor adv = at::empty({B, T}, a.options()), gates = at::empty({B, T}, a.options());
@@ -270,19 +253,14 @@ std::tuple<at::Tensor, at::Tensor> repair_advantages_cuda(const at::Tensor& seq_
                                                           const at::Tensor& repair_of, const at::Tensor& selected,
                                                           const std::optional<at::Tensor>& lengths,
                                                           const std::optional<at::Tensor>& starts) {
-  TORCH_CHECK(seq_adv.dim() == 1, "repair_advantages: seq_adv must be (N,)");
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool, "repair_advantages: mask must be bool (M, T)");
+  check_repair_advantages(seq_adv, mask, repair_of, selected, lengths, starts);
   const int64_t N = seq_adv.size(0), M = mask.size(0), T = mask.size(1);
-  check_rows("repair_advantages", "repair_of", repair_of, M);
-  check_rows("repair_advantages", "selected", selected, M);
-  TORCH_CHECK(repair_of.scalar_type() == at::kLong, "repair_advantages: repair_of must be int64");
-  TORCH_CHECK(selected.scalar_type() == at::kBool, "repair_advantages: selected must be bool");
   TORCH_CHECK(seq_adv.is_cuda() && repair_of.is_cuda() && selected.is_cuda(),
               "repair_advantages: all tensors must be on the GPU");
   c10::cuda::CUDAGuard guard(mask.device());
   at::Tensor ends_holder, starts_holder;
-  const int64_t* ends = optional_rows("repair_advantages", "lengths", lengths, M, ends_holder);
-  const int64_t* begins = optional_rows("repair_advantages", "starts", starts, M, starts_holder);
+  const int64_t* ends = optional_rows("repair_advantages", "lengths", lengths, ends_holder);
+  const int64_t* begins = optional_rows("repair_advantages", "starts", starts, starts_holder);
   const at::Tensor a = seq_adv.to(out_dtype(seq_adv)).contiguous();
   const at::Tensor m = mask.contiguous(), src = repair_of.contiguous(), sel = selected.contiguous();
   at::Tensor adv = at::empty({M, T}, a.options()), gates = at::empty({M, T}, a.options());
