@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "align_edits_args.h"
 #include "cuda/align_edits_kernel.cuh"
 
 namespace credit::cuda {
@@ -38,20 +39,15 @@ int64_t env_bytes(const char* name, int64_t fallback_mib) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> align_edits_cuda(
     const at::Tensor& a, const at::Tensor& a_lengths, const at::Tensor& b, const at::Tensor& b_lengths,
     int64_t insert_anchor) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "align_edits: a, b must be (P, La), (P, Lb)");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "align_edits: a and b must share a dtype");
-  TORCH_CHECK(a_lengths.numel() == a.size(0) && b_lengths.numel() == a.size(0), "align_edits: lengths must be (P,)");
-  TORCH_CHECK(insert_anchor >= 0 && insert_anchor <= 2, "align_edits: insert_anchor code must be 0, 1 or 2");
+  align::check_args(a, a_lengths, b, b_lengths, insert_anchor);
   TORCH_CHECK(a.size(1) < (int64_t(1) << 30) && b.size(1) < (int64_t(1) << 30), "align_edits: sequences too long");
   const c10::cuda::CUDAGuard guard(a.device());
   const at::Tensor A = a.contiguous(), B = b.contiguous();
   const at::Tensor la = a_lengths.to(at::kLong).contiguous(), lb = b_lengths.to(at::kLong).contiguous();
   const int64_t P = A.size(0), La = A.size(1), Lb = B.size(1);
-  at::Tensor mask_a = at::empty({P, La}, A.options().dtype(at::kBool));
-  at::Tensor mask_b = at::empty({P, Lb}, A.options().dtype(at::kBool));
-  at::Tensor region_a = at::empty({P, La}, A.options().dtype(at::kInt));
-  at::Tensor region_b = at::empty({P, Lb}, A.options().dtype(at::kInt));
-  at::Tensor distance = at::empty({P}, A.options().dtype(at::kInt));
+  // Named tensors, not structured bindings: the kernels' lambdas capture them (C++17 builds for torch 2.11).
+  at::Tensor mask_a, mask_b, region_a, region_b, distance;
+  std::tie(mask_a, mask_b, region_a, region_b, distance) = align::empty_outputs(A, B);
   if (P == 0) return {mask_a, mask_b, region_a, region_b, distance};
 
   Scratch scr = plan_scratch(La, Lb, env_bytes("CREDIT_OPS_ALIGN_WARP_SCRATCH_MB", 8));
