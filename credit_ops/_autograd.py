@@ -59,6 +59,9 @@ def scale_grad(grad, grad_output):
 
 
 def _policy_loss_setup(ctx, inputs, output):
+    # The outputs after the loss get no gradient; materialised, each would be a zero tensor of its shape: a (B, T, V)
+    # zero-filled buffer (one more write pass and the gradient's memory again) for the gradient output.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[3])
 
 
@@ -72,6 +75,7 @@ for _name in ["credit::policy_loss_fwd"] + ["credit::policy_loss_fwd_triton"] * 
 
 
 def _fused_linear_policy_loss_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero (V, H) / (N, H) grads for the gradient outputs (see _policy_loss_setup)
     ctx.has_bias, ctx.computed = inputs[2] is not None, inputs[-1]
     ctx.save_for_backward(output[3], output[4], output[5])
 

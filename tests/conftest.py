@@ -26,3 +26,23 @@ def backend_devices():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def large_outputs(fn, min_numel):
+    """Run fn and return (op name, data_ptr) of every tensor of at least min_numel elements an aten / custom op
+    produced meanwhile (views included: compare the pointers against the tensors the caller expects)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.numel() >= min_numel:
+                    seen.append((str(func), o.data_ptr()))
+            return out
+
+    with Record():
+        fn()
+    return seen

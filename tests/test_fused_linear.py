@@ -6,7 +6,7 @@ import torch
 
 import credit_ops
 from credit_ops import reference as R
-from tests.conftest import backend_devices
+from tests.conftest import backend_devices, large_outputs
 
 KERNEL_BACKENDS = [(b, d) for b, d in backend_devices() if b != "reference" and (b, d) != ("native", "cuda")]
 KERNEL_IDS = [f"{b}-{d}" for b, d in KERNEL_BACKENDS]
@@ -225,6 +225,21 @@ def test_compile_fullgraph(backend, device, loss_type):
     close(ent, want_ent, 1e-6)
     for a, c in zip(l1, l2, strict=True):
         close(a.grad, c.grad, 1e-6)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+def test_backward_allocates_no_weight_sized_tensor(backend, device):
+    """The backward hands back the gradients the forward computed: no zero (V, H) tensor is materialised for the
+    outputs that get no gradient."""
+    N, H, V = 33, 24, 517
+    h = torch.randn(N, H, device=device, requires_grad=True)
+    w = torch.randn(V, H, device=device, requires_grad=True)
+    labels = torch.randint(0, V, (N,), device=device)
+    with credit_ops.use_backend(backend):
+        loss, _ = credit_ops.fused_linear_policy_loss(h, w, labels, torch.randn(N, device=device))
+    got = {}
+    seen = large_outputs(lambda: got.setdefault("g", torch.autograd.grad(loss, (h, w))), V * H)
+    assert {ptr for _, ptr in seen} == {got["g"][1].data_ptr()}, seen
 
 
 def test_bad_input():

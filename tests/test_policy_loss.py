@@ -8,7 +8,7 @@ import torch
 
 import credit_ops
 from credit_ops import reference as R
-from tests.conftest import backend_devices
+from tests.conftest import backend_devices, large_outputs
 
 BACKENDS = backend_devices()
 IDS = [f"{b}-{d}" for b, d in BACKENDS]
@@ -340,6 +340,23 @@ def test_garbage_in_padding(backend, device, loss_type):
     close(g2, g, 1e-6)
     for k in stats:
         close(stats2[k], stats[k], 1e-6)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("loss_type", ["dapo", "gspo"])
+def test_backward_allocates_no_logits_sized_tensor(backend, device, loss_type):
+    """The token-level backward hands back the gradient the forward wrote: no (B, T, V) zeros for the outputs that
+    get no gradient (autograd would materialise them), no copy."""
+    logits, labels, adv, kw = sample(2, 7, 301, torch.float32, device)
+    x = logits.requires_grad_(True)
+    with credit_ops.use_backend(backend):
+        loss, _ = credit_ops.policy_loss(x, labels, adv, loss_type=loss_type, beta=0.1, **kw)
+    got = {}
+    seen = large_outputs(lambda: got.setdefault("g", torch.autograd.grad(loss, x)[0]), x.numel())
+    if loss_type == "dapo":
+        assert {ptr for _, ptr in seen} == {got["g"].data_ptr()}, seen
+    else:  # the GSPO family's backward is the log-prob backward: it writes the one gradient tensor
+        assert len({ptr for _, ptr in seen}) == 1, seen
 
 
 def test_no_valid_tokens_gives_zero():
