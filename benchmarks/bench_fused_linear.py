@@ -18,7 +18,8 @@ if DEVICE == "cuda":
 else:
     B, T, H, V, DTYPE = 2, 256, 256, 8192, torch.float32
 
-IMPLS = ["matmuls_only", "credit_ops", "credit_ops_gspo", "eager", "torch_compile", "liger"]
+IMPLS = ["matmuls_only", "credit_ops", "credit_ops_chunk_1024", "credit_ops_chunk_4096", "credit_ops_gspo", "eager",
+         "torch_compile", "liger"]  # fmt: skip
 
 
 def _liger():
@@ -67,9 +68,14 @@ def test_fused_linear_fwd_bwd(benchmark, inputs, impl):
 
     elif impl.startswith("credit_ops"):
         loss_type = "gspo" if impl == "credit_ops_gspo" else "dapo"
+        # the default chunk (~1 GiB of logits: 2048 tokens on GPU) against half and twice that, on GPU
+        chunk = int(impl.rsplit("_", 1)[1]) if "_chunk_" in impl else None
+        if chunk and DEVICE != "cuda":
+            pytest.skip("chunk sizes: a GPU question")
 
         def fn():
-            loss, _ = credit_ops.fused_linear_policy_loss(h, w, labels, adv_tok, loss_type=loss_type, **kw)
+            loss, _ = credit_ops.fused_linear_policy_loss(h, w, labels, adv_tok, loss_type=loss_type, chunk_size=chunk,
+                                                          **kw)  # fmt: skip
             torch.autograd.grad(loss, (h, w))
 
     elif impl in ("eager", "torch_compile"):

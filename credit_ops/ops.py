@@ -754,7 +754,7 @@ def fused_linear_logprobs(
 
     For the old-policy and reference passes (under ``torch.no_grad()`` it keeps one (chunk, V) logits buffer);
     differentiable w.r.t. hidden, weight and bias through the log-probs (the backward recomputes each chunk; the
-    entropy is returned detached). ``chunk_size`` tokens per chunk (default: ~512 MiB of logits per chunk).
+    entropy is returned detached). ``chunk_size`` tokens per chunk (default: ~1 GiB of logits per chunk).
 
     Shapes:
         hidden: (N, H) or labels.shape + (H,), same dtype as weight; weight: (V, H); bias: (V,) or None

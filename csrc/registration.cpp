@@ -65,7 +65,7 @@ TORCH_LIBRARY(credit, m) {
       "float eps_high, float dual_clip, float beta, int kl_type, bool coef_given, bool write_grad) "
       "-> (Tensor loss, Tensor logprobs, Tensor entropy)");
   // Fused LM head: hidden (N, H), weight (V, H), bias (V,) or None, labels and per-token tensors (N,); logits are
-  // computed chunk_size tokens at a time (0: ~512 MiB of logits per chunk), never all at once. The loss op returns
+  // computed chunk_size tokens at a time (0: ~1 GiB of logits per chunk), never all at once. The loss op returns
   // the gradients computed in its forward ((0,) without compute_grad, grad_bias (0,) without bias).
   m.def(
       "fused_linear_policy_loss_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor advantages, "

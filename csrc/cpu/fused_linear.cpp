@@ -15,7 +15,7 @@
 namespace credit::cpu {
 namespace {
 
-constexpr int64_t kChunkBytes = int64_t(1) << 29;  // ~512 MiB of logits per chunk
+constexpr int64_t kChunkBytes = int64_t(1) << 30;  // ~1 GiB of logits per chunk (as on GPU)
 
 int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int64_t chunk_size) {
   if (chunk_size > 0) return chunk_size;
