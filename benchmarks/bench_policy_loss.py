@@ -8,10 +8,12 @@ is the like-for-like row, "credit_ops_aligned_view" passes logits[:, :-1]. Bytes
 plus one write of the gradient (the 2-pass floor).
 """
 
+import contextlib
 import os
 
 import pytest
 import torch
+from credit_ops.triton_kernels.policy_loss import cluster_ok
 
 import credit_ops
 from benchmarks.conftest import DEVICE, measure
@@ -22,8 +24,9 @@ if DEVICE == "cuda":
 else:
     B, T, V, DTYPES = 4, 256, 32000, [torch.float32, torch.bfloat16]
 
-IMPLS = ["credit_ops", "credit_ops_seq_adv", "credit_ops_inplace", "credit_ops_aligned_view", "credit_ops_split",
-         "credit_ops_two_pass", "eager", "torch_compile", "liger"]  # fmt: skip
+IMPLS = ["credit_ops", "credit_ops_seq_adv", "credit_ops_inplace", "credit_ops_inplace_cluster",
+         "credit_ops_aligned_view", "credit_ops_split", "credit_ops_two_pass", "credit_ops_cluster", "eager",
+         "torch_compile", "liger"]  # fmt: skip
 
 
 def _liger():
@@ -51,6 +54,17 @@ def inputs(request):
 _compiled = {}
 
 
+@contextlib.contextmanager
+def _layout(name):
+    """CREDIT_OPS_ROWS_LAYOUT=name for the call (None: credit_ops' own choice)."""
+    if name:
+        os.environ["CREDIT_OPS_ROWS_LAYOUT"] = name
+    try:
+        yield
+    finally:
+        os.environ.pop("CREDIT_OPS_ROWS_LAYOUT", None)
+
+
 def _compiled_reference():
     if "ref" not in _compiled:
         _compiled["ref"] = torch.compile(reference.policy_loss)
@@ -67,12 +81,21 @@ def test_policy_loss_fwd_bwd(benchmark, inputs, impl, loss_type):
     kw = dict(old_logprobs=old, ref_logprobs=ref, mask=mask, loss_type=loss_type, beta=0.04, eps_low=0.2,
               eps_high=0.28)  # fmt: skip
     leaf = full.detach().requires_grad_(True)
-    if impl == "credit_ops_inplace":
+    # the GPU layouts for long rows, forced (credit_ops picks the fastest by timing once)
+    forced = {"credit_ops_split": "split", "credit_ops_two_pass": "two_pass", "credit_ops_cluster": "cluster",
+              "credit_ops_inplace_cluster": "cluster"}.get(impl)  # fmt: skip
+    if forced and DEVICE != "cuda":
+        pytest.skip("GPU kernel layouts")
+    if forced == "cluster" and not cluster_ok(full):
+        pytest.skip("the cluster kernel needs a Hopper GPU (and an sm_90a build)")
+
+    if impl.startswith("credit_ops_inplace"):
         # the gradient overwrites the (B, T + 1, V) model output, as Liger's inplace=True does
         x = full.detach().clone().requires_grad_(True)
 
         def fn():
-            loss, _ = credit_ops.policy_loss(x, labels, adv_tok, gates=gates, inplace_grad=True, **kw)
+            with _layout(forced):
+                loss, _ = credit_ops.policy_loss(x, labels, adv_tok, gates=gates, inplace_grad=True, **kw)
             torch.autograd.grad(loss, x)
 
     elif impl == "credit_ops_aligned_view":  # logits[:, :-1]: autograd then builds the full gradient from the slice's
@@ -83,19 +106,11 @@ def test_policy_loss_fwd_bwd(benchmark, inputs, impl, loss_type):
 
     elif impl.startswith("credit_ops"):  # the (B, T + 1, V) model output, last position dropped (Liger's input)
         adv, g = (adv_seq, None) if impl == "credit_ops_seq_adv" else (adv_tok, gates)
-        # the two GPU layouts for long rows, forced (credit_ops picks the faster by timing once)
-        forced = {"credit_ops_split": "1", "credit_ops_two_pass": "0"}.get(impl)
-        if forced and DEVICE != "cuda":
-            pytest.skip("GPU kernel layouts")
 
         def fn():
-            if forced:
-                os.environ["CREDIT_OPS_SPLIT_ROWS"] = forced
-            try:
+            with _layout(forced):
                 loss, _ = credit_ops.policy_loss(leaf, labels, adv, gates=g, **kw)
-                torch.autograd.grad(loss, leaf)
-            finally:
-                os.environ.pop("CREDIT_OPS_SPLIT_ROWS", None)
+            torch.autograd.grad(loss, leaf)
 
     elif impl in ("eager", "torch_compile"):
         impl_fn = reference.policy_loss if impl == "eager" else _compiled_reference()

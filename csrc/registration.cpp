@@ -64,6 +64,9 @@ TORCH_LIBRARY(credit, m) {
       "Tensor? old_logprobs, Tensor? ref_logprobs, float temperature, int ignore_index, float eps_low, "
       "float eps_high, float dual_clip, float beta, int kl_type, bool coef_given, bool write_grad) "
       "-> (Tensor loss, Tensor logprobs, Tensor entropy)");
+  // Whether policy_loss_rows_ can take these logits on their device with its GPU kernel (the Hopper cluster
+  // kernel, csrc/cuda/policy_loss.cu); false on CPU, where policy_loss_rows_ always runs.
+  m.def("policy_loss_cluster_ok(Tensor logits) -> bool");
   // Fused LM head: hidden (N, H), weight (V, H), bias (V,) or None, labels and per-token tensors (N,); logits are
   // computed chunk_size tokens at a time (0: ~1 GiB of logits per chunk), never all at once. The loss op returns
   // the gradients computed in its forward ((0,) without compute_grad, grad_bias (0,) without bias).

@@ -191,6 +191,55 @@ def test_real_vocab_cuda(rows):
         torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-4, atol=6e-4 if "clip" in k else 1e-4)
 
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the cluster kernel runs on Hopper (sm_90) GPUs")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=["bf16", "fp32", "fp16"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace_grad"])
+def test_cluster_kernel_cuda(monkeypatch, dtype, inplace):
+    """The Hopper thread-block-cluster kernel (csrc/cuda/policy_loss.cu), forced, against the float64 reference:
+    V = 151936 (8 CTAs per row), ignored and masked rows, gates, KL, dual clip; in place too."""
+    from credit_ops.triton_kernels.policy_loss import cluster_ok
+
+    monkeypatch.setenv("CREDIT_OPS_ROWS_LAYOUT", "cluster")
+    logits, labels, adv, kw = sample(3, 41, 151936, dtype, "cuda")
+    assert cluster_ok(logits)
+    kw.update(loss_type="dapo", beta=0.05, dual_clip=3.0)
+    x = logits.clone().requires_grad_(True)
+    with credit_ops.use_backend("triton"):
+        loss, stats = credit_ops.policy_loss(x * 1.0 if inplace else x, labels, adv, inplace_grad=inplace, **kw)
+    (g,) = torch.autograd.grad(loss, x)
+    want_loss, want_g, want_stats = expected(logits, labels, adv, **kw)
+    close(loss, want_loss, 1e-4)
+    gtol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(g.cpu().double(), want_g, rtol=gtol, atol=gtol * want_g.abs().max().item())
+    for k, v in want_stats.items():
+        close(stats[k], v, 1e-4)
+
+
+def test_rows_layout_env(monkeypatch):
+    """CREDIT_OPS_ROWS_LAYOUT forces a long-row kernel; unknown names and kernels that cannot take the call fail
+    clearly (on CPU the cluster kernel never can)."""
+    if "triton" not in [b for b, _ in BACKENDS]:
+        pytest.skip("no triton backend")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits, labels, adv, kw = sample(2, 2, 16400, torch.float32, device)
+    want_loss, want_g, _ = expected(logits, labels, adv, **kw)
+    monkeypatch.setenv("CREDIT_OPS_ROWS_LAYOUT", "two_pass")
+    loss, g, _ = loss_and_grad("triton", logits, labels, adv, **kw)
+    close(loss, want_loss, 1e-5)
+    close(g, want_g, 1e-5)
+    monkeypatch.setenv("CREDIT_OPS_ROWS_LAYOUT", "rows")
+    with pytest.raises(ValueError, match="must be one of"):
+        loss_and_grad("triton", logits, labels, adv, **kw)
+    if device == "cpu" or not HOPPER:
+        monkeypatch.setenv("CREDIT_OPS_ROWS_LAYOUT", "cluster")
+        with pytest.raises(ValueError, match="cannot take this call"):
+            loss_and_grad("triton", logits, labels, adv, **kw)
+        assert not torch.ops.credit.policy_loss_cluster_ok(logits)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_native_cuda():
     check_all("native", "cuda", torch.float32, 1e-5, loss_type="dapo", beta=0.1)

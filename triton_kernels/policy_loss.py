@@ -12,6 +12,10 @@ c_t (onehot - p) / T can be written at once. Three layouts:
   sibling already overwrote;
 - otherwise (_policy_loss_fwd_kernel): one program per row, pass 1 online log-sum-exp + entropy, pass 2 the
   gradient, walking the row backwards so its first tiles are the ones pass 1 left in L2.
+On Hopper a fourth layout is a CUDA kernel (csrc/cuda/policy_loss.cu, credit::policy_loss_rows_ on CUDA): a
+thread-block cluster per row whose CTAs hold the row's slices in shared memory and combine their softmax partials
+through distributed shared memory; hardware co-scheduling makes the exchange safe, in place too. For long rows the
+driver times the layouts that can take the call once per shape and keeps the fastest (_layout).
 
 The same kernel, with the coefficient given (COEF_GIVEN), is the backward of a log-prob, and with WRITE_GRAD off it
 is a plain log-prob + entropy forward: the fused LM head uses all three on its logits chunks.
@@ -263,11 +267,6 @@ def _config(V: int, interpret: bool) -> tuple[bool, int, int]:
     return False, _TILE_INTERPRET if interpret else _TILE, 8
 
 
-def _use_split(V: int, write_grad: bool) -> bool:
-    """Only long rows with a gradient to write may go to the split-row kernel (see _split_wins)."""
-    return write_grad and V > _ONE_TILE_MAX and SPLIT_ROWS
-
-
 def policy_loss_forward(
     logits, labels, advantages, weights, old_logprobs, ref_logprobs, *, temperature: float, ignore_index: int,
     eps_low: float = 0.0, eps_high: float = 0.0, dual_clip: float = 0.0, beta: float = 0.0, kl_type: int = 0,
@@ -319,45 +318,83 @@ def policy_loss_forward(
                 num_warps=max(1, min(16, block // 1024)), num_stages=1,
             )  # fmt: skip
 
-    def per_row():
+    def two_pass():
         one_tile, block, warps = _config(V, interpret)
         _policy_loss_fwd_kernel[(N,)](
             logits, grad if write_grad else logits, labels, *ptrs, *scalars, **flags, WRITE_GRAD=write_grad,
             ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
 
-    # In place (grad is the logits), a split program could read a sibling's slice after it was overwritten (the
-    # label's logit, or the whole row in the fallback): only the per-row kernel, which reads before it writes.
+    def cluster():  # the CUDA Hopper kernel (csrc/cuda/policy_loss.cu): the same outputs, its own loss sum
+        loss_c, lp, ent = torch.ops.credit.policy_loss_rows_(
+            grad, logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, ignore_index,
+            eps_low, eps_high, dual_clip, beta, kl_type, coef_given, True,
+        )  # fmt: skip
+        logp.copy_(lp)
+        entropy.copy_(ent)
+        return loss_c
+
+    runs = {"two_pass": two_pass}
     inplace = write_grad and (grad is logits or grad.data_ptr() == logits.data_ptr())
-    if not inplace and _use_split(V, write_grad) and _split_wins(logits, grad, N, V, split, per_row, interpret):
-        split()
-    else:
-        per_row()
-    loss = logp.new_zeros(()) if coef_given else loss_tok.sum()
+    if write_grad and V > _ONE_TILE_MAX:
+        # In place (grad is the logits), a split program could read a sibling's slice after it was overwritten (the
+        # label's logit, or the whole row in the fallback); the cluster kernel reads its slice before any write.
+        if SPLIT_ROWS and not inplace:
+            runs["split"] = split
+        if not interpret and logits.is_cuda and weights is not None and cluster_ok(logits):
+            runs["cluster"] = cluster
+    loss = runs[_layout(runs, logits, N, V, inplace, interpret)]()
+    if coef_given:
+        loss = logp.new_zeros(())
+    elif loss is None:
+        loss = loss_tok.sum()
     return loss, logp, entropy, grad
 
 
-_SPLIT_CHOICE: dict = {}
-
-
-def _split_wins(logits, grad, N, V, split, per_row, interpret) -> bool:
-    """Split rows or two passes per row? Timed once per (device, dtype, V, row-count bucket) on the first CUDA call
-    (both kernels write the same outputs; a few launches and one synchronisation, once), unless
-    CREDIT_OPS_SPLIT_ROWS=1 / 0 forces the choice. Not timed in the in-place mode (a second run would read the
-    gradient as logits; it never splits anyway), while a CUDA graph is captured, or in the interpreter: the split
-    kernel then."""
+def cluster_ok(logits) -> bool:
+    """Whether the extension's Hopper cluster kernel takes these logits (sm_90, fp32/bf16/fp16, 16-byte rows)."""
     import torch
 
-    forced = os.environ.get("CREDIT_OPS_SPLIT_ROWS")
-    if forced in ("0", "1"):
-        return forced == "1"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("credit::policy_loss_rows_", "CUDA"):
+        return False  # extension built without CUDA
+    return torch.ops.credit.policy_loss_cluster_ok(logits)
+
+
+LAYOUTS = ("two_pass", "split", "cluster")
+_LAYOUT_CHOICE: dict = {}
+
+
+def _layout(runs, logits, N, V, inplace, interpret) -> str:
+    """Which of the long-row kernels to run: timed once per (device, dtype, V, row-count bucket) on the first CUDA
+    call that writes a separate gradient (all write the same outputs; a few launches and one synchronisation,
+    once). CREDIT_OPS_ROWS_LAYOUT=two_pass / split / cluster forces one. In-place calls (the logits become the
+    gradient: a second run would read it as logits) reuse the choice timed for their key when it applies, else run
+    the two-pass kernel; the interpreter runs the split kernel, and a CUDA graph capture takes the cached choice or
+    the two-pass kernel (no timing while capturing)."""
+    import torch
+
+    forced = os.environ.get("CREDIT_OPS_ROWS_LAYOUT")
+    if forced:
+        if forced not in LAYOUTS:
+            raise ValueError(f"CREDIT_OPS_ROWS_LAYOUT must be one of {LAYOUTS}, got {forced!r}")
+        if forced not in runs:
+            raise ValueError(
+                f"CREDIT_OPS_ROWS_LAYOUT={forced}: that kernel cannot take this call (available: {sorted(runs)}; "
+                "split: rows over 16384 logits, not in place; cluster: rows over 16384 logits on a Hopper GPU, "
+                "V x element size a multiple of 16 bytes)"
+            )
+        return forced
+    if len(runs) == 1:
+        return next(iter(runs))
+    if interpret:
+        return "split" if "split" in runs else "two_pass"
     key = (logits.device, logits.dtype, V, min(N, 1 << 14).bit_length())
-    if key in _SPLIT_CHOICE:
-        return _SPLIT_CHOICE[key]
-    if interpret or logits.device.type != "cuda" or grad is logits or torch.cuda.is_current_stream_capturing():
-        return True
-    times = []
-    for fn in (per_row, split):
+    if key in _LAYOUT_CHOICE:
+        return _LAYOUT_CHOICE[key] if _LAYOUT_CHOICE[key] in runs else "two_pass"
+    if inplace or torch.cuda.is_current_stream_capturing():
+        return "two_pass"
+    times = {}
+    for name, fn in runs.items():
         fn()  # compile + warm-up
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
@@ -365,6 +402,6 @@ def _split_wins(logits, grad, N, V, split, per_row, interpret) -> bool:
             fn()
         end.record()
         end.synchronize()
-        times.append(begin.elapsed_time(end))
-    _SPLIT_CHOICE[key] = times[1] <= times[0]
-    return _SPLIT_CHOICE[key]
+        times[name] = begin.elapsed_time(end)
+    _LAYOUT_CHOICE[key] = min(times, key=times.get)
+    return _LAYOUT_CHOICE[key]

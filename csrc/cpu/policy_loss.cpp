@@ -48,36 +48,6 @@ inline void row_grad(const double* e, double k, int64_t V, double* out) {
   for (int64_t j = 0; j < V; ++j) out[j] = -k * e[j];
 }
 
-// Token loss and dloss/dlogp from the per-token scalars (SPEC §4): clipped surrogate, dual clip, beta * KL.
-template <typename acc_t>
-inline void token_loss(acc_t logp, acc_t old, acc_t ref, acc_t A, const LossParams& p, acc_t* loss, acc_t* dloss) {
-  const acc_t r = p.on_policy ? acc_t(1) : std::exp(logp - old);
-  const acc_t u = r * A;
-  const acc_t cl = std::min(std::max(r, static_cast<acc_t>(p.lo)), static_cast<acc_t>(p.hi)) * A;
-  acc_t pg = -std::min(u, cl);
-  acc_t dpg = u <= cl ? -u : acc_t(0);  // the clipped branch has no gradient
-  if (p.dual_clip > 0 && A < 0) {
-    const acc_t cap = -static_cast<acc_t>(p.dual_clip) * A;
-    if (pg > cap) pg = cap, dpg = 0;
-  }
-  if (p.kl_type != 0) {
-    const acc_t d = ref - logp, beta = static_cast<acc_t>(p.beta);
-    acc_t kl, dkl;
-    if (p.kl_type == 1) {
-      kl = -d, dkl = 1;
-    } else if (p.kl_type == 2) {
-      kl = acc_t(0.5) * d * d, dkl = -d;
-    } else {
-      const acc_t e = std::exp(d);
-      kl = e - d - 1, dkl = 1 - e;
-    }
-    pg += beta * kl;
-    dpg += beta * dkl;
-  }
-  *loss = pg;
-  *dloss = dpg;
-}
-
 inline at::Tensor opt_as(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
   return t.has_value() && t->defined() ? t->to(dtype).contiguous() : at::Tensor();
 }
@@ -158,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rows(const at::Tensor& gra
           acc_t c = wp[i];
           if (!params.coef_given) {
             acc_t l, dl;
-            token_loss<acc_t>(logp_i, op ? op[i] : logp_i, rp ? rp[i] : acc_t(0), ap[i], params, &l, &dl);
+            core::token_loss<acc_t>(logp_i, op ? op[i] : logp_i, rp ? rp[i] : acc_t(0), ap[i], params, &l, &dl);
             lt[i] = wp[i] * l;
             c = wp[i] * dl;
           }
@@ -216,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_rows_cpu(
 TORCH_LIBRARY_IMPL(credit, CPU, m) {
   m.impl("policy_loss_fwd", &policy_loss_fwd_cpu);
   m.impl("policy_loss_rows_", &policy_loss_rows_cpu);
+  m.impl("policy_loss_cluster_ok", [](const at::Tensor&) { return false; });
 }
 
 }  // namespace credit::cpu

@@ -5,13 +5,11 @@
 #include <optional>
 #include <tuple>
 
+#include "core/policy_loss.h"
+
 namespace credit::cpu {
 
-struct LossParams {
-  double lo, hi, dual_clip, beta;  // lo = 1 - eps_low, hi = 1 + eps_high; dual_clip 0 = off
-  int64_t kl_type;                 // 0 none, 1 k1, 2 k2, 3 k3
-  bool on_policy, coef_given, write_grad;
-};
+using core::LossParams;
 
 LossParams make_params(double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_type,
                        bool on_policy, bool coef_given, bool write_grad);
