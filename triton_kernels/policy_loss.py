@@ -293,57 +293,75 @@ def policy_loss_forward(
     if N == 0:
         return logp.new_zeros(()), logp, entropy, grad
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    dummy = logp
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    ptrs = (
-        dummy if advantages is None else advantages, weights if weights is not None else dummy,
-        dummy if old_logprobs is None else old_logprobs, dummy if ref_logprobs is None else ref_logprobs,
-        loss_tok, logp, entropy,
-    )  # fmt: skip
-    scalars = (logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature, ignore_index,
-               1.0 - eps_low, 1.0 + eps_high, dual_clip, beta)  # fmt: skip
     flags = dict(ACC=acc, COEF_GIVEN=coef_given, ON_POLICY=old_logprobs is None,
                  KL_TYPE=kl_type if beta != 0.0 else 0, DUAL_CLIP=dual_clip > 0)  # fmt: skip
+    inplace = write_grad and (grad is logits or grad.data_ptr() == logits.data_ptr())
 
-    def split():
-        block = _SPLIT_BLOCK_INTERPRET if interpret else _SPLIT_BLOCK
-        P = triton.cdiv(V, block)
-        part = torch.zeros(N * P * 3, device=logits.device, dtype=acc_dtype)
-        count = torch.zeros(N, device=logits.device, dtype=torch.int32)
-        for published in (False, True) if _SPLIT_TWICE else (False,):
-            _policy_loss_split_kernel[(N * P,)](
-                logits, grad, labels, *ptrs, part, count, *scalars, 0 if interpret else _MAX_SPIN, scalars[4], **flags,
-                P=P, P2=triton.next_power_of_2(P), BLOCK_V=block,
-                FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE, PUBLISHED=published,
-                num_warps=max(1, min(16, block // 1024)), num_stages=1,
+    def layouts(logits, grad, labels, tok):
+        """The kernels that can take this call, as closures over their tensors (the call's, or a scratch copy of its
+        first rows for timing in place); tok = (advantages, weights, old, ref, loss_tok, logp, entropy)."""
+        adv, w, old, ref, loss_tok, logp, entropy = tok
+        B, T, _ = logits.shape
+        N = B * T
+        ptrs = (logp if adv is None else adv, logp if w is None else w, logp if old is None else old,
+                logp if ref is None else ref, loss_tok, logp, entropy)  # fmt: skip
+        scalars = (logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature, ignore_index,
+                   1.0 - eps_low, 1.0 + eps_high, dual_clip, beta)  # fmt: skip
+
+        def split():
+            block = _SPLIT_BLOCK_INTERPRET if interpret else _SPLIT_BLOCK
+            P = triton.cdiv(V, block)
+            part = torch.zeros(N * P * 3, device=logits.device, dtype=acc_dtype)
+            count = torch.zeros(N, device=logits.device, dtype=torch.int32)
+            for published in (False, True) if _SPLIT_TWICE else (False,):
+                _policy_loss_split_kernel[(N * P,)](
+                    logits, grad, labels, *ptrs, part, count, *scalars, 0 if interpret else _MAX_SPIN, scalars[4],
+                    **flags, P=P, P2=triton.next_power_of_2(P), BLOCK_V=block,
+                    FALLBACK_TILE=_TILE_INTERPRET if interpret else _TILE, PUBLISHED=published,
+                    num_warps=max(1, min(16, block // 1024)), num_stages=1,
+                )  # fmt: skip
+
+        def two_pass():
+            one_tile, block, warps = _config(V, interpret)
+            _policy_loss_fwd_kernel[(N,)](
+                logits, grad if write_grad else logits, labels, *ptrs, *scalars, **flags, WRITE_GRAD=write_grad,
+                ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
             )  # fmt: skip
 
-    def two_pass():
-        one_tile, block, warps = _config(V, interpret)
-        _policy_loss_fwd_kernel[(N,)](
-            logits, grad if write_grad else logits, labels, *ptrs, *scalars, **flags, WRITE_GRAD=write_grad,
-            ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
-        )  # fmt: skip
+        def cluster():  # the CUDA Hopper kernel (csrc/cuda/policy_loss.cu): the same outputs, its own loss sum
+            loss_c, lp, ent = torch.ops.credit.policy_loss_rows_(
+                grad, logits, labels, adv, w, old, ref, temperature, ignore_index, eps_low, eps_high, dual_clip, beta,
+                kl_type, coef_given, True,
+            )  # fmt: skip
+            logp.copy_(lp)
+            entropy.copy_(ent)
+            return loss_c
 
-    def cluster():  # the CUDA Hopper kernel (csrc/cuda/policy_loss.cu): the same outputs, its own loss sum
-        loss_c, lp, ent = torch.ops.credit.policy_loss_rows_(
-            grad, logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, ignore_index,
-            eps_low, eps_high, dual_clip, beta, kl_type, coef_given, True,
-        )  # fmt: skip
-        logp.copy_(lp)
-        entropy.copy_(ent)
-        return loss_c
+        runs = {"two_pass": two_pass}
+        if write_grad and V > _ONE_TILE_MAX:
+            # In place (grad is the logits), a split program could read a sibling's slice after it was overwritten
+            # (the label's logit, or the whole row in the fallback); the cluster kernel reads its slice before any
+            # write.
+            if SPLIT_ROWS and not inplace:
+                runs["split"] = split
+            if not interpret and logits.is_cuda and w is not None and cluster_ok(logits):
+                runs["cluster"] = cluster
+        return runs
 
-    runs = {"two_pass": two_pass}
-    inplace = write_grad and (grad is logits or grad.data_ptr() == logits.data_ptr())
-    if write_grad and V > _ONE_TILE_MAX:
-        # In place (grad is the logits), a split program could read a sibling's slice after it was overwritten (the
-        # label's logit, or the whole row in the fallback); the cluster kernel reads its slice before any write.
-        if SPLIT_ROWS and not inplace:
-            runs["split"] = split
-        if not interpret and logits.is_cuda and weights is not None and cluster_ok(logits):
-            runs["cluster"] = cluster
-    loss = runs[_layout(runs, logits, N, V, inplace, interpret)]()
+    def scratch_layouts():
+        """layouts() over a copy of the first (up to 2048) rows, for timing in place: every run overwrites the copy,
+        the later ones read gradients as logits (finite values; the same work)."""
+        n = min(N, 2048)
+        rows = lambda t: None if t is None else t.reshape(-1)[:n].view(1, n)  # noqa: E731
+        x = logits.reshape(N, V)[:n].clone().view(1, n, V)
+        outs = [torch.empty(1, n, device=logits.device, dtype=acc_dtype) for _ in range(3)]
+        tok = (rows(advantages), rows(weights), rows(old_logprobs), rows(ref_logprobs), *outs)
+        return layouts(x, x, rows(labels), tok)
+
+    tok = (advantages, weights, old_logprobs, ref_logprobs, loss_tok, logp, entropy)
+    runs = layouts(logits, grad, labels, tok)
+    loss = runs[_layout(runs, logits, N, V, inplace, interpret, scratch_layouts)]()
     if coef_given:
         loss = logp.new_zeros(())
     elif loss is None:
@@ -364,13 +382,13 @@ LAYOUTS = ("two_pass", "split", "cluster")
 _LAYOUT_CHOICE: dict = {}
 
 
-def _layout(runs, logits, N, V, inplace, interpret) -> str:
-    """Which of the long-row kernels to run: timed once per (device, dtype, V, row-count bucket) on the first CUDA
-    call that writes a separate gradient (all write the same outputs; a few launches and one synchronisation,
-    once). CREDIT_OPS_ROWS_LAYOUT=two_pass / split / cluster forces one. In-place calls (the logits become the
-    gradient: a second run would read it as logits) reuse the choice timed for their key when it applies, else run
-    the two-pass kernel; the interpreter runs the split kernel, and a CUDA graph capture takes the cached choice or
-    the two-pass kernel (no timing while capturing)."""
+def _layout(runs, logits, N, V, inplace, interpret, scratch_layouts) -> str:
+    """Which of the long-row kernels to run: timed once per (device, dtype, V, row-count bucket, in place) on the
+    first CUDA call (a few launches and one synchronisation, once). A call that writes a separate gradient times the
+    kernels on its own tensors (all write the same outputs); an in-place call (the logits become the gradient: a
+    second run would read it as logits) times them on a copy of its first rows (scratch_layouts).
+    CREDIT_OPS_ROWS_LAYOUT=two_pass / split / cluster forces one. The interpreter runs the split kernel; a CUDA
+    graph capture takes the cached choice or the two-pass kernel (no timing while capturing)."""
     import torch
 
     forced = os.environ.get("CREDIT_OPS_ROWS_LAYOUT")
@@ -388,20 +406,20 @@ def _layout(runs, logits, N, V, inplace, interpret) -> str:
         return next(iter(runs))
     if interpret:
         return "split" if "split" in runs else "two_pass"
-    key = (logits.device, logits.dtype, V, min(N, 1 << 14).bit_length())
-    if key in _LAYOUT_CHOICE:
-        return _LAYOUT_CHOICE[key] if _LAYOUT_CHOICE[key] in runs else "two_pass"
-    if inplace or torch.cuda.is_current_stream_capturing():
-        return "two_pass"
-    times = {}
-    for name, fn in runs.items():
-        fn()  # compile + warm-up
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(3):
-            fn()
-        end.record()
-        end.synchronize()
-        times[name] = begin.elapsed_time(end)
-    _LAYOUT_CHOICE[key] = min(times, key=times.get)
+    key = (logits.device, logits.dtype, V, min(N, 1 << 14).bit_length(), inplace)
+    if key not in _LAYOUT_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return "two_pass"
+        timed = scratch_layouts() if inplace else runs
+        times = {}
+        for name, fn in timed.items():
+            fn()  # compile + warm-up
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(3):
+                fn()
+            end.record()
+            end.synchronize()
+            times[name] = begin.elapsed_time(end)
+        _LAYOUT_CHOICE[key] = min(times, key=times.get)
     return _LAYOUT_CHOICE[key]
