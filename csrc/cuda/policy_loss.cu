@@ -84,7 +84,7 @@ template <typename S>
 __global__ void __launch_bounds__(kRowThreads) policy_rows_cluster_kernel(RowArgs args) {
 #ifndef CREDIT_NO_CLUSTER
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ RowPartial red[kRowThreads];
+  __shared__ RowPartial red[32];
   __shared__ RowPartial part;
   __shared__ float bcast[2];
   __shared__ uint64_t mbar;
@@ -115,7 +115,7 @@ Layout plan(int64_t V, int64_t elem, int64_t smem_budget) {
 int64_t smem_budget(int device) {
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return optin - static_cast<int64_t>(sizeof(RowPartial)) * (kRowThreads + 1) - 64;  // minus the static arrays
+  return optin - static_cast<int64_t>(sizeof(RowPartial)) * 33 - 64;  // minus the static arrays
 }
 
 template <typename S>

@@ -4,14 +4,15 @@
 //   1. every CTA copies its slice into shared memory (one bulk asynchronous copy: the whole slice in flight at
 //      once) and computes its softmax partial (max, sum of 2^(z - max), sum of 2^(z - max) (z - max)) and, where
 //      the label falls in it, the label's logit;
-//   2. cluster barrier; thread 0 of every CTA reads the C partials through distributed shared memory and combines
-//      them into the row's log-sum-exp, entropy, log-prob and the token's coefficient c = w dloss/dlogp;
+//   2. cluster barrier; the first C lanes of every CTA read the C partials through distributed shared memory (in
+//      parallel) and combine them into the row's log-sum-exp, entropy, log-prob and the token's coefficient
+//      c = w dloss/dlogp;
 //   3. every CTA writes its slice of the gradient c / T (onehot - p) from shared memory.
 // Nothing of a slice is written before the whole slice is in shared memory and the label's logit is shared through
 // the partials, so the gradient may overwrite the logits themselves (in-place mode).
 //
 // Plain CUDA behind a small interface (Hw: the cluster's rank / size / sync / arrive / wait / map and the bulk
-// copy; the thread and block indices, __syncthreads) so that csrc/tests/test_policy_loss_cluster_emulation.cpp
+// copy; the thread and block indices, __syncthreads, __shfl_xor_sync) so that csrc/tests/test_policy_loss_cluster_emulation.cpp
 // runs this very code on CPU threads.
 #pragma once
 
@@ -32,6 +33,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 struct RowPartial {
   float m, s, t, zl;
 };
+__device__ __forceinline__ RowPartial empty_partial() { return {-INFINITY, 0.f, 0.f, -INFINITY}; }
 
 struct RowArgs {
   const void* logits;  // (B, T, V) of the storage type, unit stride along V, rows 16-byte aligned, V * size % 16 == 0
@@ -106,21 +108,30 @@ __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
-// Block-wide combine of every thread's partial through shared memory (once per row: simplicity over shuffles).
-template <int kThreads>
-__device__ __forceinline__ RowPartial block_combine(RowPartial p, RowPartial* red) {
-  const int tid = static_cast<int>(threadIdx.x);
-  red[tid] = p;
-  __syncthreads();
-#pragma unroll
-  for (int half = kThreads / 2; half > 0; half /= 2) {
-    if (tid < half) red[tid] = combine(red[tid], red[tid + half]);
-    __syncthreads();
-  }
-  return red[0];
+__device__ __forceinline__ RowPartial shfl_xor(const RowPartial& p, int lane_mask) {
+  return {__shfl_xor_sync(0xffffffffu, p.m, lane_mask), __shfl_xor_sync(0xffffffffu, p.s, lane_mask),
+          __shfl_xor_sync(0xffffffffu, p.t, lane_mask), __shfl_xor_sync(0xffffffffu, p.zl, lane_mask)};
 }
 
-// One CTA of a row's cluster. Shared memory: `slice_mem` (args.slice logits), `red` (kThreads partials), `part`
+// Combine of the partials of the first n (<= 32) lanes of a warp, by butterfly shuffles; every lane gets it.
+__device__ __forceinline__ RowPartial warp_combine(RowPartial p, int n) {
+  for (int o = 1; o < n; o *= 2) p = combine(p, shfl_xor(p, o));
+  return p;
+}
+
+// Combine of every thread's partial (warp shuffles, then one round through shared memory); thread 0 gets it.
+template <int kThreads>
+__device__ __forceinline__ RowPartial block_combine(RowPartial p, RowPartial* red) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 32 * 32);
+  const int tid = static_cast<int>(threadIdx.x);
+  p = warp_combine(p, 32);
+  if (tid % 32 == 0) red[tid / 32] = p;
+  __syncthreads();
+  if (tid < 32) p = warp_combine(tid < kThreads / 32 ? red[tid] : empty_partial(), kThreads / 32);
+  return p;
+}
+
+// One CTA of a row's cluster. Shared memory: `slice_mem` (args.slice logits), `red` (32 partials), `part`
 // (this CTA's partial, read by the cluster), `bcast` (row results for the CTA's threads), `mbar` (the copy's
 // barrier).
 template <typename S, typename Hw, int kThreads>
@@ -151,7 +162,7 @@ __device__ void policy_rows_cluster_cta(const RowArgs& a, S* slice_mem, RowParti
   // 1. slice -> shared memory, then the CTA's partial
   const S* src = static_cast<const S*>(a.logits) + (row / a.T) * a.stride_b + (row % a.T) * a.stride_t + start;
   Hw::load(slice_mem, src, static_cast<uint32_t>(len * sizeof(S)), mbar);
-  RowPartial p{-INFINITY, 0.f, 0.f, -INFINITY};
+  RowPartial p = empty_partial();
   for (int64_t i = tid; i < nvec; i += kThreads) {
     const uint4 raw = reinterpret_cast<const uint4*>(slice_mem)[i];
     S x[kVec];
@@ -167,25 +178,26 @@ __device__ void policy_rows_cluster_cta(const RowArgs& a, S* slice_mem, RowParti
     *part = p;
   }
 
-  // 2. the row's statistics from the cluster's partials
-  Hw::sync();  // every part written (release / acquire)
-  if (tid == 0) {
-    RowPartial r = *Hw::map(part, 0);
-    for (int k = 1; k < C; ++k) r = combine(r, *Hw::map(part, k));
-    const float log2_s = log2f(r.s);
-    const float lse2 = r.m + log2_s;
-    const float logp = (r.zl - lse2) * kLn2;
-    float c = a.weights[row];
-    if (!a.params.coef_given) {
-      float l, dl;
-      core::token_loss<float>(logp, a.old ? a.old[row] : logp, a.ref ? a.ref[row] : 0.f, a.adv[row], a.params,
-                              &l, &dl);
-      if (rank == 0) a.loss[row] = c * l;
-      c *= dl;
+  // 2. the row's statistics from the cluster's partials, read in parallel by the first C lanes
+  Hw::sync();  // every part written (release / acquire); everyone is past block_combine's use of red
+  if (tid < 32) {
+    const RowPartial r = warp_combine(tid < C ? *Hw::map(part, tid) : empty_partial(), C);
+    if (tid == 0) {
+      const float log2_s = log2f(r.s);
+      const float lse2 = r.m + log2_s;
+      const float logp = (r.zl - lse2) * kLn2;
+      float c = a.weights[row];
+      if (!a.params.coef_given) {
+        float l, dl;
+        core::token_loss<float>(logp, a.old ? a.old[row] : logp, a.ref ? a.ref[row] : 0.f, a.adv[row], a.params,
+                                &l, &dl);
+        if (rank == 0) a.loss[row] = c * l;
+        c *= dl;
+      }
+      if (rank == 0) a.logp[row] = logp, a.entropy[row] = (log2_s - r.t / r.s) * kLn2;
+      bcast[0] = lse2;
+      bcast[1] = c * a.inv_t;
     }
-    if (rank == 0) a.logp[row] = logp, a.entropy[row] = (log2_s - r.t / r.s) * kLn2;
-    bcast[0] = lse2;
-    bcast[1] = c * a.inv_t;
   }
   Hw::arrive();  // done reading the siblings' shared memory (they may exit after the matching wait)
   __syncthreads();

@@ -1,5 +1,6 @@
 // Runs the Hopper cluster kernel of the policy loss (csrc/cuda/policy_loss_cluster.cuh) on the CPU: std::threads
-// play the threads of each CTA of a row's cluster, the cluster barrier and distributed shared memory are emulated.
+// play the threads of each CTA of a row's cluster; warp shuffles, the cluster barrier and distributed shared memory
+// are emulated.
 // Checks the kernel's logic (slices, a short last slice, the partial exchange, the label held
 // by one CTA, ignored rows, -inf logits, strided rows, in-place gradient, coefficient-given and no-gradient modes)
 // against a float64 evaluation of SPEC §4 on machines without a GPU. Timing and memory ordering on the hardware
@@ -49,12 +50,28 @@ struct __half {
 inline float __half2float(__half x) { return static_cast<float>(x.v); }
 inline __half __float2half_rn(float f) { return {static_cast<_Float16>(f)}; }
 
+struct Warp {
+  std::barrier<> bar{32};
+  float slot[32];
+};
 struct Cta {
   std::barrier<> bar;
-  explicit Cta(int n) : bar(n) {}
+  std::vector<std::unique_ptr<Warp>> warps;
+  explicit Cta(int n) : bar(n) {
+    for (int w = 0; w < n / 32; ++w) warps.push_back(std::make_unique<Warp>());
+  }
 };
 thread_local Cta* g_cta = nullptr;
 inline void __syncthreads() { g_cta->bar.arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  Warp& w = *g_cta->warps[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x % 32;
+  w.slot[lane] = v;
+  w.bar.arrive_and_wait();
+  const float got = w.slot[lane ^ static_cast<unsigned>(lane_mask)];
+  w.bar.arrive_and_wait();
+  return got;
+}
 
 #include "cuda/policy_loss_cluster.cuh"
 
@@ -85,7 +102,7 @@ struct EmuHw {
   }
 };
 
-constexpr int kThreads = 32;  // per emulated CTA (the GPU runs 256)
+constexpr int kThreads = 64;  // per emulated CTA: two warps (the GPU runs 256)
 
 // Launches rows * C emulated CTAs, one row's cluster at a time.
 template <typename S>
@@ -94,7 +111,7 @@ void run(const ck::RowArgs& a, int64_t rows, int C) {
   for (int64_t row = 0; row < rows; ++row) {
     ClusterState cl(C * kThreads, C);
     std::vector<std::vector<uint4>> smem(C, std::vector<uint4>((slice_bytes + 15) / 16 + 1));
-    std::vector<std::vector<ck::RowPartial>> red(C, std::vector<ck::RowPartial>(kThreads));
+    std::vector<std::vector<ck::RowPartial>> red(C, std::vector<ck::RowPartial>(32));
     std::vector<ck::RowPartial> part(C);
     std::vector<std::array<float, 2>> bcast(C);
     std::vector<std::unique_ptr<Cta>> ctas;
