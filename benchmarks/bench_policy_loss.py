@@ -4,8 +4,9 @@ triton_grpo_loss, side by side; time and peak extra memory.
 CPU: (4, 256, 32000). GPU: the ANCHORS.md shape, bf16 (8, 2049, 151936) model output, N = 16384 scored tokens
 (~5 GB). credit_ops and Liger take the full (B, T + 1, V) output (the last position dropped); credit_ops runs with
 per-token advantages and gates (Liger cannot take them: it runs with per-sequence advantages); "credit_ops_seq_adv"
-is the like-for-like row, "credit_ops_aligned_view" passes logits[:, :-1]. Bytes counted = one read of the logits
-plus one write of the gradient (the 2-pass floor).
+is the like-for-like row, "credit_ops_aligned_view" passes logits[:, :-1]; "credit_ops_two_pass" / "_cluster" force
+the long-row layout (the Hopper cluster kernel: GPU sm_90 only). Bytes counted = one read of the logits plus one
+write of the gradient (the 2-pass floor).
 """
 
 import contextlib
@@ -25,8 +26,8 @@ else:
     B, T, V, DTYPES = 4, 256, 32000, [torch.float32, torch.bfloat16]
 
 IMPLS = ["credit_ops", "credit_ops_seq_adv", "credit_ops_inplace", "credit_ops_inplace_cluster",
-         "credit_ops_aligned_view", "credit_ops_split", "credit_ops_two_pass", "credit_ops_cluster", "eager",
-         "torch_compile", "liger"]  # fmt: skip
+         "credit_ops_aligned_view", "credit_ops_two_pass", "credit_ops_cluster", "eager", "torch_compile",
+         "liger"]  # fmt: skip
 
 
 def _liger():
@@ -82,7 +83,7 @@ def test_policy_loss_fwd_bwd(benchmark, inputs, impl, loss_type):
               eps_high=0.28)  # fmt: skip
     leaf = full.detach().requires_grad_(True)
     # the GPU layouts for long rows, forced (credit_ops picks the fastest by timing once)
-    forced = {"credit_ops_split": "split", "credit_ops_two_pass": "two_pass", "credit_ops_cluster": "cluster",
+    forced = {"credit_ops_two_pass": "two_pass", "credit_ops_cluster": "cluster",
               "credit_ops_inplace_cluster": "cluster"}.get(impl)  # fmt: skip
     if forced and DEVICE != "cuda":
         pytest.skip("GPU kernel layouts")
