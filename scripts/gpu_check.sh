@@ -7,7 +7,8 @@
 #   STAGES="build bench" bash scripts/gpu_check.sh
 #   BENCH="benchmarks/bench_token_logprobs.py" TESTS_TIMEOUT=120 bash scripts/gpu_check.sh
 #
-# The tests stage runs the CUDA cases (-k cuda; TESTS_K="" runs everything) file by file (TESTS overrides the list).
+# The tests stage runs the CUDA cases (-k "cuda or long_rows or layout": the tests that take CUDA tensors when a GPU is
+# there; TESTS_K="" runs everything) file by file (TESTS overrides the list).
 # Pure-Python peers missing on the GPU image (liger-kernel, rapidfuzz) are installed from wheels/ when present
 # (`pip download --no-deps liger-kernel rapidfuzz -d wheels/` on a machine with the package index).
 set -uo pipefail
@@ -47,7 +48,7 @@ if [[ $STAGES == *tests* ]]; then
   for file in ${TESTS:-tests/test_policy_loss.py tests/test_fused_linear.py tests/test_token_logprobs.py \
                        tests/test_align_edits.py tests/test_advantages.py tests/test_credit_assign.py}; do
     t0=$SECONDS
-    timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -k "${TESTS_K:-cuda}" "$file" \
+    timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -k "${TESTS_K:-cuda or long_rows or layout}" "$file" \
       >"$log" 2>&1
     rc=$?; [ $rc -ne 0 ] && [ $rc -ne 5 ] && status=1  # 5: nothing selected
     cat "$log" >>"$OUT/tests.log"
