@@ -70,7 +70,8 @@ def tol64(backend, device):
 
 
 def close(got, want, tol):
-    torch.testing.assert_close(got.detach().cpu().double(), want.detach().double(), rtol=tol, atol=tol)
+    """Both sides on the CPU in float64 (want may be a CUDA result too: assert_close also compares devices)."""
+    torch.testing.assert_close(got.detach().cpu().double(), want.detach().cpu().double(), rtol=tol, atol=tol)
 
 
 def check_all(backend, device, dtype, tol, *, scale=1.0, B=3, T=6, V=37, sample_kw=None, **kw):
