@@ -102,7 +102,7 @@ def test_equals_logits_path(backend, device, loss_type, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: full-size vocabulary")
 @pytest.mark.parametrize("loss_type", ["dapo", "gspo"])
 def test_real_vocab_cuda(loss_type):
-    """V = 151936 bf16 (the split-row kernel on each chunk), several chunks, against the logits path."""
+    """V = 151936 bf16 (the long-row layouts in place on each chunk), several chunks, against the logits path."""
     torch.manual_seed(0)
     B, T, H, V = 4, 96, 256, 151936
     hidden = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16)
