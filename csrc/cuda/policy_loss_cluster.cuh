@@ -12,8 +12,8 @@
 // the partials, so the gradient may overwrite the logits themselves (in-place mode).
 //
 // Plain CUDA behind a small interface (Hw: the cluster's rank / size / sync / arrive / wait / map and the bulk
-// copy; the thread and block indices, __syncthreads, __shfl_xor_sync) so that csrc/tests/test_policy_loss_cluster_emulation.cpp
-// runs this very code on CPU threads.
+// copy; the thread and block indices, __syncthreads, __shfl_xor_sync) so that
+// csrc/tests/test_policy_loss_cluster_emulation.cpp runs this very code on CPU threads.
 #pragma once
 
 #include <cstdint>

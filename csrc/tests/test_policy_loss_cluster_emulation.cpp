@@ -164,21 +164,22 @@ void check(const Case& k, uint32_t seed) {
   std::vector<int64_t> labels(N);
   for (int64_t i = 0; i < N; ++i) labels[i] = static_cast<int64_t>(rng() % V);
   labels[1] = -100;      // an ignored row
-  labels[2] = V - 1;     // the label in the last slice's tail
+  labels[2] = V - 1;     // the last logit of the last slice
   labels[3] = slice;     // the first logit of the second CTA's slice
   labels[4] = slice - 1;  // the last of the first CTA's
   for (int64_t j = 0; j < V; j += 3) logits[j] = from_f<S>(-INFINITY);  // -inf logits in row 0
   if (labels[0] % 3 == 0) labels[0] += 1;
   std::vector<float> adv(N), w(N), old(N), ref(N);
   for (int64_t i = 0; i < N; ++i) {
-    adv[i] = normal(rng), w[i] = 0.1f + std::abs(normal(rng)), old[i] = -10.f + 0.5f * normal(rng);
-    ref[i] = -10.f + 0.5f * normal(rng);
+    adv[i] = normal(rng), w[i] = 0.1f + std::abs(normal(rng)), ref[i] = -10.f + 0.5f * normal(rng);
   }
-  // logp near old: ratios on both sides of the clip range
   std::vector<double> z_row(V);
   auto row_ref = [&](int64_t i, double* lse, double* logp, double* ent) {
     double m = -INFINITY;
-    for (int64_t j = 0; j < V; ++j) z_row[j] = to_f(logits[i * k.row_stride + j]) / k.temperature, m = std::max(m, z_row[j]);
+    for (int64_t j = 0; j < V; ++j) {
+      z_row[j] = to_f(logits[i * k.row_stride + j]) / k.temperature;
+      m = std::max(m, z_row[j]);
+    }
     double s = 0, t = 0;
     for (int64_t j = 0; j < V; ++j) {
       const double e = std::exp(z_row[j] - m);
@@ -188,7 +189,7 @@ void check(const Case& k, uint32_t seed) {
     *logp = z_row[labels[i]] - *lse;
     *ent = std::log(s) - t / s;
   };
-  for (int64_t i = 0; i < N; ++i) {
+  for (int64_t i = 0; i < N; ++i) {  // old log-probs near the current ones: ratios on both sides of the clip range
     if (labels[i] < 0) continue;
     double lse, lp, ent;
     row_ref(i, &lse, &lp, &ent);
@@ -247,7 +248,8 @@ void check(const Case& k, uint32_t seed) {
       const double p = std::exp(z_row[j] - lse);
       const double want = (j == labels[i] ? c : 0.0) - c * p;
       if (std::abs(to_f(g[j]) - want) > tol * gmax + 1e-7) {
-        std::fprintf(stderr, "row %ld col %ld: got %g want %g\n", static_cast<long>(i), static_cast<long>(j), to_f(g[j]), want);
+        std::fprintf(stderr, "row %ld col %ld: got %g want %g\n", static_cast<long>(i), static_cast<long>(j),
+                     to_f(g[j]), want);
         assert(false);
       }
     }
