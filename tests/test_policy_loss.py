@@ -461,8 +461,8 @@ def test_full_model_output(backend, device, loss_type, inplace):
 
 
 # ---- registration: opcheck and torch.compile
-def _op_args(device, dtype=torch.float32):
-    logits, labels, adv, kw = sample(2, 4, 13, dtype, device)
+def _op_args(device, dtype=torch.float32, V=13):
+    logits, labels, adv, kw = sample(2, 4, V, dtype, device)
     w = R.aggregation_weights(((labels != -100) & kw["mask"]).float(), "token_mean") * kw["gates"]
     return (logits.requires_grad_(True), labels, adv.float(), w, kw["old_logprobs"], kw["ref_logprobs"], 1.0, -100,
             0.2, 0.28, 3.0, 0.1, 3)  # fmt: skip
@@ -478,6 +478,24 @@ def test_opcheck(backend, device):
     loss, _, _, grad = op(*args, False)  # no gradient wanted: nothing of size V is written
     assert grad.numel() == 0
     torch.testing.assert_close(loss, op(*args)[0])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_rows_op(device):
+    """credit::policy_loss_rows_ (the CPU kernel; on CUDA the Hopper cluster kernel): opcheck, and the loss,
+    log-probs, entropy and gradient it writes, into a separate buffer and in place, equal policy_loss_fwd's."""
+    if device == "cuda" and not HOPPER:
+        pytest.skip("policy_loss_rows_ on CUDA is the Hopper cluster kernel")
+    logits, *rest = _op_args(device, V=64)  # V x 4 bytes a multiple of 16: the cluster kernel's rows
+    logits = logits.detach()
+    want = torch.ops.credit.policy_loss_fwd(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in (logits, *rest)))
+    op = torch.ops.credit.policy_loss_rows_
+    torch.library.opcheck(op.default, (torch.empty_like(logits), logits, *rest, False, True))
+    grad = torch.empty_like(logits)
+    x = logits.clone()
+    for out, got in ((grad, op(grad, logits, *rest, False, True)), (x, op(x, x, *rest, False, True))):
+        for g, w in zip((*got, out), want, strict=True):
+            close(g, w, 1e-5)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
