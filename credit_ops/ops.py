@@ -697,6 +697,62 @@ def policy_loss(
     return loss, stats
 
 
+class _FusedSequenceLoss(torch.autograd.Function):
+    """The GSPO family through the fused LM head in three matmuls (fused_linear_sequence_loss_forward): gradients
+    computed in the forward, chunk by chunk of whole sequences; the backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, run):
+        loss, logp, ent, gh, gw, gb = run()
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(logp, ent)
+        return loss, logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g1, _g2):
+        from credit_ops._autograd import scale_grad
+
+        gh, gw, gb = ctx.saved_tensors
+        gb = scale_grad(gb, grad_loss) if ctx.has_bias else None
+        return scale_grad(gh, grad_loss), scale_grad(gw, grad_loss), gb, None
+
+
+def _fused_sequence_loss(h, weight, bias, labels_eff, validf, adv, old, ref, g, kw, chunk, temperature, ignore_index,
+                         backend):  # fmt: skip
+    """(loss, logp (B, T), entropy (B, T)) of a GSPO-family loss, differentiable w.r.t. h, weight, bias."""
+    from credit_ops.triton_kernels.fused_linear import fused_linear_sequence_loss_forward
+
+    B, T = labels_eff.shape
+    # d loss / d logp of a chunk's sequences from the (B, T) scalar graph: the other sequences' log-probs do not
+    # enter it (every aggregation is a sum over sequences with denominators from the mask alone), so they hold a
+    # finite stand-in (the old log-probs: ratio 1) until their chunk comes.
+    stand_in = (old if old is not None else torch.zeros_like(validf)).detach().clone()
+    zeros = torch.zeros_like(validf)
+
+    def coef_of(s, e, lp):
+        stand_in.view(-1)[s:e] = lp
+        with torch.enable_grad():
+            leaf = stand_in.clone().requires_grad_(True)
+            loss, _ = reference.policy_loss_from_logprobs(leaf, zeros, validf, adv, old_logprobs=old, ref_logprobs=ref,
+                                                          gates=g, **kw)  # fmt: skip
+            (coef,) = torch.autograd.grad(loss, leaf)
+        return coef.view(-1)[s:e]
+
+    def run():
+        logp, ent, gh, gw, gb = fused_linear_sequence_loss_forward(
+            h, weight, bias, labels_eff.reshape(-1), coef_of, seq_len=T, chunk=chunk, temperature=temperature,
+            ignore_index=ignore_index, use_triton=backend == "triton",
+        )  # fmt: skip
+        logp, ent = logp.view(B, T), ent.view(B, T)
+        loss, _ = reference.policy_loss_from_logprobs(logp, ent, validf, adv, old_logprobs=old, ref_logprobs=ref,
+                                                      gates=g, **kw)  # fmt: skip
+        return loss, logp, ent, gh, gw, gb
+
+    return _FusedSequenceLoss.apply(h, weight, bias, run)
+
+
 def _fl_op(name: str, backend: str):
     return getattr(torch.ops.credit, f"{name}_triton" if backend == "triton" else name)
 
@@ -804,8 +860,10 @@ def fused_linear_policy_loss(
     Same semantics and options as :func:`policy_loss` (hidden row t scores labels[..., t]). Token-level loss types
     compute, per chunk of tokens, the logits (one matmul), the loss and d loss / d logits in place (one fused row
     kernel) and the gradient matmuls, all in the forward: three matmuls in total, one (chunk, V) buffer, and the
-    backward only scales the stored gradients. The GSPO family needs every token's log-prob before any gradient:
-    a log-prob pass (one matmul), scalar math, and a gradient pass in backward (three matmuls).
+    backward only scales the stored gradients. The GSPO family needs a whole sequence's log-probs before any of its
+    gradients: chunks of whole sequences get the logits, the log-probs, the sequences' d loss / d logp from the
+    scalar graph, then the gradient (three matmuls, in the forward); when one sequence exceeds a chunk, or under
+    torch.compile or no_grad, a log-prob pass now and a backward that recomputes the logits (four matmuls).
     bf16 operands with fp32 accumulation; lse, loss and statistics in fp32. grad_weight is accumulated over the
     chunks in the weight's dtype.
 
@@ -836,7 +894,19 @@ def fused_linear_policy_loss(
                                                   temperature=temperature, ignore_index=ignore_index, **kw)  # fmt: skip
     labels_eff = torch.where(valid, labels, torch.full_like(labels, ignore_index))
     validf = valid.to(acc)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if loss_type in reference.SEQUENCE_LOSSES:
+        from credit_ops.triton_kernels.fused_linear import sequence_chunk_rows
+
+        chunk = sequence_chunk_rows(h.shape[0], labels.shape[1], V, h.dtype, chunk_size)
+        if needs_grad and chunk > 0 and not torch.compiler.is_compiling():
+            loss, logp, ent = _fused_sequence_loss(h, weight, bias, labels_eff, validf, adv, old, ref, g, kw, chunk,
+                                                   float(temperature), int(ignore_index), backend)  # fmt: skip
+            _, stats = reference.policy_loss_from_logprobs(logp, ent, validf, adv, old_logprobs=old, ref_logprobs=ref,
+                                                           gates=g, **kw)  # fmt: skip
+            return loss, stats
+        # No gradient wanted, traced, or a sequence longer than a chunk: log-probs now, the gradient in a backward
+        # that recomputes the logits (four matmuls).
         logp, ent = _fl_op("fused_linear_logprobs_fwd", backend)(h, weight, bias, labels_eff.reshape(-1),
                                                                  float(temperature), int(ignore_index),
                                                                  int(chunk_size or 0))  # fmt: skip
@@ -846,7 +916,6 @@ def fused_linear_policy_loss(
     if g is not None:
         weights = weights * g
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, logp, ent, _, _, _ = _fl_op("fused_linear_policy_loss_fwd", backend)(
         h, weight, bias, labels_eff.reshape(-1), flat(adv), flat(weights), flat(old), flat(ref), float(temperature),
         int(ignore_index), eps_low, eps_high, float(dual_clip or 0.0), float(beta), _KL_INDEX[kl_type] if beta else 0,

@@ -47,8 +47,10 @@ def close(got, want, tol):
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("chunk_size", [None, 3, 5], ids=["one_chunk", "chunks_cut_sequences", "chunk_per_sequence"])
 def test_matches_reference(backend, device, loss_type, bias, chunk_size):
+    """Every loss type; the GSPO family in three matmuls over chunks of whole sequences (one chunk, a sequence per
+    chunk) and, when a chunk would cut a sequence, through the log-prob pass and a recomputing backward."""
     hidden, weight, b, labels, adv, kw = sample(device=device, bias=bias)
     opts = dict(loss_type=loss_type, beta=0.1, max_length=7, dual_clip=3.0, **kw)
 

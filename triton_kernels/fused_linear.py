@@ -6,6 +6,13 @@ buffer, then the policy-loss row kernel (policy_loss.py on GPU, the C++ credit::
 lse / logp / entropy / the loss in fp32 and overwrites the buffer with d loss / d logits, then the two gradient
 matmuls read it: grad_hidden[chunk] = dlogits @ W and grad_W += dlogits.T @ hidden[chunk]. Token-level losses
 thus cost the three matmuls plus one read and one write of each chunk, and need one chunk buffer of memory.
+Sequence-level losses chunk by whole sequences and take the coefficients from the caller between the log-prob
+pass and the gradient pass (fused_linear_sequence_loss_forward): three matmuls too.
+
+Why cuBLAS and not a Triton tensor-core matmul with the softmax fused into it: the three matmuls are the floor
+and cuBLAS runs them near the card's rate; fusing the row statistics into the logits matmul's epilogue would save
+one read of each chunk (~0.15 ms per 2048 x 152k bf16 chunk on an H200, of ~10 ms of matmuls), and computing the
+gradient inside the gradient matmuls' prologue would recompute exp() once per H tile (14-28x the exponentials).
 
 Plain torch around the row kernel, which is passed in (row_kernel): the Triton one on GPU (and on CPU under
 TRITON_INTERPRET=1); csrc/cpu/fused_linear.cpp is the same loop in C++ for the CPU ops.
@@ -76,10 +83,7 @@ def fused_linear_policy_loss_forward(
     logp = torch.empty(N, device=hidden.device, dtype=acc)
     entropy = torch.empty(N, device=hidden.device, dtype=acc)
     loss = torch.zeros((), device=hidden.device, dtype=acc)
-    grad_h = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
-    # Accumulated in the weight's dtype over few, large chunks (as Liger does): an fp32 copy would cost V*H*4 bytes.
-    grad_w = torch.zeros_like(weight) if compute_grad else hidden.new_empty(0)
-    grad_b = torch.zeros(V, device=hidden.device, dtype=acc) if compute_grad and bias is not None else None
+    grads = _Grads(hidden, weight, bias, acc) if compute_grad else None
     C = chunk_rows(N, V, hidden.dtype, chunk_size)
     for s in range(0, N, C):
         e = min(N, s + C)
@@ -95,13 +99,10 @@ def fused_linear_policy_loss_forward(
         logp[s:e] = lp.view(-1)
         entropy[s:e] = ent.view(-1)
         if compute_grad:
-            torch.mm(z, weight, out=grad_h[s:e])
-            grad_w.addmm_(z.t(), h)
-            if grad_b is not None:
-                grad_b += z.sum(0, dtype=acc)
+            grads.add(z, h, weight, s, e)
         del z, z3  # free this chunk's buffer before the next one is allocated
-    grad_b = hidden.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
-    return loss, logp, entropy, grad_h, grad_w, grad_b
+    none = [hidden.new_empty(0) for _ in range(3)]  # three tensors: a custom op's outputs may not alias
+    return (loss, logp, entropy, *(grads.result() if compute_grad else none))
 
 
 def fused_linear_logprobs_forward(hidden, weight, bias, labels, *, temperature, ignore_index, chunk_size,
@@ -127,6 +128,34 @@ def fused_linear_logprobs_forward(hidden, weight, bias, labels, *, temperature, 
     return logp, entropy
 
 
+class _Grads:
+    """grad_hidden (N, H), grad_weight (V, H) (accumulated over the chunks in the weight's dtype, as Liger does: an
+    fp32 copy would cost V * H * 4 bytes) and grad_bias (V,) of a chunked loop."""
+
+    def __init__(self, hidden, weight, bias, acc):
+        self.h = torch.empty_like(hidden)
+        self.w = torch.zeros_like(weight)
+        self.b = torch.zeros(weight.shape[0], device=hidden.device, dtype=acc) if bias is not None else None
+        self.bias_dtype = None if bias is None else bias.dtype
+
+    def add(self, dz, h, weight, s, e):
+        """dz (n, V) = d loss / d logits of hidden rows s:e (h): grad_hidden[s:e] = dz @ W, grad_W += dz.T @ h."""
+        torch.mm(dz, weight, out=self.h[s:e])
+        self.w.addmm_(dz.t(), h)
+        if self.b is not None:
+            self.b += dz.sum(0, dtype=self.b.dtype)
+
+    def result(self):
+        return self.h, self.w, self.h.new_empty(0) if self.b is None else self.b.to(self.bias_dtype)
+
+
+def _grad_from_coef(rows, z, labels, coef, *, temperature, ignore_index):
+    """Overwrites the logits chunk z (n, V) with coef (onehot - p) / T (coef (n,) = dL/dlogp)."""
+    z3 = z.unsqueeze(0)
+    rows(z3, z3, labels.view(1, -1), None, coef.view(1, -1), None, None, temperature=temperature,
+         ignore_index=ignore_index, coef_given=True, write_grad=True)  # fmt: skip
+
+
 def fused_linear_logprobs_backward(grad_logprobs, hidden, weight, bias, labels, *, temperature, ignore_index,
                                    chunk_size, use_triton):  # fmt: skip
     """d (sum_i g_i logp_i) w.r.t. hidden (N, H), weight (V, H) and bias (V,) ((0,) when None): the logits chunks
@@ -136,20 +165,49 @@ def fused_linear_logprobs_backward(grad_logprobs, hidden, weight, bias, labels, 
     rows = row_kernel(use_triton)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     g = grad_logprobs.to(acc).contiguous()
-    grad_h = torch.empty_like(hidden)
-    grad_w = torch.zeros_like(weight)
-    grad_b = torch.zeros(V, device=hidden.device, dtype=acc) if bias is not None else None
+    grads = _Grads(hidden, weight, bias, acc)
     C = chunk_rows(N, V, hidden.dtype, chunk_size)
     for s in range(0, N, C):
         e = min(N, s + C)
         h = hidden[s:e]
         z = _logits(h, weight, bias)
+        _grad_from_coef(rows, z, labels[s:e], g[s:e], temperature=temperature, ignore_index=ignore_index)
+        grads.add(z, h, weight, s, e)
+        del z
+    return grads.result()
+
+
+def sequence_chunk_rows(N: int, T: int, V: int, dtype: torch.dtype, chunk_size: int | None) -> int:
+    """Rows per chunk holding whole sequences of T tokens (0 when one sequence exceeds the chunk budget)."""
+    return chunk_rows(N, V, dtype, chunk_size) // T * T if T > 0 else 0
+
+
+def fused_linear_sequence_loss_forward(hidden, weight, bias, labels, coef_of, *, seq_len, chunk, temperature,
+                                       ignore_index, use_triton):  # fmt: skip
+    """Sequence-level losses (the GSPO family) in three matmuls: a token's dL/dlogp depends on its whole sequence
+    and on no other, so chunks of whole sequences (``chunk`` rows, a multiple of ``seq_len``) get their logits, the
+    log-probs, then the coefficients coef_of(s, e, logp[s:e]) -> (e - s,), the gradient in place and the two
+    gradient matmuls, without recomputing the logits in a backward.
+    hidden (N, H), labels (N,) -> logp (N,), entropy (N,), grad_hidden, grad_weight, grad_bias ((0,) without bias)."""
+    N = hidden.shape[0]
+    rows = row_kernel(use_triton)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = torch.empty(N, device=hidden.device, dtype=acc)
+    entropy = torch.empty(N, device=hidden.device, dtype=acc)
+    grads = _Grads(hidden, weight, bias, acc)
+    assert chunk > 0 and chunk % seq_len == 0
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        h = hidden[s:e]
+        z = _logits(h, weight, bias)
         z3 = z.unsqueeze(0)
-        rows(z3, z3, labels[s:e].view(1, -1), None, g[s:e].view(1, -1), None, None, temperature=temperature,
-             ignore_index=ignore_index, coef_given=True, write_grad=True)  # fmt: skip
-        torch.mm(z, weight, out=grad_h[s:e])
-        grad_w.addmm_(z.t(), h)
-        if grad_b is not None:
-            grad_b += z.sum(0, dtype=acc)
+        _, lp, ent = rows(z3, z3, labels[s:e].view(1, -1), None, logp.new_zeros(1, e - s), None, None,
+                          temperature=temperature, ignore_index=ignore_index, coef_given=True,
+                          write_grad=False)  # fmt: skip
+        logp[s:e] = lp.view(-1)
+        entropy[s:e] = ent.view(-1)
+        coef = coef_of(s, e, logp[s:e]).to(acc).contiguous()
+        _grad_from_coef(rows, z, labels[s:e], coef, temperature=temperature, ignore_index=ignore_index)
+        grads.add(z, h, weight, s, e)
         del z, z3
-    return grad_h, grad_w, hidden.new_empty(0) if grad_b is None else grad_b.to(bias.dtype)
+    return (logp, entropy, *grads.result())
