@@ -1,13 +1,17 @@
-"""Launch-configuration sweep of the Triton token_logprobs forward on a GPU (BLOCK_V x num_warps), against the
-copy bandwidth, to choose the defaults in triton_kernels/token_logprobs.py. Run by scripts/gpu_check.sh.
+"""Launch-configuration sweeps on a GPU, against the copy bandwidth: the Triton token_logprobs forward (BLOCK_V x
+num_warps; the defaults in triton_kernels/token_logprobs.py), then the policy loss's long-row layouts (the two-pass
+Triton kernel's tile x num_warps, and the Hopper cluster kernel where it runs; triton_kernels/policy_loss.py),
+each with a separate gradient buffer and in place. Run by scripts/gpu_check.sh.
 
     python benchmarks/sweep_token_logprobs.py [B T V]
 """
 
+import os
 import sys
 
 import torch
 import triton.testing
+from credit_ops.triton_kernels import policy_loss as pl
 from credit_ops.triton_kernels.token_logprobs import token_logprobs_forward
 
 
@@ -29,6 +33,35 @@ def main():
             return_mode="median",
         )
         print(f"{entropy!s:7} {block:5} {warps:5} {ms:7.3f}  {nbytes / ms / 1e6 / copy_bw:.3f}")
+    sweep_policy_loss(logits.contiguous(), labels, copy_bw)
+
+
+def sweep_policy_loss(logits, labels, copy_bw):
+    """dapo loss + gradient over (B, T, V) logits: each layout forced; bytes = one read + one write (the floor)."""
+    B, T, V = logits.shape
+    tok = [torch.randn(B, T, device="cuda") for _ in range(2)]
+    with torch.no_grad():
+        cur = token_logprobs_forward(logits, labels, 1.0, -100, False)[0]
+    args = (labels, tok[0], tok[1].sigmoid() / (B * T), cur + 0.1, cur - 0.1)
+    kw = dict(temperature=1.0, ignore_index=-100, eps_low=0.2, eps_high=0.28, beta=0.04, kl_type=3)
+    grad = torch.empty_like(logits)
+    scratch = logits.clone()
+    nbytes = 2 * logits.numel() * logits.element_size()
+    print("policy layout tile warps inplace   ms   frac_of_copy (one read + one write)")
+    configs = [("two_pass", t, w) for t in (2048, 4096, 8192) for w in (4, 8, 16)]
+    if pl.cluster_ok(logits):
+        configs.append(("cluster", 0, 0))
+    default = (pl._TILE, pl._TILE_WARPS)
+    for layout, tile, warps in configs:
+        os.environ["CREDIT_OPS_ROWS_LAYOUT"] = layout
+        pl._TILE, pl._TILE_WARPS = (tile, warps) if tile else default
+        for inplace in (False, True):
+            x, g = (scratch, scratch) if inplace else (logits, grad)  # in place: later runs read gradients (same work)
+            ms = triton.testing.do_bench(lambda x=x, g=g: pl.policy_loss_forward(x, *args, grad=g, **kw),
+                                         return_mode="median")  # fmt: skip
+            print(f"policy {layout:9} {tile:5} {warps:5} {inplace!s:7} {ms:7.3f}  {nbytes / ms / 1e6 / copy_bw:.3f}")
+    pl._TILE, pl._TILE_WARPS = default
+    os.environ.pop("CREDIT_OPS_ROWS_LAYOUT")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,11 @@ if [[ $STAGES == *tests* ]]; then
 fi
 
 if [[ $STAGES == *sweep* ]]; then
-  timeout ${SWEEP_TIMEOUT:-90} $PY benchmarks/sweep_token_logprobs.py >"$OUT/sweep.txt" 2>&1
+  timeout ${SWEEP_TIMEOUT:-150} $PY benchmarks/sweep_token_logprobs.py >"$OUT/sweep.txt" 2>&1
   echo "sweep: rc=$? $(head -1 "$OUT/sweep.txt")"
   echo "best (entropy block warps ms frac):"; grep -E "^(True|False)" "$OUT/sweep.txt" | sort -k1,1 -k4,4n | awk '!seen[$1]++'
+  echo "policy loss, fastest per (layout, in place):"
+  grep -E "^policy (two_pass|cluster)" "$OUT/sweep.txt" | sort -k2,2 -k5,5 -k6,6n | awk '!seen[$2 $5]++'
 fi
 
 if [[ $STAGES == *bench* ]]; then

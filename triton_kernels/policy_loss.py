@@ -26,7 +26,7 @@ _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)
 _ONE_TILE_MAX = 16384  # rows up to this many logits are held in registers (one read)
-_TILE, _TILE_INTERPRET = 4096, 1024  # streaming tile for longer rows
+_TILE, _TILE_INTERPRET, _TILE_WARPS = 4096, 1024, 8  # streaming tile for longer rows (benchmarks/sweep_* tunes it)
 
 KL_TYPES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 
@@ -154,7 +154,7 @@ def _config(V: int, interpret: bool) -> tuple[bool, int, int]:
     block = triton.next_power_of_2(max(V, 1))
     if block <= _ONE_TILE_MAX:
         return True, block, max(1, min(16, block // 512))
-    return False, _TILE_INTERPRET if interpret else _TILE, 8
+    return False, _TILE_INTERPRET if interpret else _TILE, _TILE_WARPS
 
 
 def policy_loss_forward(
