@@ -37,9 +37,9 @@ def check(cond: bool, msg: str) -> None:
 
 def tensor(name: str, x, *, dtypes=None, dim=None, min_dim=None) -> None:
     check(isinstance(x, torch.Tensor), f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if dtypes is not None:
+    if dtypes is not None and x.dtype not in dtypes:  # the message is built only on failure (this runs per call)
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        check(x.dtype in dtypes, f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
+        check(False, f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
     if dim is not None:
         check(x.dim() == dim, f"{name} must have {dim} dimensions, got shape {tuple(x.shape)}")
     if min_dim is not None:
