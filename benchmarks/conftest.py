@@ -55,6 +55,8 @@ def measure(benchmark, fn, *, bytes_moved=None, ceiling=None, rounds=None, **inf
         sync()
 
     benchmark.pedantic(run, rounds=rounds or (20 if DEVICE == "cuda" else 5), iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing was timed
+        return
     median = benchmark.stats.stats.median
     info["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     info["torch"] = torch.__version__
