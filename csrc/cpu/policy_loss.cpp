@@ -64,23 +64,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rows(const at::Tensor& gra
                                                            const std::optional<at::Tensor>& ref_logprobs,
                                                            double temperature, int64_t ignore_index,
                                                            const LossParams& params) {
-  TORCH_CHECK(logits.dim() == 3 && logits.stride(2) == 1, "policy_loss: logits must be (B, T, V), unit stride in V");
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1),
-              "policy_loss: labels must be (B, T)");
-  TORCH_CHECK(temperature > 0, "policy_loss: temperature must be > 0");
+  pl::check_rows(grad, logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, params);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
-  if (params.write_grad)
-    TORCH_CHECK(grad.sizes() == logits.sizes() && grad.is_contiguous() && grad.scalar_type() == logits.scalar_type(),
-                "policy_loss: grad must be a contiguous tensor like logits");
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor y = labels.contiguous();
   const at::Tensor w = weights.to(acc_dtype).contiguous();
   const at::Tensor adv = opt_as(advantages, acc_dtype), old = opt_as(old_logprobs, acc_dtype),
                    ref = opt_as(ref_logprobs, acc_dtype);
-  TORCH_CHECK(w.numel() == N, "policy_loss: weights must be (B, T)");
-  TORCH_CHECK(params.coef_given || adv.numel() == N, "policy_loss: advantages must be (B, T)");
-  TORCH_CHECK(params.on_policy || old.numel() == N, "policy_loss: old_logprobs must be (B, T)");
-  TORCH_CHECK(params.kl_type == 0 || ref.numel() == N, "policy_loss: ref_logprobs must be (B, T) when beta != 0");
   auto opts = logits.options().dtype(acc_dtype);
   at::Tensor loss_tok = at::zeros({B, T}, opts), logp = at::empty({B, T}, opts), entropy = at::empty({B, T}, opts);
 
@@ -144,16 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rows(const at::Tensor& gra
   return {loss_tok.sum(), logp, entropy};
 }
 
-LossParams make_params(double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_type,
-                       bool on_policy, bool coef_given, bool write_grad) {
-  TORCH_CHECK(kl_type >= 0 && kl_type <= 3, "policy_loss: kl_type must be 0..3");
-  return LossParams{1.0 - eps_low, 1.0 + eps_high, dual_clip, beta, beta != 0.0 ? kl_type : 0,
-                    on_policy, coef_given, write_grad};
-}
-
 namespace {
 
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+using pl::present;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& advantages, const at::Tensor& weights,

@@ -5,14 +5,12 @@
 #include <optional>
 #include <tuple>
 
-#include "core/policy_loss.h"
+#include "policy_loss_args.h"
 
 namespace credit::cpu {
 
 using core::LossParams;
-
-LossParams make_params(double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_type,
-                       bool on_policy, bool coef_given, bool write_grad);
+using pl::make_params;
 
 // logits (B, T, V) with unit stride along V; grad (B, T, V) contiguous, or logits itself (overwritten with the
 // gradient); per-token tensors (B, T). coef_given: weights are dL/dlogp. -> loss (), logprobs, entropy (B, T).

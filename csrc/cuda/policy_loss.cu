@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "cuda/policy_loss_cluster.cuh"
+#include "policy_loss_args.h"
 
 namespace credit::cuda {
 namespace {
@@ -167,8 +168,8 @@ bool aligned16(const at::Tensor& t) {
          (t.stride(1) * e) % 16 == 0;
 }
 
-// Why the cluster kernel cannot take these logits ("" when it can).
-std::string unsupported(const at::Tensor& logits) {
+// Why the cluster kernel cannot take these logits ("" when it can); its layout in *lay when it can.
+std::string unsupported(const at::Tensor& logits, Layout* lay = nullptr) {
   if (!logits.is_cuda()) return "logits are not on a CUDA device";
   const auto prop = at::cuda::getDeviceProperties(logits.get_device());
   if (prop->major != 9) return "the cluster kernel is built for Hopper (sm_90) only";
@@ -176,15 +177,16 @@ std::string unsupported(const at::Tensor& logits) {
   if (!supported_dtype(logits)) return "logits must be float32, bfloat16 or float16";
   if (!aligned16(logits) || (logits.size(2) * logits.element_size()) % 16 != 0)
     return "logits rows (and so V * element size) must be 16-byte aligned";
-  const Layout lay = plan(logits.size(2), logits.element_size(), smem_budget(logits.get_device()));
-  if (lay.cluster == 0) return "the vocabulary does not fit 8 CTAs' shared memory";
+  const Layout l = plan(logits.size(2), logits.element_size(), smem_budget(logits.get_device()));
+  if (l.cluster == 0) return "the vocabulary does not fit 8 CTAs' shared memory";
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, policy_rows_cluster_kernel<float>) != cudaSuccess) {
     (void)cudaGetLastError();
     return "the extension was built without sm_90a (TORCH_CUDA_ARCH_LIST)";
   }
-  if (max_active_clusters(logits.get_device(), logits.element_size(), lay) < 1)
+  if (max_active_clusters(logits.get_device(), logits.element_size(), l) < 1)
     return "no cluster of this size fits the device";
+  if (lay) *lay = l;
   return "";
 }
 
@@ -198,7 +200,7 @@ void launch(const RowArgs& args, int64_t rows, const Layout& lay, cudaStream_t s
 }
 
 const float* f32_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) {
-  if (!t.has_value() || !t->defined()) return nullptr;
+  if (!pl::present(t)) return nullptr;
   keep = t->to(at::kFloat).contiguous();
   return keep.const_data_ptr<float>();
 }
@@ -208,24 +210,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_rows_cuda(
     const at::Tensor& weights, const std::optional<at::Tensor>& old_logprobs,
     const std::optional<at::Tensor>& ref_logprobs, double temperature, int64_t ignore_index, double eps_low,
     double eps_high, double dual_clip, double beta, int64_t kl_type, bool coef_given, bool write_grad) {
-  const std::string why = unsupported(logits);
+  Layout lay;
+  const std::string why = unsupported(logits, &lay);
   TORCH_CHECK(why.empty(), "policy_loss_rows_ (CUDA cluster kernel): ", why,
               "; the Triton kernels (credit_ops.use_backend('triton')) run on every GPU");
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1),
-              "policy_loss_rows_: labels must be (B, T) like logits");
-  TORCH_CHECK(labels.scalar_type() == at::kInt || labels.scalar_type() == at::kLong,
-              "policy_loss_rows_: labels must be int32 or int64");
-  TORCH_CHECK(temperature > 0, "policy_loss_rows_: temperature must be > 0");
-  TORCH_CHECK(kl_type >= 0 && kl_type <= 3, "policy_loss_rows_: kl_type must be 0..3");
+  const bool on_policy = !pl::present(old_logprobs);
+  const core::LossParams params =
+      pl::make_params(eps_low, eps_high, dual_clip, beta, kl_type, on_policy, coef_given, write_grad);
+  pl::check_rows(grad, logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, params);
+  TORCH_CHECK(!write_grad || reinterpret_cast<uintptr_t>(grad.data_ptr()) % 16 == 0,
+              "policy_loss_rows_: grad must be 16-byte aligned");
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
-  if (write_grad)
-    TORCH_CHECK(grad.sizes() == logits.sizes() && grad.is_contiguous() && grad.scalar_type() == logits.scalar_type()
-                    && grad.device() == logits.device() && reinterpret_cast<uintptr_t>(grad.data_ptr()) % 16 == 0,
-                "policy_loss_rows_: grad must be a contiguous, 16-byte aligned tensor like logits");
-  TORCH_CHECK(weights.numel() == N, "policy_loss_rows_: weights must be (B, T)");
-  const bool on_policy = !(old_logprobs.has_value() && old_logprobs->defined());
-  TORCH_CHECK(coef_given || (advantages.has_value() && advantages->numel() == N),
-              "policy_loss_rows_: advantages must be (B, T)");
   c10::cuda::CUDAGuard guard(logits.device());
 
   at::Tensor y = labels.contiguous(), w = weights.to(at::kFloat).contiguous(), adv, old, ref;
@@ -240,8 +235,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_rows_cuda(
   args.weights = w.const_data_ptr<float>();
   args.old = on_policy ? nullptr : f32_or_null(old_logprobs, old);
   args.ref = f32_or_null(ref_logprobs, ref);
-  TORCH_CHECK(kl_type == 0 || beta == 0.0 || args.ref != nullptr,
-              "policy_loss_rows_: ref_logprobs are needed when beta != 0");
   args.loss = loss_tok.mutable_data_ptr<float>();
   args.logp = logp.mutable_data_ptr<float>();
   args.entropy = entropy.mutable_data_ptr<float>();
@@ -249,12 +242,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_rows_cuda(
   args.ignore_index = ignore_index;
   args.scale = static_cast<float>(cuda_kernels::kLog2e / temperature);
   args.inv_t = static_cast<float>(1.0 / temperature);
-  args.params = core::LossParams{1.0 - eps_low, 1.0 + eps_high, dual_clip, beta, beta != 0.0 ? kl_type : 0,
-                                 on_policy, coef_given, write_grad};
+  args.params = params;
+  args.slice = lay.slice;
   if (N > 0) {
     TORCH_CHECK(N <= (int64_t(1) << 28), "policy_loss_rows_: at most 2^28 rows per call");
-    const Layout lay = plan(V, logits.element_size(), smem_budget(logits.get_device()));
-    args.slice = lay.slice;
     auto stream = c10::cuda::getCurrentCUDAStream();
     switch (logits.scalar_type()) {
       case at::kBFloat16:
