@@ -80,12 +80,16 @@ def _fused_linear_policy_loss_setup(ctx, inputs, output):
     ctx.save_for_backward(output[3], output[4], output[5])
 
 
+def head_grads(ctx, grad_loss):
+    """(hidden, weight, bias) gradients of a fused-head loss whose forward saved them: scaled by grad_loss."""
+    gh, gw, gb = ctx.saved_tensors
+    return scale_grad(gh, grad_loss), scale_grad(gw, grad_loss), scale_grad(gb, grad_loss) if ctx.has_bias else None
+
+
 def _fused_linear_policy_loss_backward(ctx, grad_loss, _g1, _g2, _g3, _g4, _g5):
     if not ctx.computed:  # called without compute_grad: the forward computed no gradient to hand back
         return (None,) * 17
-    gh, gw, gb = ctx.saved_tensors
-    gb = scale_grad(gb, grad_loss) if ctx.has_bias else None
-    return (scale_grad(gh, grad_loss), scale_grad(gw, grad_loss), gb) + (None,) * 14
+    return head_grads(ctx, grad_loss) + (None,) * 14
 
 
 def _fused_linear_logprobs_setup(ctx, inputs, output):

@@ -699,29 +699,28 @@ def policy_loss(
 
 class _FusedSequenceLoss(torch.autograd.Function):
     """The GSPO family through the fused LM head in three matmuls (fused_linear_sequence_loss_forward): gradients
-    computed in the forward, chunk by chunk of whole sequences; the backward only scales them."""
+    computed in the forward, chunk by chunk of whole sequences; the backward only scales them. Returns the loss and
+    the (detached) statistics' values."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, run):
-        loss, logp, ent, gh, gw, gb = run()
+        loss, stats, gh, gw, gb = run()
         ctx.has_bias = bias is not None
         ctx.save_for_backward(gh, gw, gb)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(logp, ent)
-        return loss, logp, ent
+        ctx.mark_non_differentiable(*stats)
+        return loss, *stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _g1, _g2):
-        from credit_ops._autograd import scale_grad
+    def backward(ctx, grad_loss, *_grad_stats):
+        from credit_ops._autograd import head_grads
 
-        gh, gw, gb = ctx.saved_tensors
-        gb = scale_grad(gb, grad_loss) if ctx.has_bias else None
-        return scale_grad(gh, grad_loss), scale_grad(gw, grad_loss), gb, None
+        return *head_grads(ctx, grad_loss), None
 
 
 def _fused_sequence_loss(h, weight, bias, labels_eff, validf, adv, old, ref, g, kw, chunk, temperature, ignore_index,
                          backend):  # fmt: skip
-    """(loss, logp (B, T), entropy (B, T)) of a GSPO-family loss, differentiable w.r.t. h, weight, bias."""
+    """(loss, stats) of a GSPO-family loss, the loss differentiable w.r.t. h, weight, bias."""
     from credit_ops.triton_kernels.fused_linear import fused_linear_sequence_loss_forward
 
     B, T = labels_eff.shape
@@ -745,12 +744,13 @@ def _fused_sequence_loss(h, weight, bias, labels_eff, validf, adv, old, ref, g, 
             h, weight, bias, labels_eff.reshape(-1), coef_of, seq_len=T, chunk=chunk, temperature=temperature,
             ignore_index=ignore_index, use_triton=backend == "triton",
         )  # fmt: skip
-        logp, ent = logp.view(B, T), ent.view(B, T)
-        loss, _ = reference.policy_loss_from_logprobs(logp, ent, validf, adv, old_logprobs=old, ref_logprobs=ref,
-                                                      gates=g, **kw)  # fmt: skip
-        return loss, logp, ent, gh, gw, gb
+        loss, stats = reference.policy_loss_from_logprobs(logp.view(B, T), ent.view(B, T), validf, adv,
+                                                          old_logprobs=old, ref_logprobs=ref, gates=g,
+                                                          **kw)  # fmt: skip
+        return loss, tuple(stats[k] for k in reference.STAT_NAMES), gh, gw, gb
 
-    return _FusedSequenceLoss.apply(h, weight, bias, run)
+    loss, *values = _FusedSequenceLoss.apply(h, weight, bias, run)
+    return loss, dict(zip(reference.STAT_NAMES, values, strict=True))
 
 
 def _fl_op(name: str, backend: str):
@@ -900,11 +900,8 @@ def fused_linear_policy_loss(
 
         chunk = sequence_chunk_rows(h.shape[0], labels.shape[1], V, h.dtype, chunk_size)
         if needs_grad and chunk > 0 and not torch.compiler.is_compiling():
-            loss, logp, ent = _fused_sequence_loss(h, weight, bias, labels_eff, validf, adv, old, ref, g, kw, chunk,
-                                                   float(temperature), int(ignore_index), backend)  # fmt: skip
-            _, stats = reference.policy_loss_from_logprobs(logp, ent, validf, adv, old_logprobs=old, ref_logprobs=ref,
-                                                           gates=g, **kw)  # fmt: skip
-            return loss, stats
+            return _fused_sequence_loss(h, weight, bias, labels_eff, validf, adv, old, ref, g, kw, chunk,
+                                        float(temperature), int(ignore_index), backend)  # fmt: skip
         # No gradient wanted, traced, or a sequence longer than a chunk: log-probs now, the gradient in a backward
         # that recomputes the logits (four matmuls).
         logp, ent = _fl_op("fused_linear_logprobs_fwd", backend)(h, weight, bias, labels_eff.reshape(-1),

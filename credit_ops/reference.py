@@ -106,6 +106,9 @@ def policy_token_ratio(logp, old_logp, valid, gates, loss_type):
     return s.expand_as(logp)
 
 
+STAT_NAMES = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl_mean", "entropy_mean", "num_tokens")
+
+
 def policy_loss_stats(ratio, adv, logp, ref_logp, entropy, valid, *, eps_low, eps_high, kl_type) -> dict:
     """Detached masked means over valid tokens: clip fractions (TRL's definitions), ratio, KL, entropy."""
     with torch.no_grad():
@@ -116,8 +119,7 @@ def policy_loss_stats(ratio, adv, logp, ref_logp, entropy, valid, *, eps_low, ep
         terms = torch.stack([t.to(valid.dtype) for t in (low, high, low | high, ratio, kl, entropy)])
         n = valid.sum()
         means = (terms * valid).flatten(1).sum(1) / n.clamp(min=1.0)
-        names = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl_mean", "entropy_mean")
-        return {**dict(zip(names, means.unbind(), strict=True)), "num_tokens": n}
+        return dict(zip(STAT_NAMES, (*means.unbind(), n), strict=True))
 
 
 def policy_loss_from_logprobs(
