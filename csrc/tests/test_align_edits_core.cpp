@@ -7,10 +7,12 @@
 #include <vector>
 
 #include "core/align_edits.h"
+#include "tests/align_edits_testing.h"
 
 using credit::core::AlignWorkspace;
 using credit::core::EditOutputs;
 using credit::core::InsertAnchor;
+using credit::testing::mutate;
 
 namespace {
 
@@ -84,18 +86,6 @@ Result fast(const std::vector<int64_t>& a, const std::vector<int64_t>& b, Insert
   for (int64_t t = 0; t < n; ++t) r.ma[t] = ma[t];
   for (int64_t t = 0; t < m; ++t) r.mb[t] = mb[t];
   return r;
-}
-
-std::vector<int64_t> mutate(std::mt19937_64& g, std::vector<int64_t> b, double rate, int64_t vocab) {
-  const int64_t edits = static_cast<int64_t>(rate * b.size() + 0.5);
-  for (int64_t e = 0; e < edits; ++e) {
-    const int op = g() % 3;
-    const size_t pos = g() % (b.size() + 1);
-    if (op == 0 && pos < b.size()) b.erase(b.begin() + pos);
-    else if (op == 1) b.insert(b.begin() + pos, static_cast<int64_t>(g() % vocab));
-    else if (pos < b.size()) b[pos] = static_cast<int64_t>(g() % vocab);
-  }
-  return b;
 }
 
 int failures = 0;

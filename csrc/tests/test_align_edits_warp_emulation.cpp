@@ -75,9 +75,11 @@ using std::min;
 
 #include "core/align_edits.h"
 #include "cuda/align_edits_kernel.cuh"
+#include "tests/align_edits_testing.h"
 
 namespace ck = credit::cuda_kernels;
 namespace core = credit::core;
+using credit::testing::mutate;
 
 namespace {
 
@@ -147,18 +149,6 @@ void run_and_compare(const Batch& x, int anchor, int64_t warp_budget, int64_t nu
                    static_cast<long>(r), static_cast<long>(n), static_cast<long>(m), anchor, dist[r],
                    static_cast<long>(d));
   }
-}
-
-std::vector<int64_t> mutate(std::mt19937_64& g, std::vector<int64_t> b, double rate, int64_t vocab) {
-  const int64_t edits = static_cast<int64_t>(rate * b.size() + 0.5);
-  for (int64_t e = 0; e < edits; ++e) {
-    const int op = g() % 3;
-    const size_t pos = g() % (b.size() + 1);
-    if (op == 0 && pos < b.size()) b.erase(b.begin() + pos);
-    else if (op == 1) b.insert(b.begin() + pos, static_cast<int64_t>(g() % vocab));
-    else if (pos < b.size()) b[pos] = static_cast<int64_t>(g() % vocab);
-  }
-  return b;
 }
 
 std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> random_pairs(std::mt19937_64& g, int count,
