@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from credit_ops import _checks
+from credit_ops.reference import ALGORITHMS
 from credit_ops.ops import (
     _check_group_ids,
     _check_rewards,
@@ -45,19 +46,6 @@ from credit_ops.ops import (
     token_advantages,
     truncate_regions,
 )
-
-__all__ = ["ALGORITHMS", "CreditAssignment", "credit_assign", "group_advantages", "ibpo_shaping", "token_advantages"]
-
-# masks: token credit from edit masks and repair rows; shaping: IBPO's R' = R + lam * phi; mode: group norm.
-ALGORITHMS = {
-    "grpo": dict(masks=False, shaping=False, mode="grpo", correct_in_loss=True),
-    "dapo": dict(masks=False, shaping=False, mode="grpo", correct_in_loss=True),
-    "dr_grpo": dict(masks=False, shaping=False, mode="dr_grpo", correct_in_loss=True),
-    "ibpo": dict(masks=True, shaping=True, mode="grpo", correct_in_loss=True),
-    "diff_feedback": dict(masks=True, shaping=False, mode="grpo", correct_in_loss=True),
-    "iop": dict(masks=True, shaping=False, mode="grpo", correct_in_loss=False),
-}
-
 
 class CreditAssignment(NamedTuple):
     """What ``policy_loss`` needs for one rollout batch, plus diagnostics. N samples, M repair slots.

@@ -307,6 +307,16 @@ def truncate_regions(mask: Tensor, regions: Tensor, k) -> Tensor:
 
 # ---- advantages (SPEC §1, steps 5-6)
 ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch")
+# The algorithm table (docs/method.md §1). masks: token credit from edit masks and repair rows; shaping: IBPO's
+# R' = R + lam * phi; mode: the group normalisation; correct_in_loss: False drops correct samples (IOP).
+ALGORITHMS = {
+    "grpo": dict(masks=False, shaping=False, mode="grpo", correct_in_loss=True),
+    "dapo": dict(masks=False, shaping=False, mode="grpo", correct_in_loss=True),
+    "dr_grpo": dict(masks=False, shaping=False, mode="dr_grpo", correct_in_loss=True),
+    "ibpo": dict(masks=True, shaping=True, mode="grpo", correct_in_loss=True),
+    "diff_feedback": dict(masks=True, shaping=False, mode="grpo", correct_in_loss=True),
+    "iop": dict(masks=True, shaping=False, mode="grpo", correct_in_loss=False),
+}
 
 
 def group_advantages(
@@ -453,8 +463,6 @@ def credit_assign(
     ``align`` computes the diffs (default: this module's align_edits); everything after it is independent of
     the fused pipeline. Returns a dict with the CreditAssignment field names (metrics as Python floats)."""
     from collections import defaultdict
-
-    from credit_ops.credit_assign import ALGORITHMS
 
     cfg = ALGORITHMS[algorithm]
     mode = adv_mode or cfg["mode"]

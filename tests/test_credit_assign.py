@@ -8,7 +8,7 @@ import torch
 
 import credit_ops
 from credit_ops import reference
-from credit_ops.credit_assign import ALGORITHMS
+from credit_ops.reference import ALGORITHMS
 from tests.conftest import backend_devices
 
 PAIRS = [(b, d) for b, d in backend_devices() if b != "triton"]
