@@ -88,7 +88,7 @@ setup(
     version="0.1.0",
     description="Fused kernels and a thin trainer for process-level credit assignment in GRPO-style RL",
     python_requires=">=3.11",
-    packages=["credit_ops", "credit_ops.triton_kernels", "credit_ops.trainer"],
+    packages=["credit_ops", "credit_ops.ops", "credit_ops.triton_kernels", "credit_ops.trainer"],
     package_dir={
         "credit_ops": "credit_ops",
         "credit_ops.triton_kernels": "triton_kernels",

@@ -1,12 +1,13 @@
 """policy_loss forward+backward over logits: credit_ops vs eager PyTorch, torch.compile and (GPU) Liger-Kernel's
 triton_grpo_loss, side by side; time and peak extra memory.
 
-CPU: (4, 256, 32000). GPU: the ANCHORS.md shape, bf16 (8, 2049, 151936) model output, N = 16384 scored tokens
-(~5 GB). credit_ops and Liger take the full (B, T + 1, V) output (the last position dropped); credit_ops runs with
-per-token advantages and gates (Liger cannot take them: it runs with per-sequence advantages); "credit_ops_seq_adv"
-is the like-for-like row, "credit_ops_aligned_view" passes logits[:, :-1]; "credit_ops_two_pass" / "_cluster" force
-the long-row layout (the Hopper cluster kernel: GPU sm_90 only). Bytes counted = one read of the logits plus one
-write of the gradient (the 2-pass floor).
+CPU: (4, 256, 32000). GPU: the reference logits shape (benchmarks/results/README.md, "Shapes and targets"), bf16
+(8, 2049, 151936) model output, N = 16384 scored tokens (~5 GB). credit_ops and Liger take the full (B, T + 1, V)
+output (the last position dropped); credit_ops runs with per-token advantages and gates (Liger cannot take them: it
+runs with per-sequence advantages); "credit_ops_seq_adv" is the like-for-like row, "credit_ops_aligned_view" passes
+logits[:, :-1]; "credit_ops_two_pass" / "_cluster" force the long-row layout (the Hopper cluster kernel: GPU sm_90
+only). Bytes counted = one read of the logits plus one write of the gradient (the 2-pass floor). Target: >= 1.5x
+faster than Liger's per-sequence kernel.
 """
 
 import contextlib
@@ -14,11 +15,11 @@ import os
 
 import pytest
 import torch
-from credit_ops.triton_kernels.policy_loss import cluster_ok
 
 import credit_ops
 from benchmarks.conftest import DEVICE, measure
 from credit_ops import reference
+from credit_ops.ops.policy_loss import cluster_ok
 
 if DEVICE == "cuda":
     B, T, V, DTYPES = 8, 2048, 151936, [torch.bfloat16]

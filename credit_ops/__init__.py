@@ -17,21 +17,12 @@ except ImportError as e:  # pragma: no cover - only when the extension was never
 from credit_ops import _autograd, _meta, _triton_ops  # noqa: F401,E402,I001  (registration side effects)
 from credit_ops._backend import get_backend, use_backend  # noqa: E402
 from credit_ops._checks import set_value_checks  # noqa: E402
-from credit_ops.credit_assign import CreditAssignment, credit_assign  # noqa: E402
-from credit_ops.ops import (  # noqa: E402
-    AlignEdits,
-    align_edits,
-    fused_linear_logprobs,
-    fused_linear_policy_loss,
-    group_advantages,
-    ibpo_shaping,
-    policy_loss,
-    segment_steps,
-    step_masks,
-    token_advantages,
-    token_logprobs,
-    truncate_regions,
-)
+from credit_ops.ops.credit_assign import CreditAssignment, credit_assign  # noqa: E402
+from credit_ops.ops.advantages import group_advantages, ibpo_shaping, token_advantages  # noqa: E402
+from credit_ops.ops.align_edits import AlignEdits, align_edits, segment_steps, step_masks, truncate_regions  # noqa: E402
+from credit_ops.ops.fused_linear import fused_linear_logprobs, fused_linear_policy_loss  # noqa: E402
+from credit_ops.ops.policy_loss import policy_loss  # noqa: E402
+from credit_ops.ops.token_logprobs import token_logprobs  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -45,7 +45,7 @@ if _triton_ops.AVAILABLE:
     )
 
 
-# ---- policy_loss (issue 3): the forward ops already computed d loss / d inputs; backward only scales them.
+# ---- policy_loss : the forward ops already computed d loss / d inputs; backward only scales them.
 def scale_grad(grad, grad_output):
     """grad * grad_output (0-d). Eager calls skip the extra pass over grad when grad_output == 1 (the usual
     loss.backward()); that reads one scalar on the host. Traced or captured code always multiplies."""

@@ -1,14 +1,21 @@
 """Which implementation an op runs: the compiled kernels, the Triton kernels, or the pure-PyTorch reference.
 
-    auto       CPU tensors -> C++ kernels; CUDA tensors -> the op's GPU kernel (Triton or CUDA)
-    native     the compiled kernels: C++ on CPU, the op's GPU kernel (CUDA or Triton) on CUDA
+    auto       CPU tensors -> C++ kernels; CUDA tensors -> the op's GPU kernels
+    native     the compiled kernels: C++ on CPU, the op's GPU kernels on CUDA
     triton     the Triton kernels, also for CPU tensors when TRITON_INTERPRET=1 (how the tests run them)
     reference  credit_ops.reference: slow, obviously right, for debugging and as the test oracle
+
+The one rule (``resolve``): an op's GPU kernels are either Triton kernels (token_logprobs, policy_loss, the fused
+LM head) or CUDA kernels (align_edits, the advantage ops; the step ops are plain tensor code). An op with Triton
+kernels runs them on CUDA under "auto" and "native" too, and under "triton" on CPU tensors when the interpreter is
+on (an error otherwise). An op without Triton kernels runs its compiled kernels under every backend but
+"reference": "triton" is a preference for Triton kernels where an op has them, not a demand.
 
 Select with the CREDIT_OPS_BACKEND environment variable or ``with credit_ops.use_backend("reference"):``.
 """
 
 import contextlib
+import importlib.util
 import os
 import threading
 
@@ -44,20 +51,20 @@ def triton_interpreting() -> bool:
 
 
 def has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
-def pick(device, gpu: str = "triton") -> str:
-    """Resolve the backend for tensors on ``device``; ``gpu`` names the op's GPU implementation."""
+def resolve(device, *, triton: bool) -> str:
+    """"reference", "triton" or "native" for an op on tensors on ``device``; ``triton``: whether the op has Triton
+    kernels (they are then its GPU kernels). See the module docstring."""
     backend = get_backend()
     if backend == "reference":
         return "reference"
-    # An op has one GPU implementation: for a Triton op, "native" on CUDA means its Triton kernel.
-    if backend == "triton" or (device.type == "cuda" and gpu == "triton"):
+    if not triton:
+        return "native"
+    if backend == "triton" or device.type == "cuda":
+        if not has_triton():
+            raise RuntimeError("this op's GPU kernels are Triton kernels, and triton is not installed")
         if device.type != "cuda" and not triton_interpreting():
             raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
         return "triton"

@@ -49,7 +49,7 @@ def _align_edits_fake(a, a_lengths, b, b_lengths, insert_anchor):
 _register(["credit::align_edits"], _align_edits_fake)
 
 
-# ---- advantages (issue 5)
+# ---- advantages 
 def _adv_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -78,7 +78,7 @@ def _repair_advantages_fake(seq_adv, mask, repair_of, selected, lengths, starts)
     return new(), new()
 
 
-# ---- policy_loss (issue 3)
+# ---- policy_loss 
 def _policy_loss_fwd_fake(logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, ignore_index,
                           eps_low, eps_high, dual_clip, beta, kl_type, write_grad=True):  # fmt: skip
     new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))  # noqa: E731

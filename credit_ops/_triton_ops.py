@@ -33,13 +33,17 @@ if AVAILABLE:
         contiguous = [None if t is None else t.contiguous() for t in (grad_logprobs, grad_entropy, lse, entropy)]
         g, ge, lse, entropy = contiguous
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-        return _tlp.token_logprobs_backward(g, ge, logits, labels.contiguous(), lse, entropy, temperature,
-                                            ignore_index)  # fmt: skip
+        return _tlp.token_logprobs_backward(
+            g, ge, logits, labels.contiguous(), lse, entropy, temperature, ignore_index
+        )
 
 
-# ---- policy_loss (issue 3)
 if AVAILABLE:
-    from credit_ops.triton_kernels import policy_loss as _pl
+    from credit_ops.ops import fused_linear as _fl
+    from credit_ops.ops.policy_loss import rows_forward
+
+    def _c(t):
+        return None if t is None else t.contiguous()
 
     @torch.library.custom_op("credit::policy_loss_fwd_triton", mutates_args=())
     def policy_loss_fwd_triton(
@@ -59,22 +63,16 @@ if AVAILABLE:
         write_grad: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-        old, ref = (None if t is None else t.contiguous() for t in (old_logprobs, ref_logprobs))
-        loss, logp, ent, grad = _pl.policy_loss_forward(
-            logits, labels.contiguous(), advantages.contiguous(), weights.contiguous(), old, ref,
-            temperature=temperature, ignore_index=ignore_index, eps_low=eps_low, eps_high=eps_high,
-            dual_clip=dual_clip, beta=beta, kl_type=kl_type, write_grad=write_grad,
-        )  # fmt: skip
-        return loss, logp, ent, grad if write_grad else logits.new_empty(0)
+        grad = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype) if write_grad else logits
+        loss, logp, entropy = rows_forward(
+            grad, logits, labels.contiguous(), advantages.contiguous(), weights.contiguous(), _c(old_logprobs),
+            _c(ref_logprobs), use_triton=True, temperature=temperature, ignore_index=ignore_index, eps_low=eps_low,
+            eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type, write_grad=write_grad,
+        )
+        return loss, logp, entropy, grad if write_grad else logits.new_empty(0)
 
-
-    # The fused LM head on GPU: torch matmuls around the Triton row kernel (the C++ CPU ops are in
-    # csrc/cpu/fused_linear.cpp; these also run on CPU tensors under TRITON_INTERPRET=1).
-    from credit_ops.triton_kernels import fused_linear as _fl
-
-    def _c(t):
-        return None if t is None else t.contiguous()
-
+    # The fused LM head: the chunk loops of ops/fused_linear.py around the Triton row kernel (also on CPU tensors
+    # under TRITON_INTERPRET=1).
     @torch.library.custom_op("credit::fused_linear_policy_loss_fwd_triton", mutates_args=())
     def fused_linear_policy_loss_fwd_triton(
         hidden: Tensor,
@@ -95,12 +93,10 @@ if AVAILABLE:
         chunk_size: int,
         compute_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return _fl.fused_linear_policy_loss_forward(
-            hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(), _c(advantages), _c(weights),
-            _c(old_logprobs), _c(ref_logprobs), temperature=temperature, ignore_index=ignore_index, eps_low=eps_low,
-            eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type, chunk_size=chunk_size,
-            use_triton=True, compute_grad=compute_grad,
-        )  # fmt: skip
+        return _fl.policy_loss_forward(
+            hidden, weight, bias, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, ignore_index,
+            eps_low, eps_high, dual_clip, beta, kl_type, chunk_size, compute_grad, use_triton=True,
+        )
 
     @torch.library.custom_op("credit::fused_linear_logprobs_fwd_triton", mutates_args=())
     def fused_linear_logprobs_fwd_triton(
@@ -112,10 +108,7 @@ if AVAILABLE:
         ignore_index: int,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
-        return _fl.fused_linear_logprobs_forward(
-            hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(), temperature=temperature,
-            ignore_index=ignore_index, chunk_size=chunk_size, use_triton=True,
-        )  # fmt: skip
+        return _fl.logprobs_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, use_triton=True)
 
     @torch.library.custom_op("credit::fused_linear_logprobs_bwd_triton", mutates_args=())
     def fused_linear_logprobs_bwd_triton(
@@ -128,7 +121,6 @@ if AVAILABLE:
         ignore_index: int,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return _fl.fused_linear_logprobs_backward(
-            grad_logprobs, hidden.contiguous(), weight.contiguous(), _c(bias), labels.contiguous(),
-            temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size, use_triton=True,
-        )  # fmt: skip
+        return _fl.logprobs_backward(
+            grad_logprobs, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, use_triton=True
+        )

@@ -1,4 +1,4 @@
-"""Pure-PyTorch references: the spec (../shared/docs/SPEC.md) in code, the test oracle and the benchmark
+"""Pure-PyTorch references: the specification (docs/method.md) in code, the test oracle and the benchmark
 baseline. Slow and memory-hungry on purpose: every intermediate is materialised, nothing is fused.
 Selectable as a backend with ``credit_ops.use_backend("reference")``.
 """
@@ -11,7 +11,7 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-# ---- token_logprobs (SPEC §3)
+# ---- token_logprobs (docs/method.md §3)
 def token_logprobs(
     logits: Tensor,
     labels: Tensor,
@@ -33,7 +33,7 @@ def token_logprobs(
     return out, entropy
 
 
-# ---- policy_loss (SPEC §4)
+# ---- policy_loss (docs/method.md §4)
 TOKEN_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo")
 SEQUENCE_LOSSES = ("gspo", "gspo_token", "gated_gspo")
 LOSS_TYPES = TOKEN_LOSSES + SEQUENCE_LOSSES
@@ -93,7 +93,7 @@ def sequence_log_ratio(log_ratio: Tensor, weight: Tensor) -> Tensor:
 
 
 def policy_token_ratio(logp, old_logp, valid, gates, loss_type):
-    """Per-token importance ratio (B, T) of each loss type, differentiable w.r.t. logp as SPEC §4 defines."""
+    """Per-token importance ratio (B, T) of each loss type, differentiable w.r.t. logp as docs/method.md §4 defines."""
     log_ratio = logp - old_logp
     if loss_type in TOKEN_LOSSES:
         return torch.exp(log_ratio)
@@ -126,7 +126,7 @@ def policy_loss_from_logprobs(
     logp, entropy, valid, advantages, *, old_logprobs, ref_logprobs, gates, loss_type, eps_low, eps_high, dual_clip,
     beta, kl_type, agg, max_length,
 ):  # fmt: skip
-    """The loss of SPEC §4 from per-token log-probs (B, T) (differentiable), with every argument resolved:
+    """The loss of docs/method.md §4 from per-token log-probs (B, T) (differentiable), with every argument resolved:
     valid (B, T) float, advantages (B, T), gates (B, T) float or None, agg a name. Returns (loss, stats)."""
     # Padding may hold anything (-inf old log-probs, NaN advantages): invalid tokens get log-ratio 0, KL 0, A 0.
     vb = valid > 0
@@ -197,7 +197,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
                           return_entropy=return_entropy)  # fmt: skip
 
 
-# ---- align_edits (SPEC §2)
+# ---- align_edits (docs/method.md §2)
 def _levenshtein_matrix(A: list, B: list) -> list:
     """D[i][j] = unit-cost edit distance of A[:i] and B[:j], one vectorised row at a time."""
     ar = torch.arange(len(B) + 1)
@@ -305,7 +305,7 @@ def truncate_regions(mask: Tensor, regions: Tensor, k) -> Tensor:
     return mask.bool() & (regions >= 0) & (regions < k)
 
 
-# ---- advantages (SPEC §1, steps 5-6)
+# ---- advantages (docs/method.md §1, steps 5-6)
 ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch")
 # The algorithm table (docs/method.md §1). masks: token credit from edit masks and repair rows; shaping: IBPO's
 # R' = R + lam * phi; mode: the group normalisation; correct_in_loss: False drops correct samples (IOP).
@@ -352,11 +352,15 @@ def ibpo_shaping(
     threshold: float = 0.5,
 ) -> tuple[Tensor, Tensor]:
     """phi_i = mean over valid revisions k of rho * 1[i wrong and revision k correct]; R' = R + lam * phi."""
-    r = rewards.double()
     valid = revision_valid.bool()
-    n_valid = valid.sum(1).double()
-    n_correct = (revision_correct.bool() & valid).sum(1).double()
-    phi = torch.where((r < threshold) & (n_valid > 0), rho * n_correct / n_valid.clamp(min=1), 0.0)
+    n_correct = (revision_correct.bool() & valid).sum(1)
+    return ibpo_shaping_counts(rewards, n_correct, valid.sum(1), rho=rho, lam=lam, threshold=threshold)
+
+
+def ibpo_shaping_counts(rewards, n_correct, n_valid, *, rho, lam, threshold) -> tuple[Tensor, Tensor]:
+    """IBPO's shaping from per-sample counts: n_correct of the n_valid revisions of sample i are correct."""
+    r = rewards.double()
+    phi = torch.where((r < threshold) & (n_valid > 0), rho * n_correct.double() / n_valid.clamp(min=1).double(), 0.0)
     dtype = _stats_dtype(rewards)
     return (r + lam * phi).to(dtype), phi.to(dtype)
 

@@ -9,9 +9,7 @@ c_t (onehot - p) / T can be written at once. One program per row (_policy_loss_f
 On Hopper, long rows have a second layout, a CUDA kernel (csrc/cuda/policy_loss.cu, credit::policy_loss_rows_ on
 CUDA): a thread-block cluster per row whose CTAs hold the row's slices in shared memory and combine their softmax
 partials through distributed shared memory, so each logit is read once and its gradient written once (in place
-too). The driver times the layouts that can take a call once per shape and keeps the faster (_layout).
-(A Triton split-row kernel, P programs per row exchanging partials through global atomics with a streaming
-fallback, measured 11.9 ms against the two-pass kernel's 7.6 ms on an H200 and was removed.)
+too). credit_ops/ops/policy_loss.py (rows_forward) times the layouts that can take a call and keeps the faster.
 
 The same kernel, with the coefficient given (COEF_GIVEN), is the backward of a log-prob, and with WRITE_GRAD off it
 is a plain log-prob + entropy forward: the fused LM head uses all three on its logits chunks.
@@ -28,14 +26,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 _ONE_TILE_MAX = 16384  # rows up to this many logits are held in registers (one read)
 _TILE, _TILE_INTERPRET, _TILE_WARPS = 4096, 1024, 8  # streaming tile for longer rows (benchmarks/sweep_* tunes it)
 
-KL_TYPES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
-
 
 @triton.jit
 def _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, hi, dual_clip, beta,
                 ACC: tl.constexpr, COEF_GIVEN: tl.constexpr, ON_POLICY: tl.constexpr, KL_TYPE: tl.constexpr,
                 DUAL_CLIP: tl.constexpr, store_loss):  # fmt: skip
-    """c = w * dloss/dlogp of the token (SPEC §4 clipped surrogate + beta * KL); stores w * loss when store_loss."""
+    """c = w * dloss/dlogp of the token (docs/method.md §4 clipped surrogate + beta * KL); stores w * loss when store_loss."""
     w = tl.load(weight_ptr + row).to(ACC)
     if COEF_GIVEN:
         c = w
@@ -150,9 +146,14 @@ def _policy_loss_fwd_kernel(
                 tl.store(out + offs, g.to(out.dtype.element_ty), mask=offs < V)
 
 
+def one_tile(V: int) -> bool:
+    """Whether a row of V logits is held in registers (one read) rather than streamed in two passes."""
+    return triton.next_power_of_2(max(V, 1)) <= _ONE_TILE_MAX
+
+
 def _config(V: int, interpret: bool) -> tuple[bool, int, int]:
-    block = triton.next_power_of_2(max(V, 1))
-    if block <= _ONE_TILE_MAX:
+    if one_tile(V):
+        block = triton.next_power_of_2(max(V, 1))
         return True, block, max(1, min(16, block // 512))
     return False, _TILE_INTERPRET if interpret else _TILE, _TILE_WARPS
 
@@ -184,111 +185,15 @@ def policy_loss_forward(
         return logp.new_zeros(()), logp, entropy, grad
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    flags = dict(ACC=acc, COEF_GIVEN=coef_given, ON_POLICY=old_logprobs is None,
-                 KL_TYPE=kl_type if beta != 0.0 else 0, DUAL_CLIP=dual_clip > 0)  # fmt: skip
-    inplace = write_grad and (grad is logits or grad.data_ptr() == logits.data_ptr())
-
-    def layouts(logits, grad, labels, tok):
-        """The kernels that can take this call, as closures over their tensors (the call's, or a scratch copy of its
-        first rows for timing in place); tok = (advantages, weights, old, ref, loss_tok, logp, entropy)."""
-        adv, w, old, ref, loss_tok, logp, entropy = tok
-        B, T, _ = logits.shape
-        N = B * T
-        ptrs = (logp if adv is None else adv, logp if w is None else w, logp if old is None else old,
-                logp if ref is None else ref, loss_tok, logp, entropy)  # fmt: skip
-        scalars = (logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature, ignore_index,
-                   1.0 - eps_low, 1.0 + eps_high, dual_clip, beta)  # fmt: skip
-
-        def two_pass():
-            one_tile, block, warps = _config(V, interpret)
-            _policy_loss_fwd_kernel[(N,)](
-                logits, grad if write_grad else logits, labels, *ptrs, *scalars, **flags, WRITE_GRAD=write_grad,
-                ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
-            )  # fmt: skip
-
-        def cluster():  # the CUDA Hopper kernel (csrc/cuda/policy_loss.cu): the same outputs, its own loss sum
-            loss_c, lp, ent = torch.ops.credit.policy_loss_rows_(
-                grad, logits, labels, adv, w, old, ref, temperature, ignore_index, eps_low, eps_high, dual_clip, beta,
-                kl_type, coef_given, True,
-            )  # fmt: skip
-            logp.copy_(lp)
-            entropy.copy_(ent)
-            return loss_c
-
-        runs = {"two_pass": two_pass}
-        if write_grad and V > _ONE_TILE_MAX and logits.is_cuda and w is not None and cluster_ok(logits):
-            runs["cluster"] = cluster
-        return runs
-
-    def scratch_layouts():
-        """layouts() over a copy of the first (up to 2048) rows, for timing in place: every run overwrites the copy,
-        the later ones read gradients as logits (finite values; the same work)."""
-        n = min(N, 2048)
-        rows = lambda t: None if t is None else t.reshape(-1)[:n].view(1, n)  # noqa: E731
-        x = logits.reshape(N, V)[:n].clone().view(1, n, V)
-        outs = [torch.empty(1, n, device=logits.device, dtype=acc_dtype) for _ in range(3)]
-        tok = (rows(advantages), rows(weights), rows(old_logprobs), rows(ref_logprobs), *outs)
-        return layouts(x, x, rows(labels), tok)
-
-    tok = (advantages, weights, old_logprobs, ref_logprobs, loss_tok, logp, entropy)
-    runs = layouts(logits, grad, labels, tok)
-    loss = runs[_layout(runs, logits, N, V, inplace, scratch_layouts)]()
-    if coef_given:
-        loss = logp.new_zeros(())
-    elif loss is None:
-        loss = loss_tok.sum()
+    one_tile, block, warps = _config(V, interpret)
+    ptrs = (logp if advantages is None else advantages, logp if weights is None else weights,
+            logp if old_logprobs is None else old_logprobs, logp if ref_logprobs is None else ref_logprobs, loss_tok,
+            logp, entropy)  # fmt: skip
+    _policy_loss_fwd_kernel[(N,)](
+        logits, grad if write_grad else logits, labels, *ptrs, logits.stride(0), logits.stride(1), T, V,
+        _LOG2E / temperature, 1.0 / temperature, ignore_index, 1.0 - eps_low, 1.0 + eps_high, dual_clip, beta,
+        ACC=acc, COEF_GIVEN=coef_given, ON_POLICY=old_logprobs is None, KL_TYPE=kl_type if beta != 0.0 else 0,
+        DUAL_CLIP=dual_clip > 0, WRITE_GRAD=write_grad, ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
+    )  # fmt: skip
+    loss = logp.new_zeros(()) if coef_given else loss_tok.sum()
     return loss, logp, entropy, grad
-
-
-def cluster_ok(logits) -> bool:
-    """Whether the extension's Hopper cluster kernel takes these logits (sm_90, fp32/bf16/fp16, 16-byte rows)."""
-    import torch
-
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("credit::policy_loss_rows_", "CUDA"):
-        return False  # extension built without CUDA
-    return torch.ops.credit.policy_loss_cluster_ok(logits)
-
-
-LAYOUTS = ("two_pass", "cluster")
-_LAYOUT_CHOICE: dict = {}
-
-
-def _layout(runs, logits, N, V, inplace, scratch_layouts) -> str:
-    """Which of the long-row kernels to run: timed once per (device, dtype, V, row-count bucket, in place) on the
-    first CUDA call (a few launches and one synchronisation, once). A call that writes a separate gradient times the
-    kernels on its own tensors (all write the same outputs); an in-place call (the logits become the gradient: a
-    second run would read it as logits) times them on a copy of its first rows (scratch_layouts).
-    CREDIT_OPS_ROWS_LAYOUT=two_pass / cluster forces one. A CUDA graph capture takes the cached choice or the
-    two-pass kernel (no timing while capturing)."""
-    import torch
-
-    forced = os.environ.get("CREDIT_OPS_ROWS_LAYOUT")
-    if forced:
-        if forced not in LAYOUTS:
-            raise ValueError(f"CREDIT_OPS_ROWS_LAYOUT must be one of {LAYOUTS}, got {forced!r}")
-        if forced not in runs:
-            raise ValueError(
-                f"CREDIT_OPS_ROWS_LAYOUT={forced}: that kernel cannot take this call (available: {sorted(runs)}; "
-                "cluster: rows over 16384 logits to write a gradient for, on a Hopper GPU, V x element size a "
-                "multiple of 16 bytes)"
-            )
-        return forced
-    if len(runs) == 1:
-        return next(iter(runs))
-    key = (logits.device, logits.dtype, V, min(N, 1 << 14).bit_length(), inplace)
-    if key not in _LAYOUT_CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            return "two_pass"
-        timed = scratch_layouts() if inplace else runs
-        times = {}
-        for name, fn in timed.items():
-            fn()  # compile + warm-up
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(3):
-                fn()
-            end.record()
-            end.synchronize()
-            times[name] = begin.elapsed_time(end)
-        _LAYOUT_CHOICE[key] = min(times, key=times.get)
-    return _LAYOUT_CHOICE[key]

@@ -1,4 +1,5 @@
-// The row driver shared by the CPU policy-loss op (policy_loss.cpp) and the CPU fused LM head (fused_linear.cpp).
+// The CPU row driver of policy_loss.cpp, behind both its ops: policy_loss_fwd and policy_loss_rows_ (the row kernel
+// of the fused LM head's chunk loop, credit_ops/ops/fused_linear.py).
 #pragma once
 #include <ATen/core/Tensor.h>
 

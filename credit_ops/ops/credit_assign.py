@@ -21,7 +21,7 @@ correct; *accepted* = verified and edit ratio <= max_edit_ratio, where the edit 
 distance of the two completions over the longer completion's length (rapidfuzz's normalised distance).
 A sample's repair is its accepted repair with the smallest distance (ties: lowest index), chosen on device
 with a scatter-min. IBPO's phi counts accepted repairs among attempted ones (a rejected rewrite is not a
-successful revision) **[decision]**.
+successful revision; docs/method.md §1 gives the reasons).
 """
 
 from typing import NamedTuple
@@ -30,22 +30,16 @@ import torch
 from torch import Tensor
 
 from credit_ops import _checks
-from credit_ops.reference import ALGORITHMS
-from credit_ops.ops import (
-    _check_group_ids,
-    _check_rewards,
-    _group_advantages,
-    _ibpo_shaping,
-    _repair_advantages,
-    _token_advantages,
-    align_edits,
-    group_advantages,
-    ibpo_shaping,
-    segment_steps,
-    step_masks,
-    token_advantages,
-    truncate_regions,
+from credit_ops.reference import ADVANTAGE_MODES, ALGORITHMS
+from credit_ops.ops.advantages import (
+    check_group_ids,
+    check_rewards,
+    group_advantages_op,
+    ibpo_shaping_op,
+    repair_advantages_op,
+    token_advantages_op,
 )
+from credit_ops.ops.align_edits import align_edits, segment_steps, step_masks, truncate_regions
 
 class CreditAssignment(NamedTuple):
     """What ``policy_loss`` needs for one rollout batch, plus diagnostics. N samples, M repair slots.
@@ -157,7 +151,7 @@ def credit_assign(
     adv_mode: str | None = None,
     eps: float = 1e-6,
 ) -> CreditAssignment:
-    """Per-token advantages, gates and repair rows for a rollout batch (SPEC §1, steps 3-6), in one call.
+    """Per-token advantages, gates and repair rows for a rollout batch (docs/method.md §1, steps 3-6), in one call.
 
     1. align every attempted repair with its sample (completions only) -> masks, regions, distances;
     2. accept verified repairs within ``max_edit_ratio``; per sample choose the closest accepted one;
@@ -186,9 +180,7 @@ def credit_assign(
     _checks.check(algorithm in ALGORITHMS, f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
     cfg = ALGORITHMS[algorithm]
     mode = cfg["mode"] if adv_mode is None else adv_mode
-    _checks.check(
-        mode in ("grpo", "dr_grpo", "rloo", "batch"), f"adv_mode must be grpo/dr_grpo/rloo/batch, got {mode!r}"
-    )
+    _checks.check(mode in ADVANTAGE_MODES, f"adv_mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
     _checks.check(granularity in ("token", "step"), f"granularity must be 'token' or 'step', got {granularity!r}")
     _checks.check(
         granularity == "token" or delimiter_ids is not None, "granularity='step' needs delimiter_ids (step ends)"
@@ -223,10 +215,10 @@ def credit_assign(
     )
     _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, dim=1)
     _checks.shape("rewards", rewards, (N,), "(one reward per row of tokens)")
-    _check_rewards("rewards", rewards)
+    check_rewards("rewards", rewards)
     _checks.tensor("lengths", lengths, dtypes=_checks.INDEX_DTYPES, dim=1)
     _checks.shape("lengths", lengths, (N,), "(one length per row of tokens)")
-    G = _check_group_ids(group_ids, N, num_groups)
+    G = check_group_ids(group_ids, N, num_groups)
     ends = lengths.long()
     _checks.values((ends < 0) | (ends > T), f"lengths must lie in [0, {T}] (the width of tokens)")
     if prompt_lengths is not None:
@@ -324,17 +316,17 @@ def credit_assign(
 
     if cfg["shaping"] and use_masks:
         n_correct = torch.zeros(N, dtype=torch.int64, device=dev).index_add(0, safe, accepted.long())
-        shaped, phi = _ibpo_shaping(rewards, n_correct, n_valid, rho, lam, threshold)
+        shaped, phi = ibpo_shaping_op(rewards, n_correct, n_valid, rho, lam, threshold)
     else:
         shaped, phi = r, torch.zeros_like(r)
-    seq_adv = _group_advantages(shaped, group_ids, G, mode, eps)
-    adv, gates = _token_advantages(
+    seq_adv = group_advantages_op(shaped, group_ids, G, mode, eps)
+    adv, gates = token_advantages_op(
         seq_adv, masks, wrong, has_repair, ends, starts, sign_guard, unmasked_weight, correct_in_loss
     )
 
     if use_masks:
         selected = chosen & train_on_repair
-        r_adv, r_gates = _repair_advantages(seq_adv, mask_b, src, selected, r_ends, r_start)
+        r_adv, r_gates = repair_advantages_op(seq_adv, mask_b, src, selected, r_ends, r_start)
         out_repairs = (repair_tokens, src, r_adv, r_gates, selected, distance, accepted)
     elif all(given):
         z = torch.zeros(M, Tr, dtype=seq_adv.dtype, device=dev)

@@ -1,0 +1,479 @@
+"""policy_loss: the GRPO-family clipped policy loss with per-token advantages and gates, straight from the logits
+(docs/method.md §4).
+
+Layers, top to bottom: the argument preparation shared with the fused LM head (``prepare``); the loss and its
+statistics from log-probs, the production implementation of the formulas (credit_ops.reference holds the
+independent oracle); the row-kernel driver, which also picks the long-row layout on CUDA; the in-place autograd
+Functions; the public function.
+"""
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from credit_ops import _checks, reference
+from credit_ops._backend import resolve
+from credit_ops.ops.token_logprobs import token_logprobs
+
+KL_IDS = {name: i + 1 for i, name in enumerate(reference.KL_TYPES)}  # the kernels' kl_type (0: no KL term)
+
+
+# ---- argument preparation (policy_loss and fused_linear_policy_loss)
+class LossOptions(NamedTuple):
+    """The scalar options of a policy loss, validated and with their defaults resolved."""
+
+    loss_type: str
+    eps_low: float
+    eps_high: float
+    dual_clip: float | None
+    beta: float
+    kl_type: str
+    agg: str
+    max_length: int | None
+    temperature: float
+    ignore_index: int
+
+    def kernel_params(self) -> dict:
+        """The row kernels' scalar arguments, in their order."""
+        return dict(temperature=self.temperature, ignore_index=self.ignore_index, eps_low=self.eps_low,
+                    eps_high=self.eps_high, dual_clip=float(self.dual_clip or 0.0), beta=self.beta,
+                    kl_type=KL_IDS[self.kl_type] if self.beta else 0)  # fmt: skip
+
+
+class TokenInputs(NamedTuple):
+    """The per-token inputs of a policy loss, (B, T), in the statistics dtype; every float tensor is 0 on invalid
+    tokens (padding may hold anything: -inf old log-probs, NaN advantages)."""
+
+    labels: Tensor  # int, ignore_index on every invalid token
+    valid: Tensor  # 1.0 on valid tokens (labels != ignore_index and mask), else 0.0
+    adv: Tensor
+    old: Tensor | None
+    ref: Tensor | None
+    gates: Tensor | None
+
+
+def prepare(labels, V, advantages, *, old_logprobs, ref_logprobs, mask, gates, loss_type, eps_low, eps_high,
+            dual_clip, beta, kl_type, agg, max_length, temperature, ignore_index,
+            acc) -> tuple[LossOptions, TokenInputs]:  # fmt: skip
+    """Validate a policy loss's arguments (labels (B, T) against a vocabulary of V) and resolve them."""
+    _checks.check(loss_type in reference.LOSS_TYPES,
+                  f"unknown loss_type {loss_type!r}; expected one of {reference.LOSS_TYPES}")  # fmt: skip
+    agg = reference.DEFAULT_AGG[loss_type] if agg is None else agg
+    _checks.check(agg in reference.AGGREGATIONS,
+                  f"unknown agg {agg!r}; expected one of {reference.AGGREGATIONS} (or None)")  # fmt: skip
+    _checks.check(kl_type in reference.KL_TYPES, f"unknown kl_type {kl_type!r}; expected one of {reference.KL_TYPES}")
+    low, high = reference.DEFAULT_EPS[loss_type]
+    eps_low = low if eps_low is None else float(eps_low)
+    eps_high = high if eps_high is None else float(eps_high)
+    _checks.check(eps_low >= 0 and eps_high >= 0, f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
+    _checks.check(eps_low <= 1, f"eps_low must be <= 1 (the lower clip bound is 1 - eps_low), got {eps_low}")
+    _checks.check(dual_clip is None or dual_clip > 1, f"dual_clip must be None or > 1, got {dual_clip}")
+    _checks.check(beta >= 0, f"beta must be >= 0, got {beta}")
+    _checks.check(beta == 0 or ref_logprobs is not None, "beta > 0 needs ref_logprobs (the reference policy's log-probs)")
+    _checks.check(
+        agg != "seq_mean_token_sum_norm" or (max_length is not None and max_length > 0),
+        f"agg='seq_mean_token_sum_norm' (the default of loss_type='dr_grpo') needs max_length > 0, got {max_length}",
+    )
+    _checks.check(temperature > 0, f"temperature must be > 0, got {temperature}")
+    options = LossOptions(loss_type, eps_low, eps_high, dual_clip, float(beta), kl_type, agg, max_length,
+                          float(temperature), int(ignore_index))  # fmt: skip
+
+    _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES, dim=2)
+    B, T = labels.shape
+    _checks.tensor("advantages", advantages, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check(
+        tuple(advantages.shape) in ((B,), (B, T)),
+        f"advantages must have shape ({B},) (per sequence) or ({B}, {T}) (per token), got {tuple(advantages.shape)}",
+    )
+    optional = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask, gates=gates)
+    for name, t in optional.items():
+        if t is not None:
+            _checks.tensor(name, t, dtypes=None if name == "mask" else _checks.FLOAT_DTYPES)
+            _checks.shape(name, t, (B, T), "(that of labels)")
+    _checks.same_device(labels=labels, advantages=advantages, **optional)
+    _checks.ids_in_range("labels", labels, V, ignore_index=ignore_index)
+    if gates is not None:
+        _checks.values((gates < 0) | (gates > 1) | torch.isnan(gates), "gates must lie in [0, 1]")
+
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & (mask != 0)
+    adv = advantages.to(acc)
+    adv = adv.unsqueeze(-1).expand(B, T) if adv.dim() == 1 else adv
+    cast = lambda t: None if t is None else torch.where(valid, t.to(acc), 0.0)
+    inputs = TokenInputs(torch.where(valid, labels, ignore_index), valid.to(acc), cast(adv), cast(old_logprobs),
+                         cast(ref_logprobs), cast(gates))  # fmt: skip
+    return options, inputs
+
+
+# ---- the loss from log-probs: docs/method.md §4
+def aggregation_weights(valid: Tensor, agg: str, max_length: int | None) -> Tensor:
+    """(B, T) w with loss = sum_bt w_bt loss_bt; 0 on invalid tokens, denominators count valid tokens."""
+    B = valid.shape[0]
+    if agg == "token_mean":
+        denominator = valid.sum().clamp(min=1.0)
+    elif agg == "seq_mean_token_mean":
+        denominator = valid.sum(1, keepdim=True).clamp(min=1.0) * B
+    elif agg == "seq_mean_token_sum":
+        denominator = B
+    else:  # seq_mean_token_sum_norm (prepare() admits no other name)
+        denominator = B * max_length
+    return valid / denominator
+
+
+def token_weights(inputs: TokenInputs, options: LossOptions) -> Tensor:
+    """The row kernels' per-token weights: aggregation weight x gate."""
+    w = aggregation_weights(inputs.valid, options.agg, options.max_length)
+    return w if inputs.gates is None else w * inputs.gates
+
+
+def kl_penalty(logp: Tensor, ref: Tensor, kl_type: str) -> Tensor:
+    """Schulman's estimators of KL(pi || pi_ref) per token, from x = logp - ref: k1 = x, k2 = x^2 / 2,
+    k3 = exp(-x) + x - 1."""
+    x = logp - ref
+    if kl_type == "k1":
+        return x
+    if kl_type == "k2":
+        return x.square() * 0.5
+    return torch.expm1(-x) + x
+
+
+def importance_ratio(logp: Tensor, inputs: TokenInputs, loss_type: str) -> Tensor:
+    """(B, T) ratio of each loss type, differentiable w.r.t. logp: per token for the token losses, one per sequence
+    (the exp of the mean log-ratio over its valid tokens; gate-weighted for gated_gspo) for the GSPO family."""
+    old = logp.detach() if inputs.old is None else inputs.old
+    log_ratio = logp - old
+    if loss_type in reference.TOKEN_LOSSES:
+        return log_ratio.exp()
+    gated = loss_type == "gated_gspo" and inputs.gates is not None
+    w = inputs.valid * inputs.gates if gated else inputs.valid
+    total = w.sum(1, keepdim=True)
+    seq = torch.where(total > 0, (w * log_ratio).sum(1, keepdim=True) / torch.where(total > 0, total, 1.0), 0.0)
+    ratio = seq.exp()
+    if loss_type == "gspo_token":  # the sequence ratio's value, each token's own gradient
+        return ratio.detach() * (logp - logp.detach()).exp()
+    return ratio.expand_as(logp)
+
+
+def loss_stats(ratio: Tensor, logp: Tensor, entropy: Tensor, inputs: TokenInputs, options: LossOptions) -> dict:
+    """Detached means over valid tokens (no host synchronisation): TRL's clip fractions (a ratio below 1 - eps_low
+    where A < 0, above 1 + eps_high where A > 0), the ratio, the KL estimate, the entropy, and the token count."""
+    with torch.no_grad():
+        adv = inputs.adv
+        below = (ratio < 1.0 - options.eps_low) & (adv < 0)
+        above = (ratio > 1.0 + options.eps_high) & (adv > 0)
+        kl = torch.zeros_like(logp) if inputs.ref is None else kl_penalty(logp, inputs.ref, options.kl_type)
+        per_token = torch.stack([below.to(logp.dtype), above.to(logp.dtype), (below | above).to(logp.dtype), ratio,
+                                 kl, entropy.to(logp.dtype)]).flatten(1)  # fmt: skip
+        valid = inputs.valid.flatten()
+        count = valid.sum()
+        means = (per_token @ valid) / count.clamp(min=1.0)  # the six masked means in one reduction
+        return dict(zip(reference.STAT_NAMES, (*means.unbind(), count), strict=True))
+
+
+def token_loss_stats(logp: Tensor, entropy: Tensor, inputs: TokenInputs, options: LossOptions) -> dict:
+    """loss_stats of a token-level loss from the row kernels' log-probs and entropies (B, T)."""
+    logp, entropy = logp.detach(), entropy.detach()
+    ratio = torch.ones_like(logp) if inputs.old is None else torch.exp(logp - inputs.old)
+    return loss_stats(ratio, logp, entropy, inputs, options)
+
+
+def loss_from_logprobs(logp: Tensor, entropy: Tensor, inputs: TokenInputs, options: LossOptions):
+    """(loss, stats) from per-token log-probs (B, T), the loss differentiable w.r.t. logp (0 gradient on invalid
+    tokens); entropy (B, T) feeds the statistics only."""
+    logp = torch.where(inputs.valid > 0, logp, 0.0)
+    ratio = importance_ratio(logp, inputs, options.loss_type)
+    adv = inputs.adv
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - options.eps_low, 1.0 + options.eps_high) * adv)
+    per_token = -surrogate
+    if options.dual_clip is not None:  # bound the loss of a negative advantage by -c A
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -options.dual_clip * adv), per_token)
+    if options.beta != 0.0:
+        per_token = per_token + options.beta * kl_penalty(logp, inputs.ref, options.kl_type)
+    loss = (token_weights(inputs, options) * per_token).sum()
+    return loss, loss_stats(ratio.detach(), logp.detach(), entropy, inputs, options)
+
+
+# ---- the row kernels and the long-row layout
+ROWS_LAYOUTS = ("two_pass", "cluster")
+_LAYOUT_CHOICE: dict = {}
+
+
+def cluster_ok(logits: Tensor) -> bool:
+    """Whether the extension's Hopper cluster kernel takes these logits (sm_90, fp32/bf16/fp16, 16-byte rows)."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("credit::policy_loss_rows_", "CUDA"):
+        return False  # extension built without CUDA
+    return torch.ops.credit.policy_loss_cluster_ok(logits)
+
+
+def rows_forward(grad, logits, labels, advantages, weights, old, ref, *, use_triton: bool, temperature: float,
+                 ignore_index: int, eps_low: float = 0.0, eps_high: float = 0.0, dual_clip: float = 0.0,
+                 beta: float = 0.0, kl_type: int = 0, coef_given: bool = False,
+                 write_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The token-level policy-loss row kernel: logits (B, T, V) (unit stride along V) -> loss (), logprobs and
+    entropy (B, T); with ``write_grad`` it writes d loss / d logits into ``grad`` (B, T, V), which may be ``logits``
+    itself (in place). Per-token tensors (B, T) contiguous in the statistics dtype; ``weights`` = aggregation weight
+    x gate, or with ``coef_given`` the coefficients dL/dlogp (a log-prob backward; loss 0). Without ``write_grad``
+    it is a log-prob + entropy forward (``grad`` is then not written; pass the logits).
+
+    CPU (``use_triton`` False): the C++ kernel. Otherwise the Triton two-pass kernel or, for rows longer than one
+    register tile on a Hopper GPU, the CUDA thread-block-cluster kernel: the faster of the two, timed once per
+    (device, dtype, V, row-count bucket, in place) on the first call (_layout)."""
+    scalars = (temperature, ignore_index, eps_low, eps_high, dual_clip, beta, kl_type)
+    if not use_triton:
+        return torch.ops.credit.policy_loss_rows_(grad, logits, labels, advantages, weights, old, ref, *scalars,
+                                                  coef_given, write_grad)  # fmt: skip
+    B, T, V = logits.shape
+    tensors = (labels, advantages, weights, old, ref)
+    runs = _layouts(grad, logits, tensors, scalars, coef_given, write_grad)
+    inplace = write_grad and grad.data_ptr() == logits.data_ptr()
+    scratch = lambda: _scratch_layouts(logits, tensors, scalars, coef_given)
+    loss, logp, entropy = runs[_layout(runs, logits, B * T, V, inplace, scratch)]()
+    return (logp.new_zeros(()) if coef_given else loss), logp, entropy
+
+
+def _layouts(grad, logits, tensors, scalars, coef_given, write_grad) -> dict:
+    """The kernels that can take this call, as closures returning (loss, logp, entropy)."""
+    from credit_ops.triton_kernels.policy_loss import one_tile, policy_loss_forward
+
+    temperature, ignore_index, eps_low, eps_high, dual_clip, beta, kl_type = scalars
+    labels, _, weights, _, _ = tensors
+
+    def two_pass():
+        return policy_loss_forward(logits, *tensors, temperature=temperature, ignore_index=ignore_index,
+                                   eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type,
+                                   grad=grad, write_grad=write_grad, coef_given=coef_given)[:3]  # fmt: skip
+
+    def cluster():  # the CUDA Hopper kernel (csrc/cuda/policy_loss.cu): the same outputs
+        return torch.ops.credit.policy_loss_rows_(grad, logits, *tensors, *scalars, coef_given, True)
+
+    runs = {"two_pass": two_pass}
+    V = logits.shape[-1]
+    if write_grad and labels.numel() and not one_tile(V) and logits.is_cuda and weights is not None:
+        if cluster_ok(logits):
+            runs["cluster"] = cluster
+    return runs
+
+
+def _scratch_layouts(logits, tensors, scalars, coef_given) -> dict:
+    """_layouts() over a copy of the first (up to 2048) rows, for timing an in-place call: every run overwrites the
+    copy, the later ones read gradients as logits (finite values; the same work)."""
+    V = logits.shape[-1]
+    N = logits.numel() // V
+    n = min(N, 2048)
+    rows = lambda t: None if t is None else t.reshape(-1)[:n].view(1, n)
+    x = logits.reshape(N, V)[:n].clone().view(1, n, V)
+    return _layouts(x, x, tuple(map(rows, tensors)), scalars, coef_given, True)
+
+
+def _layout(runs, logits, N, V, inplace, scratch_layouts) -> str:
+    """Which of the long-row kernels to run: timed once per (device, dtype, V, row-count bucket, in place) on the
+    first CUDA call (a few launches and one synchronisation, once). A call that writes a separate gradient times the
+    kernels on its own tensors (all write the same outputs); an in-place call (the logits become the gradient: a
+    second run would read it as logits) times them on a copy of its first rows (scratch_layouts).
+    CREDIT_OPS_ROWS_LAYOUT=two_pass / cluster forces one. A CUDA graph capture takes the cached choice or the
+    two-pass kernel (no timing while capturing)."""
+    forced = os.environ.get("CREDIT_OPS_ROWS_LAYOUT")
+    if forced:
+        if forced not in ROWS_LAYOUTS:
+            raise ValueError(f"CREDIT_OPS_ROWS_LAYOUT must be one of {ROWS_LAYOUTS}, got {forced!r}")
+        if forced not in runs:
+            raise ValueError(
+                f"CREDIT_OPS_ROWS_LAYOUT={forced}: that kernel cannot take this call (available: {sorted(runs)}; "
+                "cluster: rows over 16384 logits to write a gradient for, on a Hopper GPU, V x element size a "
+                "multiple of 16 bytes)"
+            )
+        return forced
+    if len(runs) == 1:
+        return next(iter(runs))
+    key = (logits.device, logits.dtype, V, min(N, 1 << 14).bit_length(), inplace)
+    if key not in _LAYOUT_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return "two_pass"
+        timed = scratch_layouts() if inplace else runs
+        times = {}
+        for name, fn in timed.items():
+            fn()  # compile + warm-up
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(3):
+                fn()
+            end.record()
+            end.synchronize()
+            times[name] = begin.elapsed_time(end)
+        _LAYOUT_CHOICE[key] = min(times, key=times.get)
+    return _LAYOUT_CHOICE[key]
+
+
+# ---- in-place autograd Functions
+class _PolicyLossInplace(torch.autograd.Function):
+    """Token-level loss writing d loss / d logits into the logits' own storage (inplace_grad=True)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, adv, weights, old, ref, params, use_triton):
+        x = logits.detach()
+        loss, logp, entropy = rows_forward(x, x, labels, adv, weights, old, ref, use_triton=use_triton, **params)
+        # The kernels wrote through a pointer: bump the version so autograd catches any saved use of the logits.
+        torch.autograd.graph.increment_version(x)
+        ctx.grad = x
+        ctx.mark_non_differentiable(logp, entropy)
+        return loss, logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
+        return _scaled_inplace_grad(ctx, grad_loss), *(None,) * 7
+
+
+class _SeqPolicyLossInplace(torch.autograd.Function):
+    """GSPO family with inplace_grad=True: log-probs (one read), d loss / d logp from the O(B T) scalar graph, then
+    d loss / d logits written over the logits (a second read, one write), all in the forward."""
+
+    @staticmethod
+    def forward(ctx, logits, inputs, options, use_triton):
+        x = logits.detach()
+        labels = inputs.labels.contiguous()
+        rows = dict(use_triton=use_triton, temperature=options.temperature, ignore_index=options.ignore_index,
+                    coef_given=True)  # fmt: skip
+        _, logp, entropy = rows_forward(x, x, labels, None, torch.zeros_like(inputs.valid), None, None,
+                                        write_grad=False, **rows)  # fmt: skip
+        with torch.enable_grad():
+            leaf = logp.detach().requires_grad_(True)
+            loss, stats = loss_from_logprobs(leaf, entropy, inputs, options)
+            (coef,) = torch.autograd.grad(loss, leaf)
+        rows_forward(x, x, labels, None, coef.contiguous(), None, None, **rows)
+        torch.autograd.graph.increment_version(x)  # the kernels wrote through a pointer
+        ctx.grad = x
+        values = tuple(stats[k] for k in reference.STAT_NAMES)
+        ctx.mark_non_differentiable(*values)
+        return loss.detach(), *values
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_stats):
+        return _scaled_inplace_grad(ctx, grad_loss), None, None, None
+
+
+def _scaled_inplace_grad(ctx, grad_loss):
+    grad = ctx.grad
+    if grad_loss is None:
+        return None
+    if bool(grad_loss != 1):
+        grad.mul_(grad_loss.to(grad.dtype))
+    return grad
+
+
+# ---- the public function
+def policy_loss(
+    logits: Tensor,
+    labels: Tensor,
+    advantages: Tensor,
+    *,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    mask: Tensor | None = None,
+    gates: Tensor | None = None,
+    loss_type: str = "dapo",
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    kl_type: str = "k3",
+    agg: str | None = None,
+    max_length: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    inplace_grad: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO-family clipped policy loss with per-token advantages and gates, straight from the logits
+    (docs/method.md §4).
+
+    ``logits[:, t]`` scores ``labels[:, t]``: pass logits already shifted against the labels (for a causal LM,
+    ``logits[:, :-1]`` with ``labels = input_ids[:, 1:]``; the strided slice is read in place, not copied), or the
+    model's full ``(B, T + 1, V)`` output, whose last position is then dropped (TRL / Liger's convention). The full
+    output is cheaper in training: the gradient is written for the whole tensor, while a slice's gradient needs
+    autograd to allocate a zeroed (B, T + 1, V) buffer and copy into it.
+    With logp_t = log softmax(logits_t / T)[labels_t], l_t = logp_t - old_t, valid tokens M_t (mask and
+    labels != ignore_index), gates g_t in [0, 1] (1 when None):
+
+        grpo / dapo / dr_grpo / bnpo:  r_t = exp(l_t)
+        gspo:        r_t = s_b = exp(sum_t M_t l_t / sum_t M_t)        (one ratio per sequence)
+        gspo_token:  r_t = sg(s_b) * exp(logp_t - sg(logp_t))         (per-token advantages keep own gradient)
+        gated_gspo:  r_t = s_b = exp(sum_t g_t M_t l_t / sum_t g_t M_t)  (IOP; only gated tokens get gradient)
+        loss_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)  [min(., -dual_clip A_t) where A_t < 0]
+                 + beta * KL_t(k1 | k2 | k3 against ref_logprobs)
+        loss = sum_bt w_bt g_t loss_t, with w the aggregation weights (denominators count valid tokens):
+            token_mean 1 / sum M; seq_mean_token_mean 1 / (B |y_b|); seq_mean_token_sum 1 / B;
+            seq_mean_token_sum_norm 1 / (B max_length)
+
+    ``agg=None`` takes TRL's aggregation of the loss type (grpo: seq_mean_token_mean; dapo, bnpo: token_mean;
+    dr_grpo: seq_mean_token_sum_norm, which needs ``max_length``; GSPO family: seq_mean_token_mean, the mean of
+    the per-sequence losses). ``eps_low/eps_high=None`` take 0.2 / 0.28 for token ratios and 3e-4 / 4e-4 for the
+    GSPO family. ``old_logprobs=None`` is on-policy: ratio 1, gradient still flowing.
+
+    Token-level types run one fused kernel that reads each logit once per pass and writes d loss / d logits during
+    the forward (backward only scales it by the incoming gradient, skipping even that when it is 1); the GSPO
+    family runs a log-prob pass, O(B T) scalar math, and one gradient pass in backward. ``inplace_grad=True``
+    (off by default) writes the gradient into the logits' own storage, during the forward, instead of a new
+    (B, T, V) buffer: the logits' values are destroyed by the forward, so nothing else may need them later (autograd
+    raises if a saved tensor is overwritten); eager mode only.
+
+    Shapes:
+        logits: (B, T, V) or (B, T + 1, V) bfloat16 / float16 / float32 / float64, unit stride along V
+        labels: (B, T) int32 / int64 in [0, V) or ``ignore_index``
+        advantages: (B,) per sequence or (B, T) per token
+        old_logprobs, ref_logprobs, gates: (B, T) float; mask: (B, T) bool or numeric (nonzero = valid)
+        returns: loss () float32 (float64 for float64 logits), differentiable w.r.t. logits; stats: dict of
+            detached 0-d tensors clip_frac_low, clip_frac_high, clip_frac, ratio_mean, kl_mean, entropy_mean,
+            num_tokens (means over valid tokens; no host synchronisation)
+    """
+    _checks.tensor("logits", logits, dtypes=_checks.FLOAT_DTYPES, dim=3)
+    _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES, dim=2)
+    B, T = labels.shape
+    _checks.check(
+        logits.shape[0] == B and logits.shape[1] in (T, T + 1),
+        f"logits {tuple(logits.shape)} must be (B, T, V) aligned with labels {tuple(labels.shape)}, or the model's "
+        "full (B, T + 1, V) output whose last position is dropped",
+    )
+    _checks.check(logits.shape[-1] > 0, "logits must have a non-empty vocabulary dimension")
+    _checks.same_device(logits=logits, labels=labels)
+    options, inputs = prepare(
+        labels, logits.shape[-1], advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask,
+        gates=gates, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
+        kl_type=kl_type, agg=agg, max_length=max_length, temperature=temperature, ignore_index=ignore_index,
+        acc=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+    )  # fmt: skip
+    backend = resolve(logits.device, triton=True)
+    if backend == "reference":
+        return reference.policy_loss(logits[:, :T], labels, advantages, old_logprobs=old_logprobs,
+                                     ref_logprobs=ref_logprobs, mask=mask, gates=gates, loss_type=loss_type,
+                                     eps_low=options.eps_low, eps_high=options.eps_high, dual_clip=dual_clip,
+                                     beta=beta, kl_type=kl_type, agg=options.agg, max_length=max_length,
+                                     temperature=temperature, ignore_index=ignore_index)  # fmt: skip
+    use_triton = backend == "triton"
+    scored = inputs
+    if logits.shape[1] == T + 1:
+        # The model's full output: score it in place with an ignored last position, so the gradient is written for
+        # the whole tensor (zero last row) and autograd needs no (B, T + 1, V) buffer for a slice's backward.
+        pad = lambda t, fill=0: None if t is None else torch.cat([t, t.new_full((B, 1), fill)], 1)
+        scored = TokenInputs(pad(inputs.labels, options.ignore_index), *map(pad, inputs[1:]))
+    inplace = inplace_grad and logits.requires_grad and torch.is_grad_enabled()
+    if inplace:
+        _checks.check(logits.is_contiguous(), "inplace_grad=True needs contiguous logits")
+    if loss_type in reference.SEQUENCE_LOSSES:
+        if inplace:
+            loss, *values = _SeqPolicyLossInplace.apply(logits, scored, options, use_triton)
+            return loss, dict(zip(reference.STAT_NAMES, values, strict=True))
+        logp, entropy = token_logprobs(logits, scored.labels, temperature=options.temperature,
+                                       ignore_index=options.ignore_index, return_entropy=True)  # fmt: skip
+        return loss_from_logprobs(logp, entropy.detach(), scored, options)
+    params = options.kernel_params()
+    c = lambda t: None if t is None else t.contiguous()
+    args = (c(scored.adv), token_weights(scored, options).contiguous(), c(scored.old), c(scored.ref))
+    if inplace:
+        loss, logp, entropy = _PolicyLossInplace.apply(logits, scored.labels.contiguous(), *args, params, use_triton)
+    else:
+        op = torch.ops.credit.policy_loss_fwd_triton if use_triton else torch.ops.credit.policy_loss_fwd
+        write_grad = torch.is_grad_enabled() and logits.requires_grad
+        loss, logp, entropy, _ = op(logits, scored.labels, *args, *params.values(), write_grad)
+    return loss, token_loss_stats(logp, entropy, scored, options)
