@@ -1,9 +1,10 @@
 """Fused LM head + policy loss, forward+backward: credit_ops vs the three matmuls alone (the floor), eager PyTorch
 (logits materialised), torch.compile and (GPU) Liger-Kernel's LigerFusedLinearGRPOLoss; time and peak extra memory.
 
-GPU: the ANCHORS.md shape, N = 8192 tokens (4 x 2048), H = 3584, V = 152064, bf16. CPU: N = 512, H = 256,
+GPU: the reference LM-head shape, N = 8192 tokens (4 x 2048), H = 3584, V = 152064, bf16. CPU: N = 512, H = 256,
 V = 8192. credit_ops takes per-token advantages and gates; Liger per-sequence advantages (its defaults otherwise).
-Targets: time <= 1.15x the matmuls, peak extra memory <= 1/8 of eager's.
+Targets: time <= 1.15x the matmuls, peak extra memory <= 1/8 of eager's. Shapes, targets and the peers' earlier
+numbers: benchmarks/results/README.md, "Shapes and targets".
 """
 
 import pytest

@@ -1,8 +1,8 @@
 """token_logprobs: credit_ops vs eager PyTorch, torch.compile, TRL's per-row loop and (GPU) Liger-Kernel.
 
-CPU: (4, 256, 32000) logits. GPU: the ANCHORS.md shape, bf16 (8, 2049, 151936) sliced to [:, :-1].
-Bytes counted = one read of the logits used (the floor); GB/s over the measured copy bandwidth is the
-fraction of the hardware limit.
+CPU: (4, 256, 32000) logits. GPU: the reference logits shape (benchmarks/results/README.md, "Shapes and targets"),
+bf16 (8, 2049, 151936) sliced to [:, :-1]. Bytes counted = one read of the logits used (the floor); GB/s over the
+measured copy bandwidth is the fraction of the hardware limit.
 """
 
 import pytest

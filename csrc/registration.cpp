@@ -13,7 +13,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(credit, m) {
-  // ---- token_logprobs: logits (B, T, V) with stride(2) == 1, labels (B, T) -> logprobs (B, T),
+  // ---- token_logprobs (docs/method.md §3): logits (B, T, V) with stride(2) == 1, labels (B, T) -> logprobs (B, T),
   //      entropy (B, T) or (0,), lse (B, T); the backward returns a contiguous (B, T, V) gradient.
   m.def(
       "token_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, "
@@ -23,14 +23,14 @@ TORCH_LIBRARY(credit, m) {
       "token_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
       "Tensor lse, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
 
-  // ---- align_edits (issue 4) schemas go here.
+  // ---- align_edits (docs/method.md §2)
   // a (P, La), b (P, Lb) int32/int64 (same dtype), lengths (P,) int64; insert_anchor 0 prev, 1 next, 2 none.
   // -> mask_a (P, La) bool, mask_b (P, Lb) bool, region_a (P, La) int32, region_b (P, Lb) int32, distance (P,)
   m.def(
       "align_edits(Tensor a, Tensor a_lengths, Tensor b, Tensor b_lengths, int insert_anchor) "
       "-> (Tensor mask_a, Tensor mask_b, Tensor region_a, Tensor region_b, Tensor distance)");
 
-  // ---- credit (issue 5) schemas go here.
+  // ---- advantages (docs/method.md §1.5-1.6)
   // group_advantages: rewards (N,), group ids (N,) in [0, num_groups); mode 0 grpo, 1 dr_grpo, 2 rloo, 3 batch.
   m.def("group_advantages(Tensor rewards, Tensor group_ids, int num_groups, int mode, float eps) -> Tensor");
   // ibpo_shaping: per sample, its number of correct / valid revisions (N,) int64 -> R' (N,), phi (N,).
@@ -47,7 +47,7 @@ TORCH_LIBRARY(credit, m) {
       "repair_advantages(Tensor seq_adv, Tensor mask, Tensor repair_of, Tensor selected, Tensor? lengths, "
       "Tensor? starts) -> (Tensor advantages, Tensor gates)");
 
-  // ---- policy_loss (issue 3) schemas go here.
+  // ---- policy_loss and the fused LM head (docs/method.md §4)
   // Token-level policy losses (grpo/dapo/dr_grpo/bnpo), loss and gradient in one pass over the logits.
   // logits (B, T, V) with unit stride in V; labels, advantages, weights (= aggregation weight * mask * gate),
   // old/ref log-probs (B, T); kl_type 0 none, 1 k1, 2 k2, 3 k3; dual_clip 0 = off; old_logprobs None = on-policy.

@@ -1,4 +1,4 @@
-// Framework-free core of credit::align_edits (SPEC §2): the canonical Levenshtein edit script of one pair
+// Framework-free core of credit::align_edits (docs/method.md §2): the canonical Levenshtein edit script of one pair
 // of token sequences, turned into masks and regions. Plain C++ on pointers and lengths: used by the CPU op
 // (csrc/cpu/align_edits.cpp) and by the CMake unit tests (csrc/tests/test_align_edits_core.cpp).
 //

@@ -1,6 +1,6 @@
-// The per-token policy loss of SPEC §4 from a token's log-prob (clipped surrogate, dual clip, beta * KL) and its
-// derivative, shared by the CPU row kernel (csrc/cpu/policy_loss.cpp) and the Hopper cluster kernel
-// (csrc/cuda/policy_loss_cluster.cuh) so both evaluate the same expressions. Framework-free: the CUDA kernel's
+// The per-token policy loss of docs/method.md §4 from a token's log-prob (clipped surrogate, dual clip,
+// beta * KL) and its derivative, shared by the CPU row kernel (csrc/cpu/policy_loss.cpp) and the Hopper cluster
+// kernel (csrc/cuda/policy_loss_cluster.cuh) so both evaluate the same expressions. Framework-free: the CUDA kernel's
 // CPU emulation test includes it without torch.
 #pragma once
 

@@ -1,6 +1,6 @@
 // CUDA implementation of credit::policy_loss_rows_ on Hopper (sm_90): the thread-block-cluster row kernel of
 // policy_loss_cluster.cuh, one cluster of up to 8 CTAs per row, each logit read once and its gradient written
-// once. Chosen at run time by the Python driver (credit_ops/triton_kernels/policy_loss.py) where
+// once. Chosen at run time by the Python driver (credit_ops/ops/policy_loss.py) where
 // credit::policy_loss_cluster_ok says it can run; the portable Triton kernels cover every other GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>

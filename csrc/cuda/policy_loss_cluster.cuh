@@ -1,6 +1,7 @@
 // Device code of the Hopper policy-loss row kernel (host side: csrc/cuda/policy_loss.cu): a thread-block cluster
 // of C CTAs per row, each CTA holding one slice of the row in shared memory. Each logit is read from device memory
-// once and d loss / d logit written once (the 2-pass floor of ANCHORS.md), with no second read that must hit L2:
+// once and d loss / d logit written once (the two-pass floor of benchmarks/results/README.md), with no second
+// read that must hit L2:
 //   1. every CTA copies its slice into shared memory (one bulk asynchronous copy: the whole slice in flight at
 //      once) and computes its softmax partial (max, sum of 2^(z - max), sum of 2^(z - max) (z - max)) and, where
 //      the label falls in it, the label's logit;

@@ -1,5 +1,5 @@
 // Unit tests of the framework-free align_edits core (no Python, no torch): the bit-parallel banded DP with
-// its checkpointed traceback against a plain O(n*m) implementation of the canonical rule (SPEC §2).
+// its checkpointed traceback against a plain O(n*m) implementation of the canonical rule (docs/method.md §2).
 #include <cassert>
 #include <cstdio>
 #include <memory>

@@ -3,8 +3,8 @@
 // are emulated.
 // Checks the kernel's logic (slices, a short last slice, the partial exchange, the label held
 // by one CTA, ignored rows, -inf logits, strided rows, in-place gradient, coefficient-given and no-gradient modes)
-// against a float64 evaluation of SPEC §4 on machines without a GPU. Timing and memory ordering on the hardware
-// are the GPU tests' job (tests/test_policy_loss.py::test_cluster_kernel_cuda).
+// against a float64 evaluation of docs/method.md §4 on machines without a GPU. Timing and memory ordering on the
+// hardware are the GPU tests' job (tests/test_policy_loss.py::test_cluster_kernel_cuda).
 #include <array>
 #include <barrier>
 #include <cassert>
