@@ -47,8 +47,14 @@ def sequence_chunk_rows(N: int, T: int, V: int, dtype: torch.dtype, chunk_size: 
     return chunk_rows(N, V, dtype, chunk_size) // T * T if T > 0 else 0
 
 
-def _logits(h, weight, bias):
-    return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+def _chunks(hidden, weight, bias, rows_per_chunk):
+    """(s, e, hidden[s:e], its logits (e - s, V)) for each chunk of rows. The caller deletes the logits before the
+    next step, so that one chunk buffer is alive at a time."""
+    N = hidden.shape[0]
+    for s in range(0, N, rows_per_chunk):
+        e = min(N, s + rows_per_chunk)
+        h = hidden[s:e]
+        yield s, e, h, torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
 
 
 def _acc(hidden):
@@ -114,15 +120,11 @@ def policy_loss_forward(hidden, weight, bias, labels, advantages, weights, old_l
     rows = functools.partial(rows_forward, use_triton=use_triton)
     acc = _acc(hidden)
     logp = torch.empty(N, device=hidden.device, dtype=acc)
-    entropy = torch.empty(N, device=hidden.device, dtype=acc)
-    loss = torch.zeros((), device=hidden.device, dtype=acc)
+    entropy = torch.empty_like(logp)
+    loss = logp.new_zeros(())
     grads = _Grads(hidden, weight, bias) if compute_grad else None
-    C = chunk_rows(N, V, hidden.dtype, chunk_size)
-    for s in range(0, N, C):
-        e = min(N, s + C)
-        h = hidden[s:e]
-        z = _logits(h, weight, bias)  # (n, V): becomes d loss / d logits in place
-        z3 = z.unsqueeze(0)
+    for s, e, h, z in _chunks(hidden, weight, bias, chunk_rows(N, V, hidden.dtype, chunk_size)):
+        z3 = z.unsqueeze(0)  # (1, n, V): becomes d loss / d logits in place
         loss_c, lp, ent = rows(
             z3, z3, labels[s:e].view(1, -1), _rows_of(advantages, s, e), _rows_of(weights, s, e),
             _rows_of(old_logprobs, s, e), _rows_of(ref_logprobs, s, e), temperature=temperature,
@@ -147,10 +149,7 @@ def logprobs_forward(hidden, weight, bias, labels, temperature, ignore_index, ch
     rows = functools.partial(rows_forward, use_triton=use_triton)
     logp = torch.empty(N, device=hidden.device, dtype=_acc(hidden))
     entropy = torch.empty_like(logp)
-    C = chunk_rows(N, V, hidden.dtype, chunk_size)
-    for s in range(0, N, C):
-        e = min(N, s + C)
-        z = _logits(hidden[s:e], weight, bias)
+    for s, e, _, z in _chunks(hidden, weight, bias, chunk_rows(N, V, hidden.dtype, chunk_size)):
         logp[s:e], entropy[s:e] = _logprob_rows(rows, z, labels[s:e], temperature=temperature,
                                                 ignore_index=ignore_index)  # fmt: skip
         del z
@@ -166,11 +165,7 @@ def logprobs_backward(grad_logprobs, hidden, weight, bias, labels, temperature, 
     rows = functools.partial(rows_forward, use_triton=use_triton)
     g = grad_logprobs.to(_acc(hidden)).contiguous()
     grads = _Grads(hidden, weight, bias)
-    C = chunk_rows(N, V, hidden.dtype, chunk_size)
-    for s in range(0, N, C):
-        e = min(N, s + C)
-        h = hidden[s:e]
-        z = _logits(h, weight, bias)
+    for s, e, h, z in _chunks(hidden, weight, bias, chunk_rows(N, V, hidden.dtype, chunk_size)):
         _grad_from_coef(rows, z, labels[s:e], g[s:e], temperature=temperature, ignore_index=ignore_index)
         grads.add(z, h, weight, s, e)
         del z
@@ -184,18 +179,14 @@ def sequence_loss_forward(hidden, weight, bias, labels, coef_of, *, seq_len, chu
     log-probs, then the coefficients coef_of(s, e, logp[s:e]) -> (e - s,), the gradient in place and the two
     gradient matmuls, without recomputing the logits in a backward.
     hidden (N, H), labels (N,) -> logp (N,), entropy (N,), grad_hidden, grad_weight, grad_bias ((0,) without bias)."""
-    N = hidden.shape[0]
     rows = functools.partial(rows_forward, use_triton=use_triton)
     acc = _acc(hidden)
-    logp = torch.empty(N, device=hidden.device, dtype=acc)
+    logp = torch.empty(hidden.shape[0], device=hidden.device, dtype=acc)
     entropy = torch.empty_like(logp)
     grads = _Grads(hidden, weight, bias)
     if chunk <= 0 or chunk % seq_len:
         raise ValueError(f"chunk ({chunk}) must be a positive multiple of seq_len ({seq_len})")
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
-        h = hidden[s:e]
-        z = _logits(h, weight, bias)
+    for s, e, h, z in _chunks(hidden, weight, bias, chunk):
         logp[s:e], entropy[s:e] = _logprob_rows(rows, z, labels[s:e], temperature=temperature,
                                                 ignore_index=ignore_index)  # fmt: skip
         coef = coef_of(s, e, logp[s:e]).to(acc).contiguous()
