@@ -21,7 +21,7 @@ from credit_ops.ops.credit_assign import CreditAssignment, credit_assign  # noqa
 from credit_ops.ops.advantages import group_advantages, ibpo_shaping, token_advantages  # noqa: E402
 from credit_ops.ops.align_edits import AlignEdits, align_edits, segment_steps, step_masks, truncate_regions  # noqa: E402
 from credit_ops.ops.fused_linear import fused_linear_logprobs, fused_linear_policy_loss  # noqa: E402
-from credit_ops.ops.policy_loss import policy_loss  # noqa: E402
+from credit_ops.ops.policy_loss import policy_loss, policy_loss_from_logprobs  # noqa: E402
 from credit_ops.ops.token_logprobs import token_logprobs  # noqa: E402
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ __all__ = [
     "group_advantages",
     "ibpo_shaping",
     "policy_loss",
+    "policy_loss_from_logprobs",
     "segment_steps",
     "set_value_checks",
     "step_masks",

@@ -53,9 +53,13 @@ DEFAULT_AGG = {
 DEFAULT_EPS = {**{t: (0.2, 0.28) for t in TOKEN_LOSSES}, **{t: (3e-4, 4e-4) for t in SEQUENCE_LOSSES}}
 
 
-def aggregation_weights(valid: Tensor, agg: str, max_length: int | None = None) -> Tensor:
-    """(B, T) weights w with loss = sum_bt w_bt * loss_bt: zero on invalid tokens, denominators count valid tokens."""
-    B = valid.shape[0]
+EMPTY_ROWS = ("count", "skip")  # whether a row without valid tokens counts in the sequence means (TRL: yes; verl: no)
+
+
+def aggregation_weights(valid: Tensor, agg: str, max_length: int | None = None, empty_rows: str = "count") -> Tensor:
+    """(B, T) weights w with loss = sum_bt w_bt * loss_bt: zero on invalid tokens, denominators count valid tokens;
+    the sequence means divide by B, or with empty_rows="skip" by the number of rows with a valid token."""
+    B = valid.shape[0] if empty_rows == "count" else (valid.sum(-1) > 0).sum().clamp(min=1)
     if agg == "token_mean":
         return valid / valid.sum().clamp(min=1.0)
     if agg == "seq_mean_token_mean":
@@ -122,38 +126,42 @@ def policy_loss_stats(ratio, adv, logp, ref_logp, entropy, valid, *, eps_low, ep
         return dict(zip(STAT_NAMES, (*means.unbind(), n), strict=True))
 
 
-def policy_loss_from_logprobs(
-    logp, entropy, valid, advantages, *, old_logprobs, ref_logprobs, gates, loss_type, eps_low, eps_high, dual_clip,
-    beta, kl_type, agg, max_length,
-):  # fmt: skip
+def loss_from_logprobs(logp, entropy, valid, advantages, *, old_logprobs, ref_logprobs, gates, loss_type, eps_low,
+                       eps_high, dual_clip, beta, kl_type, agg, max_length, weights=None, empty_rows="count",
+                       reduction="mean"):
     """The loss of docs/method.md §4 from per-token log-probs (B, T) (differentiable), with every argument resolved:
-    valid (B, T) float, advantages (B, T), gates (B, T) float or None, agg a name. Returns (loss, stats)."""
+    valid (B, T) float, advantages (B, T), gates / weights (B, T) float or None, agg a name. Returns (loss, stats),
+    the loss per token (B, T), before aggregation, with reduction="none"."""
     # Padding may hold anything (-inf old log-probs, NaN advantages): invalid tokens get log-ratio 0, KL 0, A 0.
     vb = valid > 0
-    pad = lambda t, fill: torch.where(vb, t.to(logp.dtype), fill)  # noqa: E731
+    pad = lambda t, fill: torch.where(vb, t.to(logp.dtype), fill)
     old = logp.detach() if old_logprobs is None else pad(old_logprobs, logp.detach())
     g = torch.ones_like(logp) if gates is None else pad(gates, torch.zeros_like(logp))
+    w = torch.ones_like(logp) if weights is None else pad(weights, torch.zeros_like(logp))
     advantages = pad(advantages, torch.zeros_like(logp))
     ratio = policy_token_ratio(logp, old, valid, g, loss_type)
     per_token = clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip)
     ref = None if ref_logprobs is None else pad(ref_logprobs, logp.detach())
     if beta != 0.0:
         per_token = per_token + beta * kl_estimate(logp, ref, kl_type)
-    loss = (aggregation_weights(valid, agg, max_length) * g * per_token).sum()
+    per_token = valid * g * w * per_token
     stats = policy_loss_stats(ratio, advantages, logp, ref, entropy, valid, eps_low=eps_low, eps_high=eps_high,
-                              kl_type=kl_type)  # fmt: skip
-    return loss, stats
+                              kl_type=kl_type)
+    if reduction == "none":
+        return per_token, stats
+    return (aggregation_weights(valid, agg, max_length, empty_rows) * per_token).sum(), stats
 
 
-def policy_loss(
-    logits: Tensor,
-    labels: Tensor,
+def policy_loss_from_logprobs(
+    logprobs: Tensor,
     advantages: Tensor,
     *,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     mask: Tensor | None = None,
     gates: Tensor | None = None,
+    weights: Tensor | None = None,
+    entropy: Tensor | None = None,
     loss_type: str = "dapo",
     eps_low: float | None = None,
     eps_high: float | None = None,
@@ -162,25 +170,42 @@ def policy_loss(
     kl_type: str = "k3",
     agg: str | None = None,
     max_length: int | None = None,
+    empty_rows: str = "count",
+    reduction: str = "mean",
+) -> tuple[Tensor, dict]:
+    """Reference for credit_ops.policy_loss_from_logprobs: the loss from per-token log-probs (B, T)."""
+    logp = logprobs.to(_stats_dtype(logprobs))
+    valid = torch.ones_like(logp) if mask is None else (mask != 0).to(logp.dtype)
+    adv = advantages.to(logp.dtype)
+    adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
+    default_low, default_high = DEFAULT_EPS[loss_type]
+    return loss_from_logprobs(
+        logp, torch.zeros_like(logp) if entropy is None else entropy.detach().to(logp.dtype), valid, adv,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gates=gates, weights=weights, loss_type=loss_type,
+        eps_low=default_low if eps_low is None else eps_low, eps_high=default_high if eps_high is None else eps_high,
+        dual_clip=dual_clip, beta=beta, kl_type=kl_type, agg=agg or DEFAULT_AGG[loss_type], max_length=max_length,
+        empty_rows=empty_rows, reduction=reduction,
+    )
+
+
+def policy_loss(
+    logits: Tensor,
+    labels: Tensor,
+    advantages: Tensor,
+    *,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    mask: Tensor | None = None,
+    **kwargs,
 ) -> tuple[Tensor, dict]:
-    """GRPO-family policy loss over logits (B, T, V) aligned with labels (B, T): see credit_ops.policy_loss."""
-    default_low, default_high = DEFAULT_EPS[loss_type]
+    """GRPO-family policy loss over logits (B, T, V) aligned with labels (B, T): see credit_ops.policy_loss. The
+    other keyword arguments are policy_loss_from_logprobs'."""
     logp, entropy = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                    return_entropy=True)  # fmt: skip
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & (mask != 0)
-    valid = valid.to(logp.dtype)
-    adv = advantages.to(logp.dtype)
-    adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
-    return policy_loss_from_logprobs(
-        logp, entropy.detach(), valid, adv, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gates=gates,
-        loss_type=loss_type, eps_low=default_low if eps_low is None else eps_low,
-        eps_high=default_high if eps_high is None else eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type,
-        agg=agg or DEFAULT_AGG[loss_type], max_length=max_length,
-    )  # fmt: skip
+    return policy_loss_from_logprobs(logp, advantages, mask=valid, entropy=entropy, **kwargs)
 
 
 def fused_linear_policy_loss(hidden, weight, labels, advantages, *, bias=None, **kwargs):
@@ -306,7 +331,7 @@ def truncate_regions(mask: Tensor, regions: Tensor, k) -> Tensor:
 
 
 # ---- advantages (docs/method.md §1, steps 5-6)
-ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch")
+ADVANTAGE_MODES = ("grpo", "dr_grpo", "rloo", "batch", "grpo_batch_std")
 # The algorithm table (docs/method.md §1). masks: token credit from edit masks and repair rows; shaping: IBPO's
 # R' = R + lam * phi; mode: the group normalisation; correct_in_loss: False drops correct samples (IOP).
 ALGORITHMS = {
@@ -336,6 +361,8 @@ def group_advantages(
         adv = d
     elif mode == "rloo":
         adv = d * n / (n - 1)
+    elif mode == "grpo_batch_std":
+        adv = d / (r.std() + eps)
     else:
         adv = d / (torch.sqrt(m2[ids] / (n - 1)) + eps)
     return torch.where(n >= 2, adv, 0.0).to(_stats_dtype(rewards))

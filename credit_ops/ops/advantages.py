@@ -10,7 +10,7 @@ from torch import Tensor
 from credit_ops import _checks, reference
 from credit_ops._backend import resolve
 
-ADV_MODE_IDS = {mode: i for i, mode in enumerate(reference.ADVANTAGE_MODES)}  # the kernels' mode ids
+ADV_MODE_IDS = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "batch": 3}  # the kernels' modes (csrc/core/advantages.h)
 
 
 def _native(device) -> bool:
@@ -25,6 +25,10 @@ def check_rewards(name: str, rewards: Tensor) -> None:
 def group_advantages_op(rewards: Tensor, group_ids: Tensor, num_groups: int, mode: str, eps: float) -> Tensor:
     if not _native(rewards.device):
         return reference.group_advantages(rewards, group_ids, mode=mode, eps=eps, num_groups=num_groups)
+    if mode == "grpo_batch_std":  # TRL's scale_rewards="batch": the group-centred reward over the batch's std
+        centred = torch.ops.credit.group_advantages(rewards, group_ids, int(num_groups), ADV_MODE_IDS["dr_grpo"], 0.0)
+        std = rewards.double().std() if rewards.shape[0] > 1 else rewards.new_zeros((), dtype=torch.float64)
+        return (centred.double() / (std + eps)).to(centred.dtype)
     return torch.ops.credit.group_advantages(rewards, group_ids, int(num_groups), ADV_MODE_IDS[mode], float(eps))
 
 
@@ -86,6 +90,7 @@ def group_advantages(
     dr_grpo: r - mean
     rloo:    r - mean of the *other* samples of the group = n / (n - 1) * (r - mean)
     batch:   (r - mean) / (std + eps) over the whole batch, group ids ignored
+    grpo_batch_std: (r - mean) / (std of the whole batch + eps) (TRL's scale_rewards="batch"; TRL's eps is 1e-4)
 
     Groups may be unsorted and of any size; a group of one gets advantage 0. Statistics accumulate in
     float64 (atomics keyed by group id on CUDA: no sort, no host synchronisation).
@@ -96,7 +101,7 @@ def group_advantages(
             dense numbering without reading the ids on the host (pass it for sparse ids)
         returns: (N,) float32 (float64 for float64 rewards)
     """
-    _checks.check(mode in ADV_MODE_IDS, f"mode must be one of {tuple(ADV_MODE_IDS)}, got {mode!r}")
+    _checks.check(mode in reference.ADVANTAGE_MODES, f"mode must be one of {reference.ADVANTAGE_MODES}, got {mode!r}")
     _checks.check(eps >= 0, f"eps must be >= 0, got {eps}")
     _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, dim=1)
     _checks.same_device(rewards=rewards, group_ids=group_ids)

@@ -24,7 +24,14 @@ from torch import Tensor
 
 from credit_ops import _checks, reference
 from credit_ops._backend import resolve
-from credit_ops.ops.policy_loss import loss_from_logprobs, prepare, rows_forward, token_loss_stats, token_weights
+from credit_ops.ops.policy_loss import (
+    loss_from_logprobs,
+    prepare,
+    reference_options,
+    rows_forward,
+    token_loss_stats,
+    token_weights,
+)
 
 # One logits chunk: ~1 GiB (2048 tokens at V = 152k, bf16). Every chunk re-reads and re-writes the accumulated
 # grad_W (V x H: 1.1 GB for Qwen-7B's head) in its addmm, so fewer, larger chunks cut that traffic; the chunk is
@@ -339,6 +346,7 @@ def fused_linear_policy_loss(
     ref_logprobs: Tensor | None = None,
     mask: Tensor | None = None,
     gates: Tensor | None = None,
+    weights: Tensor | None = None,
     loss_type: str = "dapo",
     eps_low: float | None = None,
     eps_high: float | None = None,
@@ -347,13 +355,15 @@ def fused_linear_policy_loss(
     kl_type: str = "k3",
     agg: str | None = None,
     max_length: int | None = None,
+    empty_rows: str = "count",
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """credit_ops.policy_loss of the LM head's logits hidden @ weight.T + bias, never materialising them.
 
-    Same semantics and options as :func:`credit_ops.policy_loss` (hidden row t scores labels[..., t]). Token-level
+    Same semantics and options as :func:`credit_ops.policy_loss` (hidden row t scores labels[..., t]), gates and
+    weights included. Token-level
     loss types compute, per chunk of tokens, the logits (one matmul), the loss and d loss / d logits in place (one
     fused row kernel) and the gradient matmuls, all in the forward: three matmuls in total, one (chunk, V) buffer,
     and the backward only scales the stored gradients. The GSPO family needs a whole sequence's log-probs before any
@@ -374,21 +384,20 @@ def fused_linear_policy_loss(
         labels = labels.unsqueeze(0)
         unsq = lambda t: None if t is None else t.reshape(1, -1)
         advantages = advantages.reshape(1) if advantages.numel() == 1 else unsq(advantages)
-        old_logprobs, ref_logprobs, mask, gates = map(unsq, (old_logprobs, ref_logprobs, mask, gates))
+        old_logprobs, ref_logprobs, mask, gates, weights = map(unsq, (old_logprobs, ref_logprobs, mask, gates, weights))
     V = weight.shape[0]
     options, inputs = prepare(
         labels, V, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask, gates=gates,
-        loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type,
-        agg=agg, max_length=max_length, temperature=temperature, ignore_index=ignore_index, acc=_acc(hidden),
+        weights=weights, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
+        kl_type=kl_type, agg=agg, max_length=max_length, empty_rows=empty_rows, temperature=temperature,
+        ignore_index=ignore_index, acc=_acc(hidden),
     )  # fmt: skip
     backend = resolve(hidden.device, triton=True)
     if backend == "reference":
-        return reference.fused_linear_policy_loss(h, weight, labels, advantages, bias=bias, old_logprobs=old_logprobs,
-                                                  ref_logprobs=ref_logprobs, mask=mask, gates=gates,
-                                                  loss_type=loss_type, eps_low=options.eps_low,
-                                                  eps_high=options.eps_high, dual_clip=dual_clip, beta=beta,
-                                                  kl_type=kl_type, agg=options.agg, max_length=max_length,
-                                                  temperature=temperature, ignore_index=ignore_index)  # fmt: skip
+        return reference.fused_linear_policy_loss(h, weight, labels, advantages, bias=bias, mask=mask,
+                                                  temperature=temperature, ignore_index=ignore_index,
+                                                  **reference_options(options, old_logprobs, ref_logprobs, gates,
+                                                                      weights))  # fmt: skip
     use_triton = backend == "triton"
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     flat_labels = inputs.labels.reshape(-1)

@@ -32,6 +32,7 @@ class LossOptions(NamedTuple):
     kl_type: str
     agg: str
     max_length: int | None
+    empty_rows: str
     temperature: float
     ignore_index: int
 
@@ -46,18 +47,20 @@ class TokenInputs(NamedTuple):
     """The per-token inputs of a policy loss, (B, T), in the statistics dtype; every float tensor is 0 on invalid
     tokens (padding may hold anything: -inf old log-probs, NaN advantages)."""
 
-    labels: Tensor  # int, ignore_index on every invalid token
+    labels: Tensor | None  # int, ignore_index on every invalid token (None when the caller has log-probs)
     valid: Tensor  # 1.0 on valid tokens (labels != ignore_index and mask), else 0.0
     adv: Tensor
     old: Tensor | None
     ref: Tensor | None
     gates: Tensor | None
+    weights: Tensor | None
 
 
-def prepare(labels, V, advantages, *, old_logprobs, ref_logprobs, mask, gates, loss_type, eps_low, eps_high,
-            dual_clip, beta, kl_type, agg, max_length, temperature, ignore_index,
-            acc) -> tuple[LossOptions, TokenInputs]:  # fmt: skip
-    """Validate a policy loss's arguments (labels (B, T) against a vocabulary of V) and resolve them."""
+def prepare(labels, V, advantages, *, old_logprobs, ref_logprobs, mask, gates, weights, loss_type, eps_low,
+            eps_high, dual_clip, beta, kl_type, agg, max_length, empty_rows, temperature, ignore_index, acc,
+            shape=None) -> tuple[LossOptions, TokenInputs]:  # fmt: skip
+    """Validate a policy loss's arguments and resolve them: labels (B, T) against a vocabulary of V, or, for a loss
+    from log-probs, labels None and the (B, T) ``shape``."""
     _checks.check(loss_type in reference.LOSS_TYPES,
                   f"unknown loss_type {loss_type!r}; expected one of {reference.LOSS_TYPES}")  # fmt: skip
     agg = reference.DEFAULT_AGG[loss_type] if agg is None else agg
@@ -76,42 +79,50 @@ def prepare(labels, V, advantages, *, old_logprobs, ref_logprobs, mask, gates, l
         agg != "seq_mean_token_sum_norm" or (max_length is not None and max_length > 0),
         f"agg='seq_mean_token_sum_norm' (the default of loss_type='dr_grpo') needs max_length > 0, got {max_length}",
     )
+    _checks.check(empty_rows in reference.EMPTY_ROWS,
+                  f"empty_rows must be one of {reference.EMPTY_ROWS}, got {empty_rows!r}")  # fmt: skip
     _checks.check(temperature > 0, f"temperature must be > 0, got {temperature}")
-    options = LossOptions(loss_type, eps_low, eps_high, dual_clip, float(beta), kl_type, agg, max_length,
+    options = LossOptions(loss_type, eps_low, eps_high, dual_clip, float(beta), kl_type, agg, max_length, empty_rows,
                           float(temperature), int(ignore_index))  # fmt: skip
 
-    _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES, dim=2)
-    B, T = labels.shape
+    if labels is not None:
+        _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES, dim=2)
+    B, T = labels.shape if labels is not None else shape
     _checks.tensor("advantages", advantages, dtypes=_checks.FLOAT_DTYPES)
     _checks.check(
         tuple(advantages.shape) in ((B,), (B, T)),
         f"advantages must have shape ({B},) (per sequence) or ({B}, {T}) (per token), got {tuple(advantages.shape)}",
     )
-    optional = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask, gates=gates)
+    optional = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask, gates=gates, weights=weights)
     for name, t in optional.items():
         if t is not None:
             _checks.tensor(name, t, dtypes=None if name == "mask" else _checks.FLOAT_DTYPES)
-            _checks.shape(name, t, (B, T), "(that of labels)")
+            _checks.shape(name, t, (B, T), "(that of labels)" if labels is not None else "(that of logprobs)")
     _checks.same_device(labels=labels, advantages=advantages, **optional)
-    _checks.ids_in_range("labels", labels, V, ignore_index=ignore_index)
     if gates is not None:
         _checks.values((gates < 0) | (gates > 1) | torch.isnan(gates), "gates must lie in [0, 1]")
+    if weights is not None:
+        _checks.values((weights < 0) | ~torch.isfinite(weights), "weights must be finite and >= 0")
 
-    valid = labels != ignore_index
+    valid = torch.ones((B, T), dtype=torch.bool, device=advantages.device)
+    if labels is not None:
+        _checks.ids_in_range("labels", labels, V, ignore_index=ignore_index)
+        valid = labels != ignore_index
     if mask is not None:
         valid = valid & (mask != 0)
     adv = advantages.to(acc)
     adv = adv.unsqueeze(-1).expand(B, T) if adv.dim() == 1 else adv
     cast = lambda t: None if t is None else torch.where(valid, t.to(acc), 0.0)
-    inputs = TokenInputs(torch.where(valid, labels, ignore_index), valid.to(acc), cast(adv), cast(old_logprobs),
-                         cast(ref_logprobs), cast(gates))  # fmt: skip
+    inputs = TokenInputs(None if labels is None else torch.where(valid, labels, ignore_index), valid.to(acc), cast(adv),
+                         cast(old_logprobs), cast(ref_logprobs), cast(gates), cast(weights))  # fmt: skip
     return options, inputs
 
 
 # ---- the loss from log-probs: docs/method.md §4
-def aggregation_weights(valid: Tensor, agg: str, max_length: int | None) -> Tensor:
-    """(B, T) w with loss = sum_bt w_bt loss_bt; 0 on invalid tokens, denominators count valid tokens."""
-    B = valid.shape[0]
+def aggregation_weights(valid: Tensor, agg: str, max_length: int | None, empty_rows: str) -> Tensor:
+    """(B, T) w with loss = sum_bt w_bt loss_bt; 0 on invalid tokens, denominators count valid tokens, and the
+    sequence means count the rows (empty_rows="count") or only the rows with a valid token ("skip")."""
+    B = valid.shape[0] if empty_rows == "count" else valid.amax(1).sum().clamp(min=1.0)
     if agg == "token_mean":
         denominator = valid.sum().clamp(min=1.0)
     elif agg == "seq_mean_token_mean":
@@ -123,10 +134,18 @@ def aggregation_weights(valid: Tensor, agg: str, max_length: int | None) -> Tens
     return valid / denominator
 
 
+def token_factors(inputs: TokenInputs) -> Tensor:
+    """valid x gate x weight (B, T): what multiplies each token's loss before the aggregation."""
+    w = inputs.valid
+    for factor in (inputs.gates, inputs.weights):
+        if factor is not None:
+            w = w * factor
+    return w
+
+
 def token_weights(inputs: TokenInputs, options: LossOptions) -> Tensor:
-    """The row kernels' per-token weights: aggregation weight x gate."""
-    w = aggregation_weights(inputs.valid, options.agg, options.max_length)
-    return w if inputs.gates is None else w * inputs.gates
+    """The per-token multipliers of the aggregated loss (the row kernels' weights): aggregation weight x factors."""
+    return aggregation_weights(inputs.valid, options.agg, options.max_length, options.empty_rows) * token_factors(inputs)
 
 
 def kl_penalty(logp: Tensor, ref: Tensor, kl_type: str) -> Tensor:
@@ -180,9 +199,10 @@ def token_loss_stats(logp: Tensor, entropy: Tensor, inputs: TokenInputs, options
     return loss_stats(ratio, logp, entropy, inputs, options)
 
 
-def loss_from_logprobs(logp: Tensor, entropy: Tensor, inputs: TokenInputs, options: LossOptions):
+def loss_from_logprobs(logp: Tensor, entropy: Tensor, inputs: TokenInputs, options: LossOptions, reduction="mean"):
     """(loss, stats) from per-token log-probs (B, T), the loss differentiable w.r.t. logp (0 gradient on invalid
-    tokens); entropy (B, T) feeds the statistics only."""
+    tokens); entropy (B, T) feeds the statistics only. reduction="none": the loss per token (B, T), gated and
+    weighted, before the aggregation weights."""
     logp = torch.where(inputs.valid > 0, logp, 0.0)
     ratio = importance_ratio(logp, inputs, options.loss_type)
     adv = inputs.adv
@@ -192,8 +212,10 @@ def loss_from_logprobs(logp: Tensor, entropy: Tensor, inputs: TokenInputs, optio
         per_token = torch.where(adv < 0, torch.minimum(per_token, -options.dual_clip * adv), per_token)
     if options.beta != 0.0:
         per_token = per_token + options.beta * kl_penalty(logp, inputs.ref, options.kl_type)
-    loss = (token_weights(inputs, options) * per_token).sum()
-    return loss, loss_stats(ratio.detach(), logp.detach(), entropy, inputs, options)
+    stats = loss_stats(ratio.detach(), logp.detach(), entropy, inputs, options)
+    if reduction == "none":
+        return token_factors(inputs) * per_token, stats
+    return (token_weights(inputs, options) * per_token).sum(), stats
 
 
 # ---- the row kernels and the long-row layout
@@ -363,7 +385,75 @@ def _scaled_inplace_grad(ctx, grad_loss):
     return grad
 
 
-# ---- the public function
+# ---- the public functions
+def reference_options(options: LossOptions, old_logprobs, ref_logprobs, gates, weights) -> dict:
+    """The reference backend's keyword arguments for the same loss."""
+    return dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gates=gates, weights=weights,
+                loss_type=options.loss_type, eps_low=options.eps_low, eps_high=options.eps_high,
+                dual_clip=options.dual_clip, beta=options.beta, kl_type=options.kl_type, agg=options.agg,
+                max_length=options.max_length, empty_rows=options.empty_rows)  # fmt: skip
+
+
+def policy_loss_from_logprobs(
+    logprobs: Tensor,
+    advantages: Tensor,
+    *,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    mask: Tensor | None = None,
+    gates: Tensor | None = None,
+    weights: Tensor | None = None,
+    entropy: Tensor | None = None,
+    loss_type: str = "dapo",
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    kl_type: str = "k3",
+    agg: str | None = None,
+    max_length: int | None = None,
+    empty_rows: str = "count",
+    reduction: str = "mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`policy_loss` for callers that hold the log-probs already (verl, OpenRLHF, TRL's own head, a fused
+    head of one's own): the same loss types, options, validation and statistics, differentiable w.r.t. ``logprobs``
+    (no gradient reaches masked tokens).
+
+    ``reduction="mean"`` aggregates with ``agg`` (the default of the loss type when None) into a scalar;
+    ``reduction="none"`` returns the loss per token, mask x gates x weights x loss_t (0 on masked tokens), for a
+    framework that aggregates it its own way. ``entropy`` (B, T), optional, feeds ``stats["entropy_mean"]``
+    (0 without it).
+
+    Shapes:
+        logprobs: (B, T) float16 / bfloat16 / float32 / float64, finite on valid tokens
+        advantages: (B,) per sequence or (B, T) per token
+        old_logprobs, ref_logprobs, gates, weights, entropy: (B, T) float; mask: (B, T) bool or numeric
+        returns: loss () or, with reduction="none", (B, T), float32 (float64 for float64 logprobs); stats (see
+            policy_loss)
+    """
+    _checks.tensor("logprobs", logprobs, dtypes=_checks.FLOAT_DTYPES, dim=2)
+    _checks.check(reduction in ("mean", "none"), f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if entropy is not None:
+        _checks.tensor("entropy", entropy, dtypes=_checks.FLOAT_DTYPES)
+        _checks.shape("entropy", entropy, logprobs.shape, "(that of logprobs)")
+    _checks.same_device(logprobs=logprobs, advantages=advantages, entropy=entropy)
+    acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    options, inputs = prepare(
+        None, None, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask, gates=gates,
+        weights=weights, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
+        kl_type=kl_type, agg=agg, max_length=max_length, empty_rows=empty_rows, temperature=1.0, ignore_index=-100,
+        acc=acc, shape=tuple(logprobs.shape),
+    )  # fmt: skip
+    _checks.values((inputs.valid > 0) & ~torch.isfinite(logprobs), "logprobs must be finite on valid tokens")
+    if resolve(logprobs.device, triton=False) == "reference":
+        return reference.policy_loss_from_logprobs(logprobs, advantages, mask=mask, entropy=entropy,
+                                                   reduction=reduction, **reference_options(options, old_logprobs,
+                                                                                            ref_logprobs, gates,
+                                                                                            weights))  # fmt: skip
+    ent = torch.zeros_like(inputs.valid) if entropy is None else torch.where(inputs.valid > 0, entropy.detach().to(acc), 0.0)
+    return loss_from_logprobs(logprobs.to(acc), ent, inputs, options, reduction)
+
+
 def policy_loss(
     logits: Tensor,
     labels: Tensor,
@@ -373,6 +463,7 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     mask: Tensor | None = None,
     gates: Tensor | None = None,
+    weights: Tensor | None = None,
     loss_type: str = "dapo",
     eps_low: float | None = None,
     eps_high: float | None = None,
@@ -381,6 +472,7 @@ def policy_loss(
     kl_type: str = "k3",
     agg: str | None = None,
     max_length: int | None = None,
+    empty_rows: str = "count",
     temperature: float = 1.0,
     ignore_index: int = -100,
     inplace_grad: bool = False,
@@ -394,7 +486,7 @@ def policy_loss(
     output is cheaper in training: the gradient is written for the whole tensor, while a slice's gradient needs
     autograd to allocate a zeroed (B, T + 1, V) buffer and copy into it.
     With logp_t = log softmax(logits_t / T)[labels_t], l_t = logp_t - old_t, valid tokens M_t (mask and
-    labels != ignore_index), gates g_t in [0, 1] (1 when None):
+    labels != ignore_index), gates g_t in [0, 1] (1 when None), weights u_t >= 0 (1 when None):
 
         grpo / dapo / dr_grpo / bnpo:  r_t = exp(l_t)
         gspo:        r_t = s_b = exp(sum_t M_t l_t / sum_t M_t)        (one ratio per sequence)
@@ -402,9 +494,14 @@ def policy_loss(
         gated_gspo:  r_t = s_b = exp(sum_t g_t M_t l_t / sum_t g_t M_t)  (IOP; only gated tokens get gradient)
         loss_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)  [min(., -dual_clip A_t) where A_t < 0]
                  + beta * KL_t(k1 | k2 | k3 against ref_logprobs)
-        loss = sum_bt w_bt g_t loss_t, with w the aggregation weights (denominators count valid tokens):
+        loss = sum_bt w_bt g_t u_t loss_t, with w the aggregation weights (denominators count valid tokens):
             token_mean 1 / sum M; seq_mean_token_mean 1 / (B |y_b|); seq_mean_token_sum 1 / B;
             seq_mean_token_sum_norm 1 / (B max_length)
+
+    Gates are credit (which tokens the update may touch); ``weights`` are unbounded importance-sampling
+    corrections (TRL's vLLM IS ratio, verl's ``rollout_is_weights``) that multiply the token's loss and leave the
+    ratio, the statistics and the denominators alone. ``empty_rows="skip"`` leaves rows without a valid token out
+    of B in the sequence means (verl and OpenRLHF do; TRL counts them: "count", the default).
 
     ``agg=None`` takes TRL's aggregation of the loss type (grpo: seq_mean_token_mean; dapo, bnpo: token_mean;
     dr_grpo: seq_mean_token_sum_norm, which needs ``max_length``; GSPO family: seq_mean_token_mean, the mean of
@@ -422,7 +519,7 @@ def policy_loss(
         logits: (B, T, V) or (B, T + 1, V) bfloat16 / float16 / float32 / float64, unit stride along V
         labels: (B, T) int32 / int64 in [0, V) or ``ignore_index``
         advantages: (B,) per sequence or (B, T) per token
-        old_logprobs, ref_logprobs, gates: (B, T) float; mask: (B, T) bool or numeric (nonzero = valid)
+        old_logprobs, ref_logprobs, gates, weights: (B, T) float; mask: (B, T) bool or numeric (nonzero = valid)
         returns: loss () float32 (float64 for float64 logits), differentiable w.r.t. logits; stats: dict of
             detached 0-d tensors clip_frac_low, clip_frac_high, clip_frac, ratio_mean, kl_mean, entropy_mean,
             num_tokens (means over valid tokens; no host synchronisation)
@@ -439,17 +536,15 @@ def policy_loss(
     _checks.same_device(logits=logits, labels=labels)
     options, inputs = prepare(
         labels, logits.shape[-1], advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask,
-        gates=gates, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
-        kl_type=kl_type, agg=agg, max_length=max_length, temperature=temperature, ignore_index=ignore_index,
-        acc=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+        gates=gates, weights=weights, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+        beta=beta, kl_type=kl_type, agg=agg, max_length=max_length, empty_rows=empty_rows, temperature=temperature,
+        ignore_index=ignore_index, acc=torch.float64 if logits.dtype == torch.float64 else torch.float32,
     )  # fmt: skip
     backend = resolve(logits.device, triton=True)
     if backend == "reference":
-        return reference.policy_loss(logits[:, :T], labels, advantages, old_logprobs=old_logprobs,
-                                     ref_logprobs=ref_logprobs, mask=mask, gates=gates, loss_type=loss_type,
-                                     eps_low=options.eps_low, eps_high=options.eps_high, dual_clip=dual_clip,
-                                     beta=beta, kl_type=kl_type, agg=options.agg, max_length=max_length,
-                                     temperature=temperature, ignore_index=ignore_index)  # fmt: skip
+        return reference.policy_loss(logits[:, :T], labels, advantages, mask=mask, temperature=temperature,
+                                     ignore_index=ignore_index, **reference_options(options, old_logprobs,
+                                                                                    ref_logprobs, gates, weights))
     use_triton = backend == "triton"
     scored = inputs
     if logits.shape[1] == T + 1:
