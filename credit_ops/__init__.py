@@ -6,13 +6,13 @@ built with CUDA, Triton kernels when Triton is installed) with their fake kernel
 
 import torch  # noqa: F401  (loads libtorch / libc10, which _C links against)
 
-try:
-    from credit_ops import _C  # noqa: F401  (registers the C++/CUDA ops)
-except ImportError as e:  # pragma: no cover - only when the extension was never built
-    raise ImportError(
-        "credit_ops._C is not built: run `pip install --no-build-isolation -e .` (or `make build`) "
-        f"in the credit-ops checkout first ({e})"
-    ) from e
+# credit_ops._C registers the C++/CUDA ops. It is compiled at install time when the build sees torch
+# (pip install --no-build-isolation, make build), else here, once per torch version, into a cache
+# (credit_ops/_extension.py; `python -m credit_ops.build` does it ahead of time). A _C built for another torch
+# is never loaded. Without a compiler: None, a warning, and the compiled ops raise a clear error.
+from credit_ops._extension import load_or_stub as _load_or_stub  # noqa: E402
+
+_C = _load_or_stub()
 
 from credit_ops import _autograd, _meta, _triton_ops  # noqa: F401,E402,I001  (registration side effects)
 from credit_ops._backend import get_backend, use_backend  # noqa: E402

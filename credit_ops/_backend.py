@@ -55,7 +55,7 @@ def has_triton() -> bool:
 
 
 def resolve(device, *, triton: bool) -> str:
-    """"reference", "triton" or "native" for an op on tensors on ``device``; ``triton``: whether the op has Triton
+    """ "reference", "triton" or "native" for an op on tensors on ``device``; ``triton``: whether the op has Triton
     kernels (they are then its GPU kernels). See the module docstring."""
     backend = get_backend()
     if backend == "reference":

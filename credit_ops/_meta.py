@@ -17,7 +17,7 @@ def _stats_dtype(logits):
 # ---- token_logprobs
 def _token_logprobs_fwd_fake(logits, labels, temperature, ignore_index, return_entropy):
     bt = logits.shape[:2]
-    new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))  # noqa: E731
+    new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))
     return new(bt), new(bt if return_entropy else (0,)), new(bt)
 
 
@@ -26,12 +26,8 @@ def _token_logprobs_bwd_fake(grad_logprobs, grad_entropy, logits, labels, lse, e
 
 
 _TRITON = _triton_ops.AVAILABLE
-_register(
-    ["credit::token_logprobs_fwd"] + ["credit::token_logprobs_fwd_triton"] * _TRITON, _token_logprobs_fwd_fake
-)
-_register(
-    ["credit::token_logprobs_bwd"] + ["credit::token_logprobs_bwd_triton"] * _TRITON, _token_logprobs_bwd_fake
-)
+_register(["credit::token_logprobs_fwd"] + ["credit::token_logprobs_fwd_triton"] * _TRITON, _token_logprobs_fwd_fake)
+_register(["credit::token_logprobs_bwd"] + ["credit::token_logprobs_bwd_triton"] * _TRITON, _token_logprobs_bwd_fake)
 
 
 # ---- align_edits
@@ -49,7 +45,7 @@ def _align_edits_fake(a, a_lengths, b, b_lengths, insert_anchor):
 _register(["credit::align_edits"], _align_edits_fake)
 
 
-# ---- advantages 
+# ---- advantages
 def _adv_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -61,43 +57,89 @@ def _group_advantages_fake(rewards, group_ids, num_groups, mode, eps):
 
 @torch.library.register_fake("credit::ibpo_shaping")
 def _ibpo_shaping_fake(rewards, n_correct, n_valid, rho, lam, threshold):
-    new = lambda: rewards.new_empty(rewards.shape, dtype=_adv_dtype(rewards))  # noqa: E731
+    new = lambda: rewards.new_empty(rewards.shape, dtype=_adv_dtype(rewards))
     return new(), new()
 
 
 @torch.library.register_fake("credit::token_advantages")
-def _token_advantages_fake(seq_adv, mask, wrong, has_repair, lengths, starts, sign_guard, unmasked_weight,
-                           correct_in_loss):  # fmt: skip
-    new = lambda: mask.new_empty(mask.shape, dtype=_adv_dtype(seq_adv))  # noqa: E731
+def _token_advantages_fake(
+    seq_adv, mask, wrong, has_repair, lengths, starts, sign_guard, unmasked_weight, correct_in_loss
+):
+    new = lambda: mask.new_empty(mask.shape, dtype=_adv_dtype(seq_adv))
     return new(), new()
 
 
 @torch.library.register_fake("credit::repair_advantages")
 def _repair_advantages_fake(seq_adv, mask, repair_of, selected, lengths, starts):
-    new = lambda: mask.new_empty(mask.shape, dtype=_adv_dtype(seq_adv))  # noqa: E731
+    new = lambda: mask.new_empty(mask.shape, dtype=_adv_dtype(seq_adv))
     return new(), new()
 
 
-# ---- policy_loss 
-def _policy_loss_fwd_fake(logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, ignore_index,
-                          eps_low, eps_high, dual_clip, beta, kl_type, write_grad=True):  # fmt: skip
-    new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))  # noqa: E731
+# ---- policy_loss
+def _policy_loss_fwd_fake(
+    logits,
+    labels,
+    advantages,
+    weights,
+    old_logprobs,
+    ref_logprobs,
+    temperature,
+    ignore_index,
+    eps_low,
+    eps_high,
+    dual_clip,
+    beta,
+    kl_type,
+    write_grad=True,
+):
+    new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))
     bt = logits.shape[:2]
     return new(()), new(bt), new(bt), logits.new_empty(logits.shape if write_grad else (0,))
 
 
-def _policy_loss_rows_fake(grad, logits, labels, advantages, weights, old_logprobs, ref_logprobs, temperature,
-                           ignore_index, eps_low, eps_high, dual_clip, beta, kl_type, coef_given,
-                           write_grad):  # fmt: skip
-    new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))  # noqa: E731
+def _policy_loss_rows_fake(
+    grad,
+    logits,
+    labels,
+    advantages,
+    weights,
+    old_logprobs,
+    ref_logprobs,
+    temperature,
+    ignore_index,
+    eps_low,
+    eps_high,
+    dual_clip,
+    beta,
+    kl_type,
+    coef_given,
+    write_grad,
+):
+    new = lambda size: logits.new_empty(size, dtype=_stats_dtype(logits))
     bt = logits.shape[:2]
     return new(()), new(bt), new(bt)
 
 
-def _fused_linear_policy_loss_fwd_fake(hidden, weight, bias, labels, advantages, weights, old_logprobs,
-                                       ref_logprobs, temperature, ignore_index, eps_low, eps_high, dual_clip, beta,
-                                       kl_type, chunk_size, compute_grad):  # fmt: skip
-    new = lambda size: hidden.new_empty(size, dtype=_stats_dtype(hidden))  # noqa: E731
+def _fused_linear_policy_loss_fwd_fake(
+    hidden,
+    weight,
+    bias,
+    labels,
+    advantages,
+    weights,
+    old_logprobs,
+    ref_logprobs,
+    temperature,
+    ignore_index,
+    eps_low,
+    eps_high,
+    dual_clip,
+    beta,
+    kl_type,
+    chunk_size,
+    compute_grad,
+):
+    new = lambda size: hidden.new_empty(size, dtype=_stats_dtype(hidden))
     n = hidden.shape[0]
     if not compute_grad:
         return new(()), new(n), new(n), hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
@@ -110,8 +152,7 @@ def _fused_linear_logprobs_fwd_fake(hidden, weight, bias, labels, temperature, i
     return hidden.new_empty(n, dtype=_stats_dtype(hidden)), hidden.new_empty(n, dtype=_stats_dtype(hidden))
 
 
-def _fused_linear_logprobs_bwd_fake(grad_logprobs, hidden, weight, bias, labels, temperature, ignore_index,
-                                    chunk_size):  # fmt: skip
+def _fused_linear_logprobs_bwd_fake(grad_logprobs, hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
     grad_b = hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape)
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_b
 

@@ -33,9 +33,7 @@ if AVAILABLE:
         contiguous = [None if t is None else t.contiguous() for t in (grad_logprobs, grad_entropy, lse, entropy)]
         g, ge, lse, entropy = contiguous
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-        return _tlp.token_logprobs_backward(
-            g, ge, logits, labels.contiguous(), lse, entropy, temperature, ignore_index
-        )
+        return _tlp.token_logprobs_backward(g, ge, logits, labels.contiguous(), lse, entropy, temperature, ignore_index)
 
 
 if AVAILABLE:
@@ -65,9 +63,22 @@ if AVAILABLE:
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         grad = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype) if write_grad else logits
         loss, logp, entropy = rows_forward(
-            grad, logits, labels.contiguous(), advantages.contiguous(), weights.contiguous(), _c(old_logprobs),
-            _c(ref_logprobs), use_triton=True, temperature=temperature, ignore_index=ignore_index, eps_low=eps_low,
-            eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type, write_grad=write_grad,
+            grad,
+            logits,
+            labels.contiguous(),
+            advantages.contiguous(),
+            weights.contiguous(),
+            _c(old_logprobs),
+            _c(ref_logprobs),
+            use_triton=True,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            dual_clip=dual_clip,
+            beta=beta,
+            kl_type=kl_type,
+            write_grad=write_grad,
         )
         return loss, logp, entropy, grad if write_grad else logits.new_empty(0)
 
@@ -94,8 +105,24 @@ if AVAILABLE:
         compute_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         return _fl.policy_loss_forward(
-            hidden, weight, bias, labels, advantages, weights, old_logprobs, ref_logprobs, temperature, ignore_index,
-            eps_low, eps_high, dual_clip, beta, kl_type, chunk_size, compute_grad, use_triton=True,
+            hidden,
+            weight,
+            bias,
+            labels,
+            advantages,
+            weights,
+            old_logprobs,
+            ref_logprobs,
+            temperature,
+            ignore_index,
+            eps_low,
+            eps_high,
+            dual_clip,
+            beta,
+            kl_type,
+            chunk_size,
+            compute_grad,
+            use_triton=True,
         )
 
     @torch.library.custom_op("credit::fused_linear_logprobs_fwd_triton", mutates_args=())
@@ -108,7 +135,9 @@ if AVAILABLE:
         ignore_index: int,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
-        return _fl.logprobs_forward(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, use_triton=True)
+        return _fl.logprobs_forward(
+            hidden, weight, bias, labels, temperature, ignore_index, chunk_size, use_triton=True
+        )
 
     @torch.library.custom_op("credit::fused_linear_logprobs_bwd_triton", mutates_args=())
     def fused_linear_logprobs_bwd_triton(

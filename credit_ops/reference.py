@@ -126,9 +126,27 @@ def policy_loss_stats(ratio, adv, logp, ref_logp, entropy, valid, *, eps_low, ep
         return dict(zip(STAT_NAMES, (*means.unbind(), n), strict=True))
 
 
-def loss_from_logprobs(logp, entropy, valid, advantages, *, old_logprobs, ref_logprobs, gates, loss_type, eps_low,
-                       eps_high, dual_clip, beta, kl_type, agg, max_length, weights=None, empty_rows="count",
-                       reduction="mean"):
+def loss_from_logprobs(
+    logp,
+    entropy,
+    valid,
+    advantages,
+    *,
+    old_logprobs,
+    ref_logprobs,
+    gates,
+    loss_type,
+    eps_low,
+    eps_high,
+    dual_clip,
+    beta,
+    kl_type,
+    agg,
+    max_length,
+    weights=None,
+    empty_rows="count",
+    reduction="mean",
+):
     """The loss of docs/method.md §4 from per-token log-probs (B, T) (differentiable), with every argument resolved:
     valid (B, T) float, advantages (B, T), gates / weights (B, T) float or None, agg a name. Returns (loss, stats),
     the loss per token (B, T), before aggregation, with reduction="none"."""
@@ -145,8 +163,9 @@ def loss_from_logprobs(logp, entropy, valid, advantages, *, old_logprobs, ref_lo
     if beta != 0.0:
         per_token = per_token + beta * kl_estimate(logp, ref, kl_type)
     per_token = valid * g * w * per_token
-    stats = policy_loss_stats(ratio, advantages, logp, ref, entropy, valid, eps_low=eps_low, eps_high=eps_high,
-                              kl_type=kl_type)
+    stats = policy_loss_stats(
+        ratio, advantages, logp, ref, entropy, valid, eps_low=eps_low, eps_high=eps_high, kl_type=kl_type
+    )
     if reduction == "none":
         return per_token, stats
     return (aggregation_weights(valid, agg, max_length, empty_rows) * per_token).sum(), stats
@@ -180,11 +199,24 @@ def policy_loss_from_logprobs(
     adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
     default_low, default_high = DEFAULT_EPS[loss_type]
     return loss_from_logprobs(
-        logp, torch.zeros_like(logp) if entropy is None else entropy.detach().to(logp.dtype), valid, adv,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gates=gates, weights=weights, loss_type=loss_type,
-        eps_low=default_low if eps_low is None else eps_low, eps_high=default_high if eps_high is None else eps_high,
-        dual_clip=dual_clip, beta=beta, kl_type=kl_type, agg=agg or DEFAULT_AGG[loss_type], max_length=max_length,
-        empty_rows=empty_rows, reduction=reduction,
+        logp,
+        torch.zeros_like(logp) if entropy is None else entropy.detach().to(logp.dtype),
+        valid,
+        adv,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        gates=gates,
+        weights=weights,
+        loss_type=loss_type,
+        eps_low=default_low if eps_low is None else eps_low,
+        eps_high=default_high if eps_high is None else eps_high,
+        dual_clip=dual_clip,
+        beta=beta,
+        kl_type=kl_type,
+        agg=agg or DEFAULT_AGG[loss_type],
+        max_length=max_length,
+        empty_rows=empty_rows,
+        reduction=reduction,
     )
 
 
@@ -200,8 +232,9 @@ def policy_loss(
 ) -> tuple[Tensor, dict]:
     """GRPO-family policy loss over logits (B, T, V) aligned with labels (B, T): see credit_ops.policy_loss. The
     other keyword arguments are policy_loss_from_logprobs'."""
-    logp, entropy = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                                   return_entropy=True)  # fmt: skip
+    logp, entropy = token_logprobs(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True
+    )
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & (mask != 0)
@@ -214,12 +247,14 @@ def fused_linear_policy_loss(hidden, weight, labels, advantages, *, bias=None, *
     return policy_loss(logits, labels, advantages, **kwargs)
 
 
-def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False):  # fmt: skip
+def fused_linear_logprobs(
+    hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False
+):
     """Reference for credit_ops.fused_linear_logprobs: token_logprobs of hidden @ weight.T + bias."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                          return_entropy=return_entropy)  # fmt: skip
+    return token_logprobs(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+    )
 
 
 # ---- align_edits (docs/method.md §2)
@@ -523,8 +558,8 @@ def credit_assign(
         live = [j for j in range(M) if rof[j] >= 0 and wrong[rof[j]] and rok[j]]  # only these can be accepted
         A = [tok[rof[j]][pl[rof[j]] : lens[rof[j]]] for j in live]
         B = [rtok[j][pl[rof[j]] : rlen[j]] for j in live]
-        pad = lambda rows: torch.tensor([x + [0] * (max(T, Tr, 1) - len(x)) for x in rows] or [[0]], device=dev)  # noqa: E731
-        length = lambda rows: torch.tensor([len(x) for x in rows] or [0], device=dev)  # noqa: E731
+        pad = lambda rows: torch.tensor([x + [0] * (max(T, Tr, 1) - len(x)) for x in rows] or [[0]], device=dev)
+        length = lambda rows: torch.tensor([len(x) for x in rows] or [0], device=dev)
         out = align(pad(A), length(A), pad(B), length(B), insert_anchor=insert_anchor)
         ma, mb, ra, rb, d = (x.tolist() for x in out)
         for p, j in enumerate(live):
@@ -608,7 +643,7 @@ def credit_assign(
         "active_token_ratio": gates.sum().item() / max(scored, 1),
         "phi_mean": sum(p for p, w in zip(phi, wrong, strict=True) if w) / max(n_wrong, 1),
     }
-    f = lambda x: torch.tensor(x, dtype=torch.float32, device=dev)  # noqa: E731
+    f = lambda x: torch.tensor(x, dtype=torch.float32, device=dev)
     return {
         "advantages": adv,
         "gates": gates,

@@ -37,10 +37,7 @@ def options_id(loss_type, agg, empty_rows):
 
 
 CASES = [
-    pytest.param(lt, agg, er, id=options_id(lt, agg, er))
-    for lt in LOSS_TYPES
-    for agg in AGGS
-    for er in R.EMPTY_ROWS
+    pytest.param(lt, agg, er, id=options_id(lt, agg, er)) for lt in LOSS_TYPES for agg in AGGS for er in R.EMPTY_ROWS
 ]
 
 
@@ -50,8 +47,17 @@ def test_matches_reference(loss_type, agg, empty_rows, reduction):
     logits, labels, adv, kw = batch(empty_row=True)
     logp = R.token_logprobs(logits, labels).requires_grad_(True)
     mask = kw.pop("mask") & (labels != -100)
-    opts = dict(loss_type=loss_type, agg=agg, empty_rows=empty_rows, max_length=9, beta=0.05, dual_clip=3.0,
-                reduction=reduction, mask=mask, **kw)  # fmt: skip
+    opts = dict(
+        loss_type=loss_type,
+        agg=agg,
+        empty_rows=empty_rows,
+        max_length=9,
+        beta=0.05,
+        dual_clip=3.0,
+        reduction=reduction,
+        mask=mask,
+        **kw,
+    )
     got, got_stats = credit_ops.policy_loss_from_logprobs(logp, adv, **opts)
     want, want_stats = R.policy_loss_from_logprobs(logp, adv, **opts)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -76,8 +82,9 @@ def test_same_loss_as_policy_loss(loss_type, backend, device):
         (want_g,) = torch.autograd.grad(want, x)
         logp, ent = credit_ops.token_logprobs(x, labels, return_entropy=True)
         valid = kw.pop("mask") & (labels != -100)
-        got, got_stats = credit_ops.policy_loss_from_logprobs(logp, adv, mask=valid, entropy=ent,
-                                                              loss_type=loss_type, beta=0.1, max_length=9, **kw)  # fmt: skip
+        got, got_stats = credit_ops.policy_loss_from_logprobs(
+            logp, adv, mask=valid, entropy=ent, loss_type=loss_type, beta=0.1, max_length=9, **kw
+        )
         (got_g,) = torch.autograd.grad(got, x)
     # the Triton kernels' exp2 / log2 form differs from torch's log_softmax by ~1e-9 even in float64
     tol = 1e-5 if logits.dtype != torch.float64 else 1e-7 if backend == "triton" else 1e-9
@@ -162,8 +169,9 @@ def test_gradcheck():
     logits, labels, adv, kw = batch(B=2, T=4, V=5)
     logp = R.token_logprobs(logits, labels).requires_grad_(True)
     kw["mask"] = kw["mask"] & (labels != -100)
-    for loss_type in ("grpo", "gspo", "gated_gspo"):  # gspo_token's gradient is a stop-gradient construction, no derivative
-        fn = lambda lp: credit_ops.policy_loss_from_logprobs(lp, adv, loss_type=loss_type, beta=0.1, **kw)[0]
+    # gspo_token's gradient is a stop-gradient construction: it has no derivative to check
+    for loss_type in ("grpo", "gspo", "gated_gspo"):
+        fn = lambda lp, lt=loss_type: credit_ops.policy_loss_from_logprobs(lp, adv, loss_type=lt, beta=0.1, **kw)[0]
         assert torch.autograd.gradcheck(fn, (logp,))
 
 
@@ -192,8 +200,10 @@ BAD = {
     "weights_shape": (lambda: _bad(weights=torch.ones(4, 6, dtype=torch.float64)), "weights"),
     "logprobs_1d": (lambda: _bad(logprobs=torch.zeros(7, dtype=torch.float64)), "logprobs"),
     "logprobs_int": (lambda: _bad(logprobs=torch.zeros(4, 7, dtype=torch.long)), "logprobs"),
-    "nonfinite_valid_logprob": (lambda: _bad(logprobs=torch.full((4, 7), float("-inf"), dtype=torch.float64)),
-                                "finite on valid tokens"),  # fmt: skip
+    "nonfinite_valid_logprob": (
+        lambda: _bad(logprobs=torch.full((4, 7), float("-inf"), dtype=torch.float64)),
+        "finite on valid tokens",
+    ),
     "reduction": (lambda: _bad(reduction="sum"), "reduction"),
     "empty_rows": (lambda: _bad(empty_rows="drop"), "empty_rows"),
     "loss_type": (lambda: _bad(loss_type="ppo"), "loss_type"),

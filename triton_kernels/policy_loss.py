@@ -28,10 +28,27 @@ _TILE, _TILE_INTERPRET, _TILE_WARPS = 4096, 1024, 8  # streaming tile for longer
 
 
 @triton.jit
-def _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, hi, dual_clip, beta,
-                ACC: tl.constexpr, COEF_GIVEN: tl.constexpr, ON_POLICY: tl.constexpr, KL_TYPE: tl.constexpr,
-                DUAL_CLIP: tl.constexpr, store_loss):  # fmt: skip
-    """c = w * dloss/dlogp of the token (docs/method.md §4 clipped surrogate + beta * KL); stores w * loss when store_loss."""
+def _token_coef(
+    logp,
+    row,
+    adv_ptr,
+    weight_ptr,
+    old_ptr,
+    ref_ptr,
+    loss_ptr,
+    lo,
+    hi,
+    dual_clip,
+    beta,
+    ACC: tl.constexpr,
+    COEF_GIVEN: tl.constexpr,
+    ON_POLICY: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    store_loss,
+):
+    """c = w * dloss/dlogp of the token (docs/method.md §4: clipped surrogate + beta * KL); stores w * loss
+    when store_loss."""
     w = tl.load(weight_ptr + row).to(ACC)
     if COEF_GIVEN:
         c = w
@@ -72,12 +89,36 @@ def _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, 
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    logits_ptr, grad_ptr, labels_ptr, adv_ptr, weight_ptr, old_ptr, ref_ptr,
-    loss_ptr, logp_ptr, entropy_ptr,
-    stride_b, stride_t, T, V, scale, inv_t, ignore_index, lo, hi, dual_clip, beta,
-    ACC: tl.constexpr, COEF_GIVEN: tl.constexpr, WRITE_GRAD: tl.constexpr, ON_POLICY: tl.constexpr,
-    KL_TYPE: tl.constexpr, DUAL_CLIP: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    grad_ptr,
+    labels_ptr,
+    adv_ptr,
+    weight_ptr,
+    old_ptr,
+    ref_ptr,
+    loss_ptr,
+    logp_ptr,
+    entropy_ptr,
+    stride_b,
+    stride_t,
+    T,
+    V,
+    scale,
+    inv_t,
+    ignore_index,
+    lo,
+    hi,
+    dual_clip,
+    beta,
+    ACC: tl.constexpr,
+    COEF_GIVEN: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    ON_POLICY: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 for N * V > 2^31
     label = tl.load(labels_ptr + row).to(tl.int64)
     out = grad_ptr + row * V  # the gradient is contiguous (or the contiguous logits themselves)
@@ -126,8 +167,25 @@ def _policy_loss_fwd_kernel(
     tl.store(logp_ptr + row, logp.to(ACC))
     tl.store(entropy_ptr + row, ((log2_s - t_sum / s_sum) * LN2).to(ACC))
 
-    c = _token_coef(logp, row, adv_ptr, weight_ptr, old_ptr, ref_ptr, loss_ptr, lo, hi, dual_clip, beta, ACC,
-                    COEF_GIVEN, ON_POLICY, KL_TYPE, DUAL_CLIP, True)  # fmt: skip
+    c = _token_coef(
+        logp,
+        row,
+        adv_ptr,
+        weight_ptr,
+        old_ptr,
+        ref_ptr,
+        loss_ptr,
+        lo,
+        hi,
+        dual_clip,
+        beta,
+        ACC,
+        COEF_GIVEN,
+        ON_POLICY,
+        KL_TYPE,
+        DUAL_CLIP,
+        True,
+    )
 
     # Pass 2: d/dz = (c / T) (onehot - p)
     if WRITE_GRAD:
@@ -159,10 +217,24 @@ def _config(V: int, interpret: bool) -> tuple[bool, int, int]:
 
 
 def policy_loss_forward(
-    logits, labels, advantages, weights, old_logprobs, ref_logprobs, *, temperature: float, ignore_index: int,
-    eps_low: float = 0.0, eps_high: float = 0.0, dual_clip: float = 0.0, beta: float = 0.0, kl_type: int = 0,
-    grad=None, write_grad: bool = True, coef_given: bool = False,
-):  # fmt: skip
+    logits,
+    labels,
+    advantages,
+    weights,
+    old_logprobs,
+    ref_logprobs,
+    *,
+    temperature: float,
+    ignore_index: int,
+    eps_low: float = 0.0,
+    eps_high: float = 0.0,
+    dual_clip: float = 0.0,
+    beta: float = 0.0,
+    kl_type: int = 0,
+    grad=None,
+    write_grad: bool = True,
+    coef_given: bool = False,
+):
     """Token policy loss over logits (B, T, V) (unit stride along V) -> (loss (), logprobs, entropy (B, T), grad).
 
     labels (B, T) (ignore_index rows give 0 and a zero gradient row), advantages / weights / old / ref (B, T)
@@ -186,14 +258,40 @@ def policy_loss_forward(
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
     one_tile, block, warps = _config(V, interpret)
-    ptrs = (logp if advantages is None else advantages, logp if weights is None else weights,
-            logp if old_logprobs is None else old_logprobs, logp if ref_logprobs is None else ref_logprobs, loss_tok,
-            logp, entropy)  # fmt: skip
+    ptrs = (
+        logp if advantages is None else advantages,
+        logp if weights is None else weights,
+        logp if old_logprobs is None else old_logprobs,
+        logp if ref_logprobs is None else ref_logprobs,
+        loss_tok,
+        logp,
+        entropy,
+    )
     _policy_loss_fwd_kernel[(N,)](
-        logits, grad if write_grad else logits, labels, *ptrs, logits.stride(0), logits.stride(1), T, V,
-        _LOG2E / temperature, 1.0 / temperature, ignore_index, 1.0 - eps_low, 1.0 + eps_high, dual_clip, beta,
-        ACC=acc, COEF_GIVEN=coef_given, ON_POLICY=old_logprobs is None, KL_TYPE=kl_type if beta != 0.0 else 0,
-        DUAL_CLIP=dual_clip > 0, WRITE_GRAD=write_grad, ONE_TILE=one_tile, BLOCK_V=block, num_warps=warps,
-    )  # fmt: skip
+        logits,
+        grad if write_grad else logits,
+        labels,
+        *ptrs,
+        logits.stride(0),
+        logits.stride(1),
+        T,
+        V,
+        _LOG2E / temperature,
+        1.0 / temperature,
+        ignore_index,
+        1.0 - eps_low,
+        1.0 + eps_high,
+        dual_clip,
+        beta,
+        ACC=acc,
+        COEF_GIVEN=coef_given,
+        ON_POLICY=old_logprobs is None,
+        KL_TYPE=kl_type if beta != 0.0 else 0,
+        DUAL_CLIP=dual_clip > 0,
+        WRITE_GRAD=write_grad,
+        ONE_TILE=one_tile,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
     loss = logp.new_zeros(()) if coef_given else loss_tok.sum()
     return loss, logp, entropy, grad

@@ -16,10 +16,21 @@ RESCALE = tl.constexpr(8.0)
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
-    stride_b, stride_t, T, V, scale, ignore_index,
-    ACC: tl.constexpr, RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    labels_ptr,
+    logprobs_ptr,
+    entropy_ptr,
+    lse_ptr,
+    stride_b,
+    stride_t,
+    T,
+    V,
+    scale,
+    ignore_index,
+    ACC: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 for N * V > 2^31
     label = tl.load(labels_ptr + row).to(tl.int64)
     if label == ignore_index:
@@ -62,10 +73,24 @@ def _token_logprobs_fwd_kernel(
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-    grad_ptr, logits_ptr, labels_ptr, lse_ptr, grad_lp_ptr, grad_ent_ptr, entropy_ptr,
-    stride_b, stride_t, T, V, scale, inv_t, ignore_index,
-    ACC: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    grad_ptr,
+    logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    grad_lp_ptr,
+    grad_ent_ptr,
+    entropy_ptr,
+    stride_b,
+    stride_t,
+    T,
+    V,
+    scale,
+    inv_t,
+    ignore_index,
+    ACC: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     # d/dz (g * logp_y + ge * H) = (1/T) * (g * (onehot_y - p) - ge * p * (log p + H))
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -106,8 +131,15 @@ def _block_v(V: int, entropy: bool = False) -> tuple[int, int]:
     return block, (2 if block >= 512 else 1)
 
 
-def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int, return_entropy: bool,
-                           block_v: int | None = None, num_warps: int | None = None):  # fmt: skip
+def token_logprobs_forward(
+    logits,
+    labels,
+    temperature: float,
+    ignore_index: int,
+    return_entropy: bool,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+):
     """logits (B, T, V) with unit stride along V, labels (B, T) contiguous -> logprobs, entropy or (0,), lse.
     block_v / num_warps override the launch configuration (benchmarks/sweep_token_logprobs.py)."""
     import torch
@@ -123,10 +155,22 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
     block, warps = _block_v(V, return_entropy)
     block, warps = block_v or block, num_warps or warps
     _token_logprobs_fwd_kernel[(N,)](
-        logits, labels, logprobs, entropy, lse,
-        logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, ignore_index,
-        ACC=_acc(logits), RETURN_ENTROPY=return_entropy, BLOCK_V=block, num_warps=warps,
-    )  # fmt: skip
+        logits,
+        labels,
+        logprobs,
+        entropy,
+        lse,
+        logits.stride(0),
+        logits.stride(1),
+        T,
+        V,
+        _LOG2E / temperature,
+        ignore_index,
+        ACC=_acc(logits),
+        RETURN_ENTROPY=return_entropy,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
     return logprobs, entropy, lse
 
 
@@ -142,9 +186,23 @@ def token_logprobs_backward(grad_logprobs, grad_entropy, logits, labels, lse, en
     with_entropy = grad_entropy is not None
     block, warps = _block_v(V)
     _token_logprobs_bwd_kernel[(N,)](
-        grad, logits, labels, lse, grad_logprobs,
-        grad_entropy if with_entropy else grad_logprobs, entropy if with_entropy else lse,
-        logits.stride(0), logits.stride(1), T, V, _LOG2E / temperature, 1.0 / temperature, ignore_index,
-        ACC=_acc(logits), WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
-    )  # fmt: skip
+        grad,
+        logits,
+        labels,
+        lse,
+        grad_logprobs,
+        grad_entropy if with_entropy else grad_logprobs,
+        entropy if with_entropy else lse,
+        logits.stride(0),
+        logits.stride(1),
+        T,
+        V,
+        _LOG2E / temperature,
+        1.0 / temperature,
+        ignore_index,
+        ACC=_acc(logits),
+        WITH_ENTROPY=with_entropy,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
     return grad

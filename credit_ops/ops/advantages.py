@@ -38,17 +38,32 @@ def ibpo_shaping_op(rewards, n_correct, n_valid, rho, lam, threshold) -> tuple[T
     return torch.ops.credit.ibpo_shaping(rewards, n_correct, n_valid, float(rho), float(lam), float(threshold))
 
 
-def token_advantages_op(seq_adv, mask, wrong, has_repair, lengths, starts, sign_guard, unmasked_weight,
-                      correct_in_loss) -> tuple[Tensor, Tensor]:  # fmt: skip
+def token_advantages_op(
+    seq_adv, mask, wrong, has_repair, lengths, starts, sign_guard, unmasked_weight, correct_in_loss
+) -> tuple[Tensor, Tensor]:
     if not _native(seq_adv.device):
         return reference.token_advantages(
-            seq_adv, mask, wrong=wrong, has_repair=has_repair, sign_guard=sign_guard,
-            unmasked_weight=unmasked_weight, correct_in_loss=correct_in_loss, lengths=lengths, prompt_lengths=starts,
-        )  # fmt: skip
+            seq_adv,
+            mask,
+            wrong=wrong,
+            has_repair=has_repair,
+            sign_guard=sign_guard,
+            unmasked_weight=unmasked_weight,
+            correct_in_loss=correct_in_loss,
+            lengths=lengths,
+            prompt_lengths=starts,
+        )
     return torch.ops.credit.token_advantages(
-        seq_adv, mask, wrong, has_repair, lengths, starts, bool(sign_guard), float(unmasked_weight),
+        seq_adv,
+        mask,
+        wrong,
+        has_repair,
+        lengths,
+        starts,
+        bool(sign_guard),
+        float(unmasked_weight),
         bool(correct_in_loss),
-    )  # fmt: skip
+    )
 
 
 def repair_advantages_op(seq_adv, mask, repair_of, selected, lengths, starts) -> tuple[Tensor, Tensor]:
@@ -144,8 +159,9 @@ def ibpo_shaping(
         _checks.tensor("group_ids", group_ids, dtypes=_checks.INDEX_DTYPES, dim=1)
         _checks.shape("group_ids", group_ids, (n,), "(one group id per sample)")
         _checks.values(group_ids < 0, "group_ids must be >= 0")
-    _checks.same_device(rewards=rewards, group_ids=group_ids, revision_correct=revision_correct,
-                        revision_valid=revision_valid)  # fmt: skip
+    _checks.same_device(
+        rewards=rewards, group_ids=group_ids, revision_correct=revision_correct, revision_valid=revision_valid
+    )
     n_valid = revision_valid.sum(1)
     n_correct = (revision_correct & revision_valid).sum(1)
     return ibpo_shaping_op(rewards, n_correct, n_valid, rho, lam, threshold)
@@ -193,15 +209,24 @@ def token_advantages(
     for name, x in (("wrong", wrong), ("has_repair", has_repair)):
         _checks.tensor(name, x, dtypes=(torch.bool,), dim=1)
         _checks.shape(name, x, (B,), "(one flag per row of mask)")
-    _checks.same_device(seq_adv=seq_adv, mask=mask, wrong=wrong, has_repair=has_repair, lengths=lengths,
-                        prompt_lengths=prompt_lengths, repair_mask=repair_mask, repair_of=repair_of,
-                        repair_lengths=repair_lengths)  # fmt: skip
+    _checks.same_device(
+        seq_adv=seq_adv,
+        mask=mask,
+        wrong=wrong,
+        has_repair=has_repair,
+        lengths=lengths,
+        prompt_lengths=prompt_lengths,
+        repair_mask=repair_mask,
+        repair_of=repair_of,
+        repair_lengths=repair_lengths,
+    )
     _checks.check(0.0 <= unmasked_weight <= 1.0, f"unmasked_weight must lie in [0, 1], got {unmasked_weight}")
     _checks.finite("seq_adv", seq_adv)
     ends = check_lengths("lengths", lengths, B, T)
     starts = check_lengths("prompt_lengths", prompt_lengths, B, T)
-    adv, gates = token_advantages_op(seq_adv, mask, wrong, has_repair, ends, starts, sign_guard, unmasked_weight,
-                                   correct_in_loss)  # fmt: skip
+    adv, gates = token_advantages_op(
+        seq_adv, mask, wrong, has_repair, ends, starts, sign_guard, unmasked_weight, correct_in_loss
+    )
     if repair_mask is None:
         _checks.check(repair_of is None and repair_lengths is None, "repair_of/repair_lengths need repair_mask")
         return adv, gates

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from credit_ops import _checks
-from credit_ops.reference import ADVANTAGE_MODES, ALGORITHMS
 from credit_ops.ops.advantages import (
     check_group_ids,
     check_rewards,
@@ -40,6 +39,8 @@ from credit_ops.ops.advantages import (
     token_advantages_op,
 )
 from credit_ops.ops.align_edits import align_edits, segment_steps, step_masks, truncate_regions
+from credit_ops.reference import ADVANTAGE_MODES, ALGORITHMS
+
 
 class CreditAssignment(NamedTuple):
     """What ``policy_loss`` needs for one rollout batch, plus diagnostics. N samples, M repair slots.

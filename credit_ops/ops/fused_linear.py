@@ -96,26 +96,65 @@ def _rows_of(t, s, e):
 def _logprob_rows(rows, z, labels, *, temperature, ignore_index):
     """logp, entropy (n,) of the logits chunk z (n, V), which is left unchanged."""
     z3 = z.unsqueeze(0)
-    _, logp, entropy = rows(z3, z3, labels.view(1, -1), None, z.new_zeros(1, z.shape[0], dtype=_acc(z)), None, None,
-                            temperature=temperature, ignore_index=ignore_index, coef_given=True,
-                            write_grad=False)  # fmt: skip
+    _, logp, entropy = rows(
+        z3,
+        z3,
+        labels.view(1, -1),
+        None,
+        z.new_zeros(1, z.shape[0], dtype=_acc(z)),
+        None,
+        None,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        coef_given=True,
+        write_grad=False,
+    )
     return logp.view(-1), entropy.view(-1)
 
 
 def _grad_from_coef(rows, z, labels, coef, *, temperature, ignore_index):
     """Overwrites the logits chunk z (n, V) with coef (onehot - p) / T (coef (n,) = dL/dlogp)."""
     z3 = z.unsqueeze(0)
-    rows(z3, z3, labels.view(1, -1), None, coef.view(1, -1), None, None, temperature=temperature,
-         ignore_index=ignore_index, coef_given=True, write_grad=True)  # fmt: skip
+    rows(
+        z3,
+        z3,
+        labels.view(1, -1),
+        None,
+        coef.view(1, -1),
+        None,
+        None,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        coef_given=True,
+        write_grad=True,
+    )
 
 
 def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-def policy_loss_forward(hidden, weight, bias, labels, advantages, weights, old_logprobs, ref_logprobs, temperature,
-                        ignore_index, eps_low, eps_high, dual_clip, beta, kl_type, chunk_size, compute_grad, *,
-                        use_triton):  # fmt: skip
+def policy_loss_forward(
+    hidden,
+    weight,
+    bias,
+    labels,
+    advantages,
+    weights,
+    old_logprobs,
+    ref_logprobs,
+    temperature,
+    ignore_index,
+    eps_low,
+    eps_high,
+    dual_clip,
+    beta,
+    kl_type,
+    chunk_size,
+    compute_grad,
+    *,
+    use_triton,
+):
     """credit::fused_linear_policy_loss_fwd[_triton], a token-level loss: hidden (N, H), weight (V, H), bias (V,) or
     None, per-token (N,) tensors (stats dtype) -> loss (), logprobs (N,), entropy (N,), grad_hidden (N, H),
     grad_weight (V, H), grad_bias (V,); the gradients are (0,)-shaped when not compute_grad (and grad_bias when bias
@@ -133,11 +172,22 @@ def policy_loss_forward(hidden, weight, bias, labels, advantages, weights, old_l
     for s, e, h, z in _chunks(hidden, weight, bias, chunk_rows(N, V, hidden.dtype, chunk_size)):
         z3 = z.unsqueeze(0)  # (1, n, V): becomes d loss / d logits in place
         loss_c, lp, ent = rows(
-            z3, z3, labels[s:e].view(1, -1), _rows_of(advantages, s, e), _rows_of(weights, s, e),
-            _rows_of(old_logprobs, s, e), _rows_of(ref_logprobs, s, e), temperature=temperature,
-            ignore_index=ignore_index, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
-            kl_type=kl_type, write_grad=compute_grad,
-        )  # fmt: skip
+            z3,
+            z3,
+            labels[s:e].view(1, -1),
+            _rows_of(advantages, s, e),
+            _rows_of(weights, s, e),
+            _rows_of(old_logprobs, s, e),
+            _rows_of(ref_logprobs, s, e),
+            temperature=temperature,
+            ignore_index=ignore_index,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            dual_clip=dual_clip,
+            beta=beta,
+            kl_type=kl_type,
+            write_grad=compute_grad,
+        )
         loss += loss_c
         logp[s:e] = lp.view(-1)
         entropy[s:e] = ent.view(-1)
@@ -157,14 +207,16 @@ def logprobs_forward(hidden, weight, bias, labels, temperature, ignore_index, ch
     logp = torch.empty(N, device=hidden.device, dtype=_acc(hidden))
     entropy = torch.empty_like(logp)
     for s, e, _, z in _chunks(hidden, weight, bias, chunk_rows(N, V, hidden.dtype, chunk_size)):
-        logp[s:e], entropy[s:e] = _logprob_rows(rows, z, labels[s:e], temperature=temperature,
-                                                ignore_index=ignore_index)  # fmt: skip
+        logp[s:e], entropy[s:e] = _logprob_rows(
+            rows, z, labels[s:e], temperature=temperature, ignore_index=ignore_index
+        )
         del z
     return logp, entropy
 
 
-def logprobs_backward(grad_logprobs, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, *,
-                      use_triton):  # fmt: skip
+def logprobs_backward(
+    grad_logprobs, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, *, use_triton
+):
     """credit::fused_linear_logprobs_bwd[_triton]: d (sum_i g_i logp_i) w.r.t. hidden (N, H), weight (V, H) and
     bias (V,) ((0,) when None); the logits chunks are recomputed and overwritten by g (onehot - p) / T."""
     hidden, weight, bias, labels = _contiguous(hidden, weight, bias, labels)
@@ -179,8 +231,9 @@ def logprobs_backward(grad_logprobs, hidden, weight, bias, labels, temperature, 
     return grads.result()
 
 
-def sequence_loss_forward(hidden, weight, bias, labels, coef_of, *, seq_len, chunk, temperature, ignore_index,
-                          use_triton):  # fmt: skip
+def sequence_loss_forward(
+    hidden, weight, bias, labels, coef_of, *, seq_len, chunk, temperature, ignore_index, use_triton
+):
     """Sequence-level losses (the GSPO family) in three matmuls: a token's dL/dlogp depends on its whole sequence
     and on no other, so chunks of whole sequences (``chunk`` rows, a multiple of ``seq_len``) get their logits, the
     log-probs, then the coefficients coef_of(s, e, logp[s:e]) -> (e - s,), the gradient in place and the two
@@ -194,8 +247,9 @@ def sequence_loss_forward(hidden, weight, bias, labels, coef_of, *, seq_len, chu
     if chunk <= 0 or chunk % seq_len:
         raise ValueError(f"chunk ({chunk}) must be a positive multiple of seq_len ({seq_len})")
     for s, e, h, z in _chunks(hidden, weight, bias, chunk):
-        logp[s:e], entropy[s:e] = _logprob_rows(rows, z, labels[s:e], temperature=temperature,
-                                                ignore_index=ignore_index)  # fmt: skip
+        logp[s:e], entropy[s:e] = _logprob_rows(
+            rows, z, labels[s:e], temperature=temperature, ignore_index=ignore_index
+        )
         coef = coef_of(s, e, logp[s:e]).to(acc).contiguous()
         _grad_from_coef(rows, z, labels[s:e], coef, temperature=temperature, ignore_index=ignore_index)
         grads.add(z, h, weight, s, e)
@@ -245,8 +299,16 @@ def _fused_sequence_loss(h, weight, bias, inputs, options, chunk, use_triton):
     def run():
         hidden, w, b, labels = _contiguous(h, weight, bias, inputs.labels.reshape(-1))
         logp, entropy, gh, gw, gb = sequence_loss_forward(
-            hidden, w, b, labels, coef_of, seq_len=T, chunk=chunk, temperature=options.temperature,
-            ignore_index=options.ignore_index, use_triton=use_triton,
+            hidden,
+            w,
+            b,
+            labels,
+            coef_of,
+            seq_len=T,
+            chunk=chunk,
+            temperature=options.temperature,
+            ignore_index=options.ignore_index,
+            use_triton=use_triton,
         )
         loss, stats = loss_from_logprobs(logp.view(B, T), entropy.view(B, T), inputs, options)
         return loss, tuple(stats[k] for k in reference.STAT_NAMES), gh, gw, gb
@@ -263,18 +325,22 @@ def _op(name: str, use_triton: bool):
 def _head_args(hidden, weight, labels, bias):
     _checks.tensor("weight", weight, dtypes=_checks.FLOAT_DTYPES, dim=2)
     _checks.tensor("hidden", hidden, dtypes=(weight.dtype,), min_dim=2)
-    _checks.check(hidden.shape[-1] == weight.shape[1],
-                  f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]}): "
-                  "weight is the LM head's (V, H) matrix")  # fmt: skip
+    _checks.check(
+        hidden.shape[-1] == weight.shape[1],
+        f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]}): "
+        "weight is the LM head's (V, H) matrix",
+    )
     _checks.check(weight.shape[0] > 0, "weight must have a non-empty vocabulary dimension")
     if bias is not None:
         _checks.tensor("bias", bias, dtypes=(weight.dtype,))
         _checks.shape("bias", bias, (weight.shape[0],), "(V,)")
     _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES)
     rows_ok = hidden.shape[:-1].numel() == labels.numel() and (hidden.dim() == 2 or hidden.shape[:-1] == labels.shape)
-    _checks.check(rows_ok,
-                  f"hidden {tuple(hidden.shape)} must hold one row per label {tuple(labels.shape)}: (N, H) or "
-                  "labels.shape + (H,)")  # fmt: skip
+    _checks.check(
+        rows_ok,
+        f"hidden {tuple(hidden.shape)} must hold one row per label {tuple(labels.shape)}: (N, H) or "
+        "labels.shape + (H,)",
+    )
     _checks.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     return hidden.reshape(-1, hidden.shape[-1])
 
@@ -325,8 +391,15 @@ def fused_linear_logprobs(
     _checks.ids_in_range("labels", labels, weight.shape[0], ignore_index=ignore_index)
     backend = resolve(hidden.device, triton=True)
     if backend == "reference":
-        out = reference.fused_linear_logprobs(h, weight, labels.reshape(-1), bias=bias, temperature=temperature,
-                                              ignore_index=ignore_index, return_entropy=True)  # fmt: skip
+        out = reference.fused_linear_logprobs(
+            h,
+            weight,
+            labels.reshape(-1),
+            bias=bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=True,
+        )
     else:
         op = _op("fused_linear_logprobs_fwd", backend == "triton")
         out = op(h, weight, bias, labels.reshape(-1), float(temperature), int(ignore_index), int(chunk_size or 0))
@@ -387,17 +460,40 @@ def fused_linear_policy_loss(
         old_logprobs, ref_logprobs, mask, gates, weights = map(unsq, (old_logprobs, ref_logprobs, mask, gates, weights))
     V = weight.shape[0]
     options, inputs = prepare(
-        labels, V, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask, gates=gates,
-        weights=weights, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
-        kl_type=kl_type, agg=agg, max_length=max_length, empty_rows=empty_rows, temperature=temperature,
-        ignore_index=ignore_index, acc=_acc(hidden),
-    )  # fmt: skip
+        labels,
+        V,
+        advantages,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        mask=mask,
+        gates=gates,
+        weights=weights,
+        loss_type=loss_type,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        beta=beta,
+        kl_type=kl_type,
+        agg=agg,
+        max_length=max_length,
+        empty_rows=empty_rows,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        acc=_acc(hidden),
+    )
     backend = resolve(hidden.device, triton=True)
     if backend == "reference":
-        return reference.fused_linear_policy_loss(h, weight, labels, advantages, bias=bias, mask=mask,
-                                                  temperature=temperature, ignore_index=ignore_index,
-                                                  **reference_options(options, old_logprobs, ref_logprobs, gates,
-                                                                      weights))  # fmt: skip
+        return reference.fused_linear_policy_loss(
+            h,
+            weight,
+            labels,
+            advantages,
+            bias=bias,
+            mask=mask,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            **reference_options(options, old_logprobs, ref_logprobs, gates, weights),
+        )
     use_triton = backend == "triton"
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     flat_labels = inputs.labels.reshape(-1)
@@ -413,9 +509,18 @@ def fused_linear_policy_loss(
         return loss_from_logprobs(logp.view(labels.shape), entropy.detach().view(labels.shape), inputs, options)
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()
     loss, logp, entropy, _, _, _ = _op("fused_linear_policy_loss_fwd", use_triton)(
-        h, weight, bias, flat_labels, flat(inputs.adv), flat(token_weights(inputs, options)), flat(inputs.old),
-        flat(inputs.ref), *options.kernel_params().values(), int(chunk_size or 0), needs_grad,
-    )  # fmt: skip
+        h,
+        weight,
+        bias,
+        flat_labels,
+        flat(inputs.adv),
+        flat(token_weights(inputs, options)),
+        flat(inputs.old),
+        flat(inputs.ref),
+        *options.kernel_params().values(),
+        int(chunk_size or 0),
+        needs_grad,
+    )
     return loss, token_loss_stats(logp.view(labels.shape), entropy.view(labels.shape), inputs, options)
 
 

@@ -38,9 +38,15 @@ class LossOptions(NamedTuple):
 
     def kernel_params(self) -> dict:
         """The row kernels' scalar arguments, in their order."""
-        return dict(temperature=self.temperature, ignore_index=self.ignore_index, eps_low=self.eps_low,
-                    eps_high=self.eps_high, dual_clip=float(self.dual_clip or 0.0), beta=self.beta,
-                    kl_type=KL_IDS[self.kl_type] if self.beta else 0)  # fmt: skip
+        return dict(
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            eps_low=self.eps_low,
+            eps_high=self.eps_high,
+            dual_clip=float(self.dual_clip or 0.0),
+            beta=self.beta,
+            kl_type=KL_IDS[self.kl_type] if self.beta else 0,
+        )
 
 
 class TokenInputs(NamedTuple):
@@ -56,16 +62,39 @@ class TokenInputs(NamedTuple):
     weights: Tensor | None
 
 
-def prepare(labels, V, advantages, *, old_logprobs, ref_logprobs, mask, gates, weights, loss_type, eps_low,
-            eps_high, dual_clip, beta, kl_type, agg, max_length, empty_rows, temperature, ignore_index, acc,
-            shape=None) -> tuple[LossOptions, TokenInputs]:  # fmt: skip
+def prepare(
+    labels,
+    V,
+    advantages,
+    *,
+    old_logprobs,
+    ref_logprobs,
+    mask,
+    gates,
+    weights,
+    loss_type,
+    eps_low,
+    eps_high,
+    dual_clip,
+    beta,
+    kl_type,
+    agg,
+    max_length,
+    empty_rows,
+    temperature,
+    ignore_index,
+    acc,
+    shape=None,
+) -> tuple[LossOptions, TokenInputs]:
     """Validate a policy loss's arguments and resolve them: labels (B, T) against a vocabulary of V, or, for a loss
     from log-probs, labels None and the (B, T) ``shape``."""
-    _checks.check(loss_type in reference.LOSS_TYPES,
-                  f"unknown loss_type {loss_type!r}; expected one of {reference.LOSS_TYPES}")  # fmt: skip
+    _checks.check(
+        loss_type in reference.LOSS_TYPES, f"unknown loss_type {loss_type!r}; expected one of {reference.LOSS_TYPES}"
+    )
     agg = reference.DEFAULT_AGG[loss_type] if agg is None else agg
-    _checks.check(agg in reference.AGGREGATIONS,
-                  f"unknown agg {agg!r}; expected one of {reference.AGGREGATIONS} (or None)")  # fmt: skip
+    _checks.check(
+        agg in reference.AGGREGATIONS, f"unknown agg {agg!r}; expected one of {reference.AGGREGATIONS} (or None)"
+    )
     _checks.check(kl_type in reference.KL_TYPES, f"unknown kl_type {kl_type!r}; expected one of {reference.KL_TYPES}")
     low, high = reference.DEFAULT_EPS[loss_type]
     eps_low = low if eps_low is None else float(eps_low)
@@ -74,16 +103,30 @@ def prepare(labels, V, advantages, *, old_logprobs, ref_logprobs, mask, gates, w
     _checks.check(eps_low <= 1, f"eps_low must be <= 1 (the lower clip bound is 1 - eps_low), got {eps_low}")
     _checks.check(dual_clip is None or dual_clip > 1, f"dual_clip must be None or > 1, got {dual_clip}")
     _checks.check(beta >= 0, f"beta must be >= 0, got {beta}")
-    _checks.check(beta == 0 or ref_logprobs is not None, "beta > 0 needs ref_logprobs (the reference policy's log-probs)")
+    _checks.check(
+        beta == 0 or ref_logprobs is not None, "beta > 0 needs ref_logprobs (the reference policy's log-probs)"
+    )
     _checks.check(
         agg != "seq_mean_token_sum_norm" or (max_length is not None and max_length > 0),
         f"agg='seq_mean_token_sum_norm' (the default of loss_type='dr_grpo') needs max_length > 0, got {max_length}",
     )
-    _checks.check(empty_rows in reference.EMPTY_ROWS,
-                  f"empty_rows must be one of {reference.EMPTY_ROWS}, got {empty_rows!r}")  # fmt: skip
+    _checks.check(
+        empty_rows in reference.EMPTY_ROWS, f"empty_rows must be one of {reference.EMPTY_ROWS}, got {empty_rows!r}"
+    )
     _checks.check(temperature > 0, f"temperature must be > 0, got {temperature}")
-    options = LossOptions(loss_type, eps_low, eps_high, dual_clip, float(beta), kl_type, agg, max_length, empty_rows,
-                          float(temperature), int(ignore_index))  # fmt: skip
+    options = LossOptions(
+        loss_type,
+        eps_low,
+        eps_high,
+        dual_clip,
+        float(beta),
+        kl_type,
+        agg,
+        max_length,
+        empty_rows,
+        float(temperature),
+        int(ignore_index),
+    )
 
     if labels is not None:
         _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES, dim=2)
@@ -113,8 +156,15 @@ def prepare(labels, V, advantages, *, old_logprobs, ref_logprobs, mask, gates, w
     adv = advantages.to(acc)
     adv = adv.unsqueeze(-1).expand(B, T) if adv.dim() == 1 else adv
     cast = lambda t: None if t is None else torch.where(valid, t.to(acc), 0.0)
-    inputs = TokenInputs(None if labels is None else torch.where(valid, labels, ignore_index), valid.to(acc), cast(adv),
-                         cast(old_logprobs), cast(ref_logprobs), cast(gates), cast(weights))  # fmt: skip
+    inputs = TokenInputs(
+        None if labels is None else torch.where(valid, labels, ignore_index),
+        valid.to(acc),
+        cast(adv),
+        cast(old_logprobs),
+        cast(ref_logprobs),
+        cast(gates),
+        cast(weights),
+    )
     return options, inputs
 
 
@@ -145,7 +195,9 @@ def token_factors(inputs: TokenInputs) -> Tensor:
 
 def token_weights(inputs: TokenInputs, options: LossOptions) -> Tensor:
     """The per-token multipliers of the aggregated loss (the row kernels' weights): aggregation weight x factors."""
-    return aggregation_weights(inputs.valid, options.agg, options.max_length, options.empty_rows) * token_factors(inputs)
+    return aggregation_weights(inputs.valid, options.agg, options.max_length, options.empty_rows) * token_factors(
+        inputs
+    )
 
 
 def kl_penalty(logp: Tensor, ref: Tensor, kl_type: str) -> Tensor:
@@ -184,8 +236,16 @@ def loss_stats(ratio: Tensor, logp: Tensor, entropy: Tensor, inputs: TokenInputs
         below = (ratio < 1.0 - options.eps_low) & (adv < 0)
         above = (ratio > 1.0 + options.eps_high) & (adv > 0)
         kl = torch.zeros_like(logp) if inputs.ref is None else kl_penalty(logp, inputs.ref, options.kl_type)
-        per_token = torch.stack([below.to(logp.dtype), above.to(logp.dtype), (below | above).to(logp.dtype), ratio,
-                                 kl, entropy.to(logp.dtype)]).flatten(1)  # fmt: skip
+        per_token = torch.stack(
+            [
+                below.to(logp.dtype),
+                above.to(logp.dtype),
+                (below | above).to(logp.dtype),
+                ratio,
+                kl,
+                entropy.to(logp.dtype),
+            ]
+        ).flatten(1)
         valid = inputs.valid.flatten()
         count = valid.sum()
         means = (per_token @ valid) / count.clamp(min=1.0)  # the six masked means in one reduction
@@ -230,10 +290,26 @@ def cluster_ok(logits: Tensor) -> bool:
     return torch.ops.credit.policy_loss_cluster_ok(logits)
 
 
-def rows_forward(grad, logits, labels, advantages, weights, old, ref, *, use_triton: bool, temperature: float,
-                 ignore_index: int, eps_low: float = 0.0, eps_high: float = 0.0, dual_clip: float = 0.0,
-                 beta: float = 0.0, kl_type: int = 0, coef_given: bool = False,
-                 write_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def rows_forward(
+    grad,
+    logits,
+    labels,
+    advantages,
+    weights,
+    old,
+    ref,
+    *,
+    use_triton: bool,
+    temperature: float,
+    ignore_index: int,
+    eps_low: float = 0.0,
+    eps_high: float = 0.0,
+    dual_clip: float = 0.0,
+    beta: float = 0.0,
+    kl_type: int = 0,
+    coef_given: bool = False,
+    write_grad: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The token-level policy-loss row kernel: logits (B, T, V) (unit stride along V) -> loss (), logprobs and
     entropy (B, T); with ``write_grad`` it writes d loss / d logits into ``grad`` (B, T, V), which may be ``logits``
     itself (in place). Per-token tensors (B, T) contiguous in the statistics dtype; ``weights`` = aggregation weight
@@ -245,8 +321,9 @@ def rows_forward(grad, logits, labels, advantages, weights, old, ref, *, use_tri
     (device, dtype, V, row-count bucket, in place) on the first call (_layout)."""
     scalars = (temperature, ignore_index, eps_low, eps_high, dual_clip, beta, kl_type)
     if not use_triton:
-        return torch.ops.credit.policy_loss_rows_(grad, logits, labels, advantages, weights, old, ref, *scalars,
-                                                  coef_given, write_grad)  # fmt: skip
+        return torch.ops.credit.policy_loss_rows_(
+            grad, logits, labels, advantages, weights, old, ref, *scalars, coef_given, write_grad
+        )
     B, T, V = logits.shape
     tensors = (labels, advantages, weights, old, ref)
     runs = _layouts(grad, logits, tensors, scalars, coef_given, write_grad)
@@ -264,9 +341,20 @@ def _layouts(grad, logits, tensors, scalars, coef_given, write_grad) -> dict:
     labels, _, weights, _, _ = tensors
 
     def two_pass():
-        return policy_loss_forward(logits, *tensors, temperature=temperature, ignore_index=ignore_index,
-                                   eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta, kl_type=kl_type,
-                                   grad=grad, write_grad=write_grad, coef_given=coef_given)[:3]  # fmt: skip
+        return policy_loss_forward(
+            logits,
+            *tensors,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            dual_clip=dual_clip,
+            beta=beta,
+            kl_type=kl_type,
+            grad=grad,
+            write_grad=write_grad,
+            coef_given=coef_given,
+        )[:3]
 
     def cluster():  # the CUDA Hopper kernel (csrc/cuda/policy_loss.cu): the same outputs
         return torch.ops.credit.policy_loss_rows_(grad, logits, *tensors, *scalars, coef_given, True)
@@ -356,10 +444,12 @@ class _SeqPolicyLossInplace(torch.autograd.Function):
     def forward(ctx, logits, inputs, options, use_triton):
         x = logits.detach()
         labels = inputs.labels.contiguous()
-        rows = dict(use_triton=use_triton, temperature=options.temperature, ignore_index=options.ignore_index,
-                    coef_given=True)  # fmt: skip
-        _, logp, entropy = rows_forward(x, x, labels, None, torch.zeros_like(inputs.valid), None, None,
-                                        write_grad=False, **rows)  # fmt: skip
+        rows = dict(
+            use_triton=use_triton, temperature=options.temperature, ignore_index=options.ignore_index, coef_given=True
+        )
+        _, logp, entropy = rows_forward(
+            x, x, labels, None, torch.zeros_like(inputs.valid), None, None, write_grad=False, **rows
+        )
         with torch.enable_grad():
             leaf = logp.detach().requires_grad_(True)
             loss, stats = loss_from_logprobs(leaf, entropy, inputs, options)
@@ -388,10 +478,21 @@ def _scaled_inplace_grad(ctx, grad_loss):
 # ---- the public functions
 def reference_options(options: LossOptions, old_logprobs, ref_logprobs, gates, weights) -> dict:
     """The reference backend's keyword arguments for the same loss."""
-    return dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gates=gates, weights=weights,
-                loss_type=options.loss_type, eps_low=options.eps_low, eps_high=options.eps_high,
-                dual_clip=options.dual_clip, beta=options.beta, kl_type=options.kl_type, agg=options.agg,
-                max_length=options.max_length, empty_rows=options.empty_rows)  # fmt: skip
+    return dict(
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        gates=gates,
+        weights=weights,
+        loss_type=options.loss_type,
+        eps_low=options.eps_low,
+        eps_high=options.eps_high,
+        dual_clip=options.dual_clip,
+        beta=options.beta,
+        kl_type=options.kl_type,
+        agg=options.agg,
+        max_length=options.max_length,
+        empty_rows=options.empty_rows,
+    )
 
 
 def policy_loss_from_logprobs(
@@ -439,18 +540,43 @@ def policy_loss_from_logprobs(
     _checks.same_device(logprobs=logprobs, advantages=advantages, entropy=entropy)
     acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     options, inputs = prepare(
-        None, None, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask, gates=gates,
-        weights=weights, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
-        kl_type=kl_type, agg=agg, max_length=max_length, empty_rows=empty_rows, temperature=1.0, ignore_index=-100,
-        acc=acc, shape=tuple(logprobs.shape),
-    )  # fmt: skip
+        None,
+        None,
+        advantages,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        mask=mask,
+        gates=gates,
+        weights=weights,
+        loss_type=loss_type,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        beta=beta,
+        kl_type=kl_type,
+        agg=agg,
+        max_length=max_length,
+        empty_rows=empty_rows,
+        temperature=1.0,
+        ignore_index=-100,
+        acc=acc,
+        shape=tuple(logprobs.shape),
+    )
     _checks.values((inputs.valid > 0) & ~torch.isfinite(logprobs), "logprobs must be finite on valid tokens")
     if resolve(logprobs.device, triton=False) == "reference":
-        return reference.policy_loss_from_logprobs(logprobs, advantages, mask=mask, entropy=entropy,
-                                                   reduction=reduction, **reference_options(options, old_logprobs,
-                                                                                            ref_logprobs, gates,
-                                                                                            weights))  # fmt: skip
-    ent = torch.zeros_like(inputs.valid) if entropy is None else torch.where(inputs.valid > 0, entropy.detach().to(acc), 0.0)
+        return reference.policy_loss_from_logprobs(
+            logprobs,
+            advantages,
+            mask=mask,
+            entropy=entropy,
+            reduction=reduction,
+            **reference_options(options, old_logprobs, ref_logprobs, gates, weights),
+        )
+    ent = (
+        torch.zeros_like(inputs.valid)
+        if entropy is None
+        else torch.where(inputs.valid > 0, entropy.detach().to(acc), 0.0)
+    )
     return loss_from_logprobs(logprobs.to(acc), ent, inputs, options, reduction)
 
 
@@ -535,16 +661,38 @@ def policy_loss(
     _checks.check(logits.shape[-1] > 0, "logits must have a non-empty vocabulary dimension")
     _checks.same_device(logits=logits, labels=labels)
     options, inputs = prepare(
-        labels, logits.shape[-1], advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask,
-        gates=gates, weights=weights, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-        beta=beta, kl_type=kl_type, agg=agg, max_length=max_length, empty_rows=empty_rows, temperature=temperature,
-        ignore_index=ignore_index, acc=torch.float64 if logits.dtype == torch.float64 else torch.float32,
-    )  # fmt: skip
+        labels,
+        logits.shape[-1],
+        advantages,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        mask=mask,
+        gates=gates,
+        weights=weights,
+        loss_type=loss_type,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        dual_clip=dual_clip,
+        beta=beta,
+        kl_type=kl_type,
+        agg=agg,
+        max_length=max_length,
+        empty_rows=empty_rows,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        acc=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+    )
     backend = resolve(logits.device, triton=True)
     if backend == "reference":
-        return reference.policy_loss(logits[:, :T], labels, advantages, mask=mask, temperature=temperature,
-                                     ignore_index=ignore_index, **reference_options(options, old_logprobs,
-                                                                                    ref_logprobs, gates, weights))
+        return reference.policy_loss(
+            logits[:, :T],
+            labels,
+            advantages,
+            mask=mask,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            **reference_options(options, old_logprobs, ref_logprobs, gates, weights),
+        )
     use_triton = backend == "triton"
     scored = inputs
     if logits.shape[1] == T + 1:
@@ -559,8 +707,13 @@ def policy_loss(
         if inplace:
             loss, *values = _SeqPolicyLossInplace.apply(logits, scored, options, use_triton)
             return loss, dict(zip(reference.STAT_NAMES, values, strict=True))
-        logp, entropy = token_logprobs(logits, scored.labels, temperature=options.temperature,
-                                       ignore_index=options.ignore_index, return_entropy=True)  # fmt: skip
+        logp, entropy = token_logprobs(
+            logits,
+            scored.labels,
+            temperature=options.temperature,
+            ignore_index=options.ignore_index,
+            return_entropy=True,
+        )
         return loss_from_logprobs(logp, entropy.detach(), scored, options)
     params = options.kernel_params()
     c = lambda t: None if t is None else t.contiguous()
