@@ -1,5 +1,5 @@
-"""group_advantages, ibpo_shaping, token_advantages: hand-computed cases, parity with the reference on every
-backend, opcheck, bad input."""
+"""group_advantages, ibpo_shaping, token_advantages: hand-computed cases and TRL's formula on every backend (the
+reference's too), the kernels against the reference on random batches, opcheck, bad input."""
 
 import math
 
@@ -10,13 +10,19 @@ import credit_ops
 from credit_ops import reference
 from tests.conftest import backend_devices
 
-# Only the C++/CUDA kernels and the reference implement these ops (no Triton variant).
+# Only the C++/CUDA kernels and the reference implement these ops (no Triton variant). The reference is checked by
+# the hand-computed cases; the random cases compare the kernels with it.
 PAIRS = [(b, d) for b, d in backend_devices() if b != "triton"]
+KERNEL_PAIRS = [(b, d) for b, d in PAIRS if b != "reference"]
 MODES = ("grpo", "dr_grpo", "rloo", "batch")
 
 
 def _ids(pairs):
     return [f"{b}-{d}" for b, d in pairs]
+
+
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
 
 
 def random_groups(n_groups, max_size, device="cpu", dtype=torch.float32, binary=False):
@@ -29,32 +35,41 @@ def random_groups(n_groups, max_size, device="cpu", dtype=torch.float32, binary=
 
 
 # ---- group_advantages
-def test_group_advantages_hand_computed():
-    r = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.7])
-    g = torch.tensor([0, 0, 0, 1, 2])
+@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+def test_group_advantages_hand_computed(backend, device):
+    r, g = on(device, torch.tensor([1.0, 0.0, 0.0, 0.5, 0.7]), torch.tensor([0, 0, 0, 1, 2]))
     std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)  # unbiased
-    grpo = credit_ops.group_advantages(r, g)
-    expect = torch.tensor([(2 / 3) / (std + 1e-6), (-1 / 3) / (std + 1e-6), (-1 / 3) / (std + 1e-6), 0.0, 0.0])
-    torch.testing.assert_close(grpo, expect)
-    torch.testing.assert_close(
-        credit_ops.group_advantages(r, g, mode="dr_grpo"), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0])
-    )
-    # RLOO: r minus the mean of the others: 1 - 0, 0 - 0.5, 0 - 0.5
-    torch.testing.assert_close(credit_ops.group_advantages(r, g, mode="rloo"), torch.tensor([1.0, -0.5, -0.5, 0, 0]))
-    batch = credit_ops.group_advantages(r, g, mode="batch")
-    torch.testing.assert_close(batch, (r - r.mean()) / (r.std() + 1e-6))
-
-
-def test_group_advantages_matches_trl_formula():
-    # TRL: rewards.view(-1, G); (r - mean) / (std + 1e-4), std unbiased (torch.std default).
-    r = torch.rand(6 * 8, dtype=torch.float64)
-    grouped = r.view(6, 8)
-    trl = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
-    ids = torch.arange(6).repeat_interleave(8)
-    torch.testing.assert_close(credit_ops.group_advantages(r, ids, eps=1e-4), trl)
+    expect = {
+        "grpo": [(2 / 3) / (std + 1e-6), (-1 / 3) / (std + 1e-6), (-1 / 3) / (std + 1e-6), 0.0, 0.0],
+        "dr_grpo": [2 / 3, -1 / 3, -1 / 3, 0, 0],
+        "rloo": [1.0, -0.5, -0.5, 0, 0],  # r minus the mean of the others: 1 - 0, 0 - 0.5, 0 - 0.5
+        # the whole batch one group: mean 0.44, unbiased std sqrt(0.772 / 4)
+        "batch": [(x - 0.44) / (math.sqrt(0.772 / 4) + 1e-6) for x in (1.0, 0.0, 0.0, 0.5, 0.7)],
+    }
+    with credit_ops.use_backend(backend):
+        for mode, want in expect.items():
+            torch.testing.assert_close(credit_ops.group_advantages(r, g, mode=mode).cpu(), torch.tensor(want),
+                                       msg=mode)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+@pytest.mark.parametrize("mode", ["grpo", "dr_grpo", "rloo"])
+def test_group_advantages_matches_trl_formula(backend, device, mode):
+    # TRL: rewards.view(-1, G); r - mean, divided by (std + 1e-4) for grpo, std unbiased (torch.std default);
+    # RLOO: r minus the mean of the other G - 1 samples.
+    r = torch.rand(6 * 8, dtype=torch.float64)
+    grouped = r.view(6, 8)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    want = {"grpo": centred / (grouped.std(1, keepdim=True) + 1e-4), "dr_grpo": centred,
+            "rloo": grouped - (grouped.sum(1, keepdim=True) - grouped) / 7}[mode].view(-1)  # fmt: skip
+    perm = torch.randperm(r.numel())  # unsorted group ids
+    ids = torch.arange(6).repeat_interleave(8)
+    with credit_ops.use_backend(backend):
+        out = credit_ops.group_advantages(*on(device, r[perm], ids[perm]), mode=mode, eps=1e-4)
+    torch.testing.assert_close(out.cpu(), want[perm])
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS, ids=_ids(KERNEL_PAIRS))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_group_advantages_random_vs_reference(backend, device, mode, dtype):
@@ -94,26 +109,30 @@ def test_group_advantages_many_groups_large():
     torch.testing.assert_close(credit_ops.group_advantages(r, g), reference.group_advantages(r, g))
 
 
-def test_group_advantages_bad_input():
-    r, g = torch.rand(4), torch.tensor([0, 0, 1, 1])
-    with pytest.raises(ValueError, match="mode must be one of"):
-        credit_ops.group_advantages(r, g, mode="ppo")
-    with pytest.raises(ValueError, match="group_ids must have shape"):
-        credit_ops.group_advantages(r, g[:3])
-    with pytest.raises(ValueError, match="rewards must be finite"):
-        credit_ops.group_advantages(torch.tensor([0.0, float("nan"), 1.0, 1.0]), g)
-    with pytest.raises(ValueError, match="group_ids must lie in"):
-        credit_ops.group_advantages(r, torch.tensor([0, 0, 9, 1]))
-    with pytest.raises(ValueError, match="group_ids must lie in"):
-        credit_ops.group_advantages(r, torch.tensor([0, -1, 1, 1]), num_groups=2)
-    with pytest.raises(ValueError, match="group_ids must have dtype"):
-        credit_ops.group_advantages(r, g.float())
-    with pytest.raises(ValueError, match="rewards must have 1 dimensions"):
-        credit_ops.group_advantages(r.view(2, 2), g)
+_R, _G = torch.rand(4), torch.tensor([0, 0, 1, 1])
+
+
+@pytest.mark.parametrize(
+    "match,args,kw",
+    [
+        pytest.param("mode must be one of", (_R, _G), dict(mode="ppo"), id="unknown_mode"),
+        pytest.param("group_ids must have shape", (_R, _G[:3]), {}, id="group_ids_wrong_shape"),
+        pytest.param("rewards must be finite", (torch.tensor([0.0, float("nan"), 1.0, 1.0]), _G), {}, id="nan_reward"),
+        pytest.param("group_ids must lie in", (_R, torch.tensor([0, 0, 9, 1])), {}, id="group_id_beyond_n"),
+        pytest.param("group_ids must lie in", (_R, torch.tensor([0, -1, 1, 1])), dict(num_groups=2),
+                     id="negative_group_id"),
+        pytest.param("group_ids must have dtype", (_R, _G.float()), {}, id="float_group_ids"),
+        pytest.param("rewards must have 1 dimensions", (_R.view(2, 2), _G), {}, id="rewards_2d"),
+    ],
+)  # fmt: skip
+def test_group_advantages_bad_input(match, args, kw):
+    with pytest.raises(ValueError, match=match):
+        credit_ops.group_advantages(*args, **kw)
 
 
 # ---- ibpo_shaping
-def test_ibpo_shaping_hand_computed():
+@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+def test_ibpo_shaping_hand_computed(backend, device):
     rewards = torch.tensor([0.0, 1.0, 0.2, 0.0, 0.0])
     g = torch.tensor([0, 0, 0, 1, 1])
     correct = torch.tensor(
@@ -122,18 +141,21 @@ def test_ibpo_shaping_hand_computed():
     valid = torch.tensor(
         [[True, True, True], [True, True, True], [True, True, False], [True, False, False], [False, False, False]]
     )
-    shaped, phi = credit_ops.ibpo_shaping(rewards, g, correct, valid)
+    rewards, g, correct, valid = on(device, rewards, g, correct, valid)
+    with credit_ops.use_backend(backend):
+        shaped, phi = credit_ops.ibpo_shaping(rewards, g, correct, valid)
+        shaped2, phi2 = credit_ops.ibpo_shaping(rewards, None, correct, valid, rho=1.0, lam=2.0, threshold=0.1)
+    rewards, shaped, phi, shaped2, phi2 = (t.cpu() for t in (rewards, shaped, phi, shaped2, phi2))
     # sample 0: 2 of 3 correct -> 0.5 * 2/3; 1: correct sample -> 0; 2: none correct; 3: 1 valid, correct -> 0.5;
     # 4: no valid revision -> 0 (its correct flag in an invalid column does not count)
     expect_phi = torch.tensor([1 / 3, 0.0, 0.0, 0.5, 0.0])
     torch.testing.assert_close(phi, expect_phi)
     torch.testing.assert_close(shaped, rewards + 0.6 * expect_phi)
-    shaped, phi = credit_ops.ibpo_shaping(rewards, None, correct, valid, rho=1.0, lam=2.0, threshold=0.1)
-    torch.testing.assert_close(phi, torch.tensor([2 / 3, 0.0, 0.0, 1.0, 0.0]))  # 0.2 >= 0.1 counts as correct
-    torch.testing.assert_close(shaped, rewards + 2.0 * phi)
+    torch.testing.assert_close(phi2, torch.tensor([2 / 3, 0.0, 0.0, 1.0, 0.0]))  # 0.2 >= 0.1 counts as correct
+    torch.testing.assert_close(shaped2, rewards + 2.0 * phi2)
 
 
-@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS, ids=_ids(KERNEL_PAIRS))
 def test_ibpo_shaping_random_vs_reference(backend, device):
     r, g = random_groups(20, 8, device, binary=True)
     correct = torch.rand(r.shape[0], 5, device=device) < 0.4
@@ -145,21 +167,27 @@ def test_ibpo_shaping_random_vs_reference(backend, device):
     torch.testing.assert_close(phi.cpu(), ep)
 
 
-def test_ibpo_shaping_bad_input():
-    r, g = torch.zeros(3), torch.zeros(3, dtype=torch.long)
-    c = torch.zeros(3, 2, dtype=torch.bool)
-    with pytest.raises(ValueError, match="revision_correct must have shape"):
-        credit_ops.ibpo_shaping(r, g, c[:2], c[:2])
-    with pytest.raises(ValueError, match="revision_valid must have shape"):
-        credit_ops.ibpo_shaping(r, g, c, torch.zeros(3, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="revision_correct must have dtype"):
-        credit_ops.ibpo_shaping(r, g, c.int(), c)
-    with pytest.raises(ValueError, match="rewards must be finite"):
-        credit_ops.ibpo_shaping(torch.tensor([0.0, float("inf"), 0.0]), g, c, c)
+_Z, _ZG, _C = torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "match,args",
+    [
+        pytest.param("revision_correct must have shape", (_Z, _ZG, _C[:2], _C[:2]), id="revisions_wrong_rows"),
+        pytest.param("revision_valid must have shape", (_Z, _ZG, _C, torch.zeros(3, 3, dtype=torch.bool)),
+                     id="valid_wrong_columns"),
+        pytest.param("revision_correct must have dtype", (_Z, _ZG, _C.int(), _C), id="int_revision_correct"),
+        pytest.param("rewards must be finite", (torch.tensor([0.0, float("inf"), 0.0]), _ZG, _C, _C), id="inf_reward"),
+    ],
+)  # fmt: skip
+def test_ibpo_shaping_bad_input(match, args):
+    with pytest.raises(ValueError, match=match):
+        credit_ops.ibpo_shaping(*args)
 
 
 # ---- token_advantages
-def test_token_advantages_hand_computed():
+@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+def test_token_advantages_hand_computed(backend, device):
     seq_adv = torch.tensor([1.5, -1.0, 0.8, -0.5])
     mask = torch.tensor(
         [
@@ -171,30 +199,27 @@ def test_token_advantages_hand_computed():
     )
     wrong = torch.tensor([True, True, False, True])
     has_repair = torch.tensor([True, True, True, False])  # a correct sample's repair flag is ignored
-    adv, gates = credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair)
+    seq_adv, mask, wrong, has_repair = on(device, seq_adv, mask, wrong, has_repair)
+    with credit_ops.use_backend(backend):
+        adv, gates = (t.cpu() for t in credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair))
+        adv2, gates2 = (t.cpu() for t in credit_ops.token_advantages(
+            seq_adv, mask, wrong=wrong, has_repair=has_repair, sign_guard=False, unmasked_weight=0.25,
+            correct_in_loss=False, lengths=torch.tensor([4, 3, 4, 2], device=device),
+            prompt_lengths=torch.tensor([1, 0, 0, 0], device=device),
+        ))  # fmt: skip
     # row 0: repaired failure with positive advantage: the sign guard clamps the masked credit to 0
     # row 1: repaired failure, negative: -1 on the flagged tokens only; rows 2, 3: sequence credit everywhere
     torch.testing.assert_close(adv, torch.tensor([[0.0, 0, 0, 0], [0, -1, -1, 0], [0.8] * 4, [-0.5] * 4]))
     torch.testing.assert_close(gates, torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0], [1.0] * 4, [1.0] * 4]))
-
-    adv, gates = credit_ops.token_advantages(
-        seq_adv,
-        mask,
-        wrong=wrong,
-        has_repair=has_repair,
-        sign_guard=False,
-        unmasked_weight=0.25,
-        correct_in_loss=False,
-        lengths=torch.tensor([4, 3, 4, 2]),
-        prompt_lengths=torch.tensor([1, 0, 0, 0]),
-    )
-    torch.testing.assert_close(adv[0], torch.tensor([0.0, 0.25 * 1.5, 1.5, 0.25 * 1.5]))
-    torch.testing.assert_close(gates[1], torch.tensor([0.25, 1.0, 1.0, 0.0]))
-    assert torch.equal(adv[2], torch.zeros(4)) and torch.equal(gates[2], torch.zeros(4))  # correct: dropped
-    torch.testing.assert_close(adv[3], torch.tensor([-0.5, -0.5, 0.0, 0.0]))
+    # no sign guard, unmasked weight 0.25, correct samples dropped, row 0's prompt and the lengths unscored
+    torch.testing.assert_close(adv2[0], torch.tensor([0.0, 0.25 * 1.5, 1.5, 0.25 * 1.5]))
+    torch.testing.assert_close(gates2[1], torch.tensor([0.25, 1.0, 1.0, 0.0]))
+    assert torch.equal(adv2[2], torch.zeros(4)) and torch.equal(gates2[2], torch.zeros(4))  # correct: dropped
+    torch.testing.assert_close(adv2[3], torch.tensor([-0.5, -0.5, 0.0, 0.0]))
 
 
-def test_token_advantages_repair_rows():
+@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
+def test_token_advantages_repair_rows(backend, device):
     seq_adv = torch.tensor([-1.2, 0.7, 2.0])
     mask = torch.zeros(3, 4, dtype=torch.bool)
     wrong = torch.tensor([True, True, False])
@@ -209,25 +234,22 @@ def test_token_advantages_repair_rows():
         ]
     )
     repair_of = torch.tensor([0, 1, 2, -1, 1])
-    out = credit_ops.token_advantages(
-        seq_adv,
-        mask,
-        wrong=wrong,
-        has_repair=has_repair,
-        repair_mask=repair_mask,
-        repair_of=repair_of,
-        repair_lengths=torch.tensor([3, 4, 4, 4, 4]),
+    seq_adv, mask, wrong, has_repair, repair_mask, repair_of, repair_lengths = on(
+        device, seq_adv, mask, wrong, has_repair, repair_mask, repair_of, torch.tensor([3, 4, 4, 4, 4])
     )
-    r_adv, r_gates = out[2], out[3]
+    with credit_ops.use_backend(backend):
+        out = credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair, repair_mask=repair_mask,
+                                          repair_of=repair_of, repair_lengths=repair_lengths)  # fmt: skip
+    r_adv, r_gates = out[2].cpu(), out[3].cpu()
     torch.testing.assert_close(r_adv[0], torch.tensor([1.2, 0.0, 1.2, 0.0]))  # +|A|, cut at its length 3
     torch.testing.assert_close(r_adv[1], torch.tensor([0.0, 0.7, 0.0, 0.0]))
     assert torch.equal(r_adv[2], torch.zeros(4)) and torch.equal(r_adv[3], torch.zeros(4))  # correct / padding
     torch.testing.assert_close(r_gates, (r_adv != 0).float())
 
 
-@pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
-@pytest.mark.parametrize("sign_guard", [True, False])
-@pytest.mark.parametrize("correct_in_loss", [True, False])
+@pytest.mark.parametrize("backend,device", KERNEL_PAIRS, ids=_ids(KERNEL_PAIRS))
+@pytest.mark.parametrize("sign_guard", [True, False], ids=["sign_guard", "no_sign_guard"])
+@pytest.mark.parametrize("correct_in_loss", [True, False], ids=["correct_in_loss", "correct_dropped"])
 def test_token_advantages_random_vs_reference(backend, device, sign_guard, correct_in_loss):
     B, T = 33, 70
     seq_adv = torch.randn(B, device=device)
@@ -254,25 +276,26 @@ def test_token_advantages_random_vs_reference(backend, device, sign_guard, corre
         assert (adv[wrong & has_repair] <= 0).all()
 
 
-def test_token_advantages_bad_input():
-    a, m = torch.zeros(3), torch.zeros(3, 4, dtype=torch.bool)
-    w = torch.zeros(3, dtype=torch.bool)
-    with pytest.raises(ValueError, match="seq_adv must have shape"):
-        credit_ops.token_advantages(a[:2], m, wrong=w, has_repair=w)
-    with pytest.raises(ValueError, match="mask must have dtype"):
-        credit_ops.token_advantages(a, m.float(), wrong=w, has_repair=w)
-    with pytest.raises(ValueError, match="has_repair must have shape"):
-        credit_ops.token_advantages(a, m, wrong=w, has_repair=w[:1])
-    with pytest.raises(ValueError, match="lengths must lie in"):
-        credit_ops.token_advantages(a, m, wrong=w, has_repair=w, lengths=torch.tensor([1, 5, 2]))
-    with pytest.raises(ValueError, match="seq_adv must be finite"):
-        credit_ops.token_advantages(torch.tensor([0.0, float("nan"), 0.0]), m, wrong=w, has_repair=w)
-    with pytest.raises(ValueError, match="repair_of must lie in"):
-        credit_ops.token_advantages(a, m, wrong=w, has_repair=w, repair_mask=m, repair_of=torch.tensor([0, 3, 1]))
-    with pytest.raises(ValueError, match="unmasked_weight must lie in"):
-        credit_ops.token_advantages(a, m, wrong=w, has_repair=w, unmasked_weight=1.5)
-    with pytest.raises(ValueError, match="repair_mask needs repair_of"):
-        credit_ops.token_advantages(a, m, wrong=w, has_repair=w, repair_mask=m)
+_A, _M, _W = torch.zeros(3), torch.zeros(3, 4, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "match,args,kw",
+    [
+        pytest.param("seq_adv must have shape", (_A[:2], _M), {}, id="seq_adv_wrong_shape"),
+        pytest.param("mask must have dtype", (_A, _M.float()), {}, id="float_mask"),
+        pytest.param("has_repair must have shape", (_A, _M), dict(has_repair=_W[:1]), id="has_repair_wrong_shape"),
+        pytest.param("lengths must lie in", (_A, _M), dict(lengths=torch.tensor([1, 5, 2])), id="length_beyond_T"),
+        pytest.param("seq_adv must be finite", (torch.tensor([0.0, float("nan"), 0.0]), _M), {}, id="nan_seq_adv"),
+        pytest.param("repair_of must lie in", (_A, _M), dict(repair_mask=_M, repair_of=torch.tensor([0, 3, 1])),
+                     id="repair_of_beyond_n"),
+        pytest.param("unmasked_weight must lie in", (_A, _M), dict(unmasked_weight=1.5), id="unmasked_weight_above_1"),
+        pytest.param("repair_mask needs repair_of", (_A, _M), dict(repair_mask=_M), id="repair_mask_without_repair_of"),
+    ],
+)  # fmt: skip
+def test_token_advantages_bad_input(match, args, kw):
+    with pytest.raises(ValueError, match=match):
+        credit_ops.token_advantages(*args, **{"wrong": _W, "has_repair": _W, **kw})
 
 
 # ---- op-level checks (schemas, fake kernels, dispatch)

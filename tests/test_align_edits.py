@@ -73,7 +73,7 @@ def run(pairs, *, backend="native", device="cpu", insert_anchor="prev", pad_a=0,
     with credit_ops.use_backend(backend):
         out = credit_ops.align_edits(a.to(device), la.to(device), b.to(device), lb.to(device),
                                      insert_anchor=insert_anchor)  # fmt: skip
-    return credit_ops.ops.AlignEdits(*(t.cpu() for t in out))
+    return credit_ops.AlignEdits(*(t.cpu() for t in out))
 
 
 def ref(pairs, insert_anchor="prev"):
@@ -216,8 +216,19 @@ HAND = [
 ]
 
 
+HAND_IDS = [
+    "deletion_inside", "trim_first_duplicate_deleted", "swap_two_substitutions", "deletion_before_insertion",
+    "insertions_anchor_prev", "insertions_anchor_next", "insertions_anchor_none", "insert_before_start_prev",
+    "insert_before_start_next", "insert_after_end_prev", "insert_after_end_next", "match_anchors_two_runs_prev",
+    "match_anchors_two_runs_next", "substitution_next_to_insertion_prev", "substitution_next_to_insertion_next",
+    "two_runs_in_order", "both_empty", "a_empty", "b_empty", "identical", "nothing_in_common",
+    "single_token_match", "single_token_substitution", "single_token_deleted", "single_token_inserted",
+]  # fmt: skip
+assert len(HAND_IDS) == len(HAND) == len(set(HAND_IDS))
+
+
 @pytest.mark.parametrize("backend,device", DEVICES)
-@pytest.mark.parametrize("case", HAND, ids=[f"hand{i}" for i in range(len(HAND))])
+@pytest.mark.parametrize("case", HAND, ids=HAND_IDS)
 def test_hand_worked(backend, device, case):
     a, b, anchor, ma, ra, mb, rb, dist = case
     out = run([(a, b)], backend=backend, device=device, insert_anchor=anchor, pad_a=a[0] if a else 0)
@@ -254,7 +265,7 @@ def test_int32_int64_and_lengths_none(device):
     b = mutate(rng, a, 0.2, 30)
     x, y = torch.tensor([a], device=device), torch.tensor([b], device=device)
     full = credit_ops.align_edits(x, None, y, None)
-    assert_same(credit_ops.ops.AlignEdits(*(t.cpu() for t in full)), ref([(a, b)]))
+    assert_same(credit_ops.AlignEdits(*(t.cpu() for t in full)), ref([(a, b)]))
     for xa, yb in ((x.int(), y.int()), (x.int(), y), (x, y.int())):
         out = credit_ops.align_edits(xa, None, yb, None)
         assert all(torch.equal(u, v) for u, v in zip(out, full, strict=True))
@@ -455,7 +466,9 @@ def _ab():
         (lambda a, la, b, lb: (a, la.float(), b, lb), "a_lengths must have dtype"),
         (lambda a, la, b, lb: (a[0], la, b, lb), "a must have 2 dimensions"),
     ],
-)
+    ids=["a_length_beyond_La", "negative_b_length", "a_lengths_wrong_shape", "pair_counts_differ", "float_a",
+         "double_b", "float_a_lengths", "a_1d"],
+)  # fmt: skip
 def test_align_edits_bad_input(mutate_args, match):
     with pytest.raises(ValueError, match=match):
         credit_ops.align_edits(*mutate_args(*_ab()))
@@ -466,27 +479,36 @@ def test_align_edits_bad_anchor():
         credit_ops.align_edits(*_ab(), insert_anchor="left")
 
 
-def test_steps_and_truncation_bad_input():
-    mask = torch.zeros(2, 4, dtype=torch.bool)
-    regions = torch.zeros(2, 4, dtype=torch.int32)
-    with pytest.raises(ValueError, match="k must be >= 0"):
-        credit_ops.truncate_regions(mask, regions, -1)
-    with pytest.raises(ValueError, match="k must be >= 0"):
-        credit_ops.truncate_regions(mask, regions, torch.tensor([1, -2]))
-    with pytest.raises(ValueError, match="k must be a scalar or have shape \\(2,\\)"):
-        credit_ops.truncate_regions(mask, regions, torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match="k must be an int"):
-        credit_ops.truncate_regions(mask, regions, 1.5)
-    with pytest.raises(ValueError, match="regions must have shape"):
-        credit_ops.truncate_regions(mask, regions[:, :3], 1)
-    with pytest.raises(ValueError, match="step_ids must lie in \\[-1, 4\\)"):
-        credit_ops.step_masks(mask, torch.tensor([[0, 0, 4, 4], [0, 0, 0, 0]]))
-    with pytest.raises(ValueError, match="tokens must have dtype"):
-        credit_ops.segment_steps(torch.zeros(2, 4), None, [0])
-    with pytest.raises(ValueError, match="lengths must lie in \\[0, 4\\]"):
-        credit_ops.segment_steps(torch.zeros(2, 4, dtype=torch.int64), torch.tensor([5, 1]), [0])
-    with pytest.raises(ValueError, match="delimiter_ids must have 1 dimensions"):
-        credit_ops.segment_steps(torch.zeros(2, 4, dtype=torch.int64), None, torch.zeros(1, 1, dtype=torch.int64))
+_MASK, _REGIONS = torch.zeros(2, 4, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.int32)
+_TOKENS = torch.zeros(2, 4, dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    "match,call",
+    [
+        pytest.param("k must be >= 0", lambda: credit_ops.truncate_regions(_MASK, _REGIONS, -1), id="negative_k"),
+        pytest.param("k must be >= 0", lambda: credit_ops.truncate_regions(_MASK, _REGIONS, torch.tensor([1, -2])),
+                     id="negative_k_in_row"),
+        pytest.param("k must be a scalar or have shape \\(2,\\)",
+                     lambda: credit_ops.truncate_regions(_MASK, _REGIONS, torch.tensor([1, 2, 3])), id="k_wrong_shape"),
+        pytest.param("k must be an int", lambda: credit_ops.truncate_regions(_MASK, _REGIONS, 1.5), id="float_k"),
+        pytest.param("regions must have shape", lambda: credit_ops.truncate_regions(_MASK, _REGIONS[:, :3], 1),
+                     id="regions_wrong_shape"),
+        pytest.param("step_ids must lie in \\[-1, 4\\)",
+                     lambda: credit_ops.step_masks(_MASK, torch.tensor([[0, 0, 4, 4], [0, 0, 0, 0]])),
+                     id="step_id_beyond_T"),
+        pytest.param("tokens must have dtype", lambda: credit_ops.segment_steps(torch.zeros(2, 4), None, [0]),
+                     id="float_tokens"),
+        pytest.param("lengths must lie in \\[0, 4\\]",
+                     lambda: credit_ops.segment_steps(_TOKENS, torch.tensor([5, 1]), [0]), id="length_beyond_T"),
+        pytest.param("delimiter_ids must have 1 dimensions",
+                     lambda: credit_ops.segment_steps(_TOKENS, None, torch.zeros(1, 1, dtype=torch.int64)),
+                     id="delimiters_2d"),
+    ],
+)  # fmt: skip
+def test_steps_and_truncation_bad_input(match, call):
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 @pytest.mark.parametrize("backend,device", DEVICES)

@@ -35,13 +35,6 @@ def _ids(pairs):
     return [f"{b}-{d}" for b, d in pairs]
 
 
-def skip_without_cuda_align(device, algorithm="ibpo"):
-    """credit_assign's masked algorithms run align_edits; skip on CUDA until that op has a CUDA kernel."""
-    if device == "cuda" and ALGORITHMS[algorithm]["masks"] and credit_ops.get_backend() != "reference":
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("credit::align_edits", "CUDA"):
-            pytest.skip("credit::align_edits has no CUDA kernel in this build")
-
-
 def rollout_batch(n_groups=4, max_size=5, T=18, vocab=6, device="cpu", prompt=False, seed=0):
     """Unsorted unequal groups with binary rewards; 0-3 repairs per wrong sample (and a few for correct ones,
     which must be ignored), each a few point edits of its sample or a full rewrite; some padded slots."""
@@ -142,7 +135,6 @@ def test_hand_computed_ibpo():
 @pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_random_vs_loop_reference(backend, device, algorithm):
-    skip_without_cuda_align(device if backend == "native" else "cpu", algorithm)
     batch = rollout_batch(device=device, seed=list(ALGORITHMS).index(algorithm))
     with credit_ops.use_backend(backend):
         out = credit_ops.credit_assign(**batch, algorithm=algorithm)
@@ -164,7 +156,6 @@ def test_random_vs_loop_reference(backend, device, algorithm):
     ids=["step", "step-k1-iop", "k1-iop", "k2-next-noguard", "df-ratio-rloo", "ibpo-batch"],
 )
 def test_options_vs_loop_reference(backend, device, options):
-    skip_without_cuda_align(device if backend == "native" else "cpu", options.get("algorithm", "ibpo"))
     batch = rollout_batch(n_groups=5, device=device, prompt=True, seed=7)
     with credit_ops.use_backend(backend):
         out = credit_ops.credit_assign(**batch, **options)
@@ -209,7 +200,6 @@ def test_group_of_one_gets_zero():
 def test_sign_guard_without_correct_samples(backend, device):
     # One group, all wrong: the repaired samples' shaped rewards rise above the mean, so A > 0 for them;
     # the sign guard must keep their masked credit <= 0, and without it the credit would be positive.
-    skip_without_cuda_align(device if backend == "native" else "cpu")
     tokens = torch.tensor([[1, 2, 3, 4, 5]] * 4, device=device)
     lengths = torch.full((4,), 5, device=device)
     rt = torch.tensor([[1, 2, 9, 4, 5], [1, 2, 3, 4, 7], [0, 0, 0, 0, 0]], device=device)
@@ -290,41 +280,47 @@ def test_repairs_of_correct_samples_are_ignored():
     assert out.metrics["repair_verified_rate"].item() == 0.0
 
 
-def test_bad_input():
+def _nan_reward(b):
+    return b["rewards"].clone().index_fill_(0, torch.tensor([1]), math.nan)
+
+
+def _repair_of_n(b):
+    return b["repair_of"].clone().index_fill_(0, torch.tensor([0]), b["tokens"].shape[0])
+
+
+@pytest.mark.parametrize(
+    "match,change",
+    [
+        pytest.param("rewards must have shape", lambda b: dict(rewards=b["rewards"][:-1]), id="rewards_wrong_shape"),
+        pytest.param("lengths must have shape", lambda b: dict(lengths=b["lengths"][:-1]), id="lengths_wrong_shape"),
+        pytest.param("lengths must lie in", lambda b: dict(lengths=b["lengths"] + 100), id="length_beyond_T"),
+        pytest.param("rewards must be finite", lambda b: dict(rewards=_nan_reward(b)), id="nan_reward"),
+        pytest.param("repair_of must name an existing sample", lambda b: dict(repair_of=_repair_of_n(b)),
+                     id="repair_of_beyond_n"),
+        pytest.param("repair_correct must have shape", lambda b: dict(repair_correct=b["repair_correct"][:-1]),
+                     id="repair_correct_wrong_shape"),
+        pytest.param("repair_lengths must lie in", lambda b: dict(repair_lengths=b["repair_lengths"] + 100),
+                     id="repair_length_beyond_T"),
+        pytest.param("must be given together", lambda b: dict(repair_of=None), id="repairs_without_repair_of"),
+        pytest.param("algorithm must be one of", lambda b: dict(algorithm="ppo"), id="unknown_algorithm"),
+        pytest.param("needs delimiter_ids", lambda b: dict(granularity="step"), id="steps_without_delimiters"),
+        pytest.param("group_ids must lie in", lambda b: dict(group_ids=b["group_ids"] + b["tokens"].shape[0]),
+                     id="group_id_beyond_n"),
+        pytest.param("prompt_lengths must lie in", lambda b: dict(prompt_lengths=b["lengths"] + 1),
+                     id="prompt_longer_than_sample"),
+        pytest.param("all tensors must be on one device", lambda b: dict(rewards=b["rewards"].to("meta")),
+                     id="rewards_on_another_device"),
+    ],
+)  # fmt: skip
+def test_bad_input(match, change):
     b = rollout_batch()
-    N = b["tokens"].shape[0]
-    with pytest.raises(ValueError, match="rewards must have shape"):
-        credit_ops.credit_assign(**{**b, "rewards": b["rewards"][:-1]})
-    with pytest.raises(ValueError, match="lengths must have shape"):
-        credit_ops.credit_assign(**{**b, "lengths": b["lengths"][:-1]})
-    with pytest.raises(ValueError, match="lengths must lie in"):
-        credit_ops.credit_assign(**{**b, "lengths": b["lengths"] + 100})
-    with pytest.raises(ValueError, match="rewards must be finite"):
-        credit_ops.credit_assign(**{**b, "rewards": b["rewards"].clone().index_fill_(0, torch.tensor([1]), math.nan)})
-    with pytest.raises(ValueError, match="repair_of must name an existing sample"):
-        credit_ops.credit_assign(**{**b, "repair_of": b["repair_of"].clone().index_fill_(0, torch.tensor([0]), N)})
-    with pytest.raises(ValueError, match="repair_correct must have shape"):
-        credit_ops.credit_assign(**{**b, "repair_correct": b["repair_correct"][:-1]})
-    with pytest.raises(ValueError, match="repair_lengths must lie in"):
-        credit_ops.credit_assign(**{**b, "repair_lengths": b["repair_lengths"] + 100})
-    with pytest.raises(ValueError, match="must be given together"):
-        credit_ops.credit_assign(**{**b, "repair_of": None})
-    with pytest.raises(ValueError, match="algorithm must be one of"):
-        credit_ops.credit_assign(**b, algorithm="ppo")
-    with pytest.raises(ValueError, match="needs delimiter_ids"):
-        credit_ops.credit_assign(**b, granularity="step")
-    with pytest.raises(ValueError, match="group_ids must lie in"):
-        credit_ops.credit_assign(**{**b, "group_ids": b["group_ids"] + N})
-    with pytest.raises(ValueError, match="prompt_lengths must lie in"):
-        credit_ops.credit_assign(**b, prompt_lengths=b["lengths"] + 1)
-    with pytest.raises(ValueError, match="all tensors must be on one device"):
-        credit_ops.credit_assign(**{**b, "rewards": b["rewards"].to("meta")})
+    with pytest.raises(ValueError, match=match):
+        credit_ops.credit_assign(**{**b, **change(b)})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("algorithm", ["ibpo", "grpo"])
 def test_cuda_graph_capture(algorithm):
-    skip_without_cuda_align("cuda", algorithm)
     batch = rollout_batch(n_groups=16, max_size=8, T=64, device="cuda", prompt=True, seed=3)
     kw = dict(algorithm=algorithm, granularity="step", delimiter_ids=torch.tensor([DELIM], device="cuda"), k=2)
     eager = credit_ops.credit_assign(**batch, **kw)
@@ -353,7 +349,6 @@ def test_cuda_graph_capture(algorithm):
 def test_cuda_matches_cpu_large():
     batch = rollout_batch(n_groups=64, max_size=16, T=96, device="cuda", prompt=True, seed=5)
     for algorithm in ("grpo", "ibpo", "iop"):
-        skip_without_cuda_align("cuda", algorithm)
         out = credit_ops.credit_assign(**batch, algorithm=algorithm, k=3)
         ref = credit_ops.credit_assign(**{k: v.cpu() for k, v in batch.items()}, algorithm=algorithm, k=3)
         for name in FIELDS:
@@ -365,17 +360,15 @@ def test_cuda_matches_cpu_large():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("algorithm", ["ibpo", "iop", "grpo"])
 def test_cuda_no_host_sync(algorithm):
-    skip_without_cuda_align("cuda", algorithm)
     batch = rollout_batch(n_groups=8, max_size=6, T=40, device="cuda", prompt=True, seed=11)
     credit_ops.credit_assign(**batch, algorithm=algorithm)  # warm-up: lazy initialisation may synchronise
-    previous = credit_ops._checks._mode
     credit_ops.set_value_checks("async")
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = credit_ops.credit_assign(**batch, algorithm=algorithm, k=2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        credit_ops.set_value_checks(previous)
+        credit_ops.set_value_checks("sync")
     assert out.advantages.is_cuda
 
 

@@ -90,17 +90,21 @@ def check_all(backend, device, dtype, tol, *, scale=1.0, B=3, T=6, V=37, sample_
 
 
 AGGS = [None, *R.AGGREGATIONS]
+AGG_IDS = ["default_agg", *R.AGGREGATIONS]
+# (per_token, gates, mask) with named ids: per_token / per_seq advantages, gates / no_gates, mask / no_mask
+FLAGS = [
+    pytest.param(p, g, m, id=f"{'per_token' if p else 'per_seq'}-{'gates' if g else 'no_gates'}-"
+                              f"{'mask' if m else 'no_mask'}")
+    for p, g, m in itertools.product([True, False], repeat=3)
+]  # fmt: skip
 
 
-# Native: the full grid (cheap). Triton (interpreter): every loss type x agg with all options on, plus the flags.
+# The full grid on every backend (the Triton interpreter runs its 280 cases in about 35 s).
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("per_token,gates,mask", FLAGS)
+@pytest.mark.parametrize("agg", AGGS, ids=AGG_IDS)
 @pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
-@pytest.mark.parametrize("agg", AGGS, ids=lambda a: str(a))
-@pytest.mark.parametrize("per_token,gates,mask", list(itertools.product([True, False], repeat=3)),
-                         ids=lambda v: str(int(v)))  # fmt: skip
 def test_parity_grid(backend, device, loss_type, agg, per_token, gates, mask):
-    if backend == "triton" and not (per_token and gates and mask) and agg is not None:
-        pytest.skip("triton: flag combinations are covered with the default agg (interpreter and GPU time)")
     flags = dict(per_token=per_token, gates=gates, mask=mask)
     check_all(backend, device, torch.float64, tol64(backend, device), sample_kw=flags, loss_type=loss_type, agg=agg,
               max_length=9, beta=0.05, dual_clip=3.0)  # fmt: skip
@@ -118,10 +122,8 @@ def test_options(backend, device, loss_type, kl_type):
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("V", [37, 3001])
+@pytest.mark.parametrize("V", [37, 3001], ids=["V37", "V3001"])
 def test_parity_dtypes(backend, device, dtype, V):
-    if backend == "triton" and device == "cpu" and V > 1000 and dtype != torch.bfloat16:
-        pytest.skip("interpreter time")
     for loss_type in ("dapo", "gspo"):
         check_all(backend, device, dtype, 1e-5, V=V, loss_type=loss_type, beta=0.05)
 
@@ -200,7 +202,7 @@ def test_long_rows_cuda(monkeypatch, layout, dtype, inplace):
     """Rows of V = 151936 against the float64 reference, ignored and masked rows, gates, KL, dual clip, in place
     too: the Hopper thread-block-cluster kernel (csrc/cuda/policy_loss.cu, 8 CTAs per row) forced, and whatever
     the first-call timing picks (in place: timed on a scratch copy of the first rows)."""
-    from credit_ops.triton_kernels import policy_loss as pl
+    from credit_ops.ops import policy_loss as pl
 
     if layout == "cluster":
         if not HOPPER:
@@ -252,10 +254,9 @@ def test_native_cuda():
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
-@pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
+# gspo_token is left out: its gradient is defined through stop-gradients, not as the derivative of its value.
+@pytest.mark.parametrize("loss_type", [t for t in R.LOSS_TYPES if t != "gspo_token"])
 def test_gradcheck(backend, device, loss_type):
-    if loss_type == "gspo_token":
-        pytest.skip("its gradient is defined through stop-gradients, not as the derivative of its value")
     logits, labels, adv, kw = sample(2, 4, 7, torch.float64, device)
     kw = {k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}
     x = logits.detach().requires_grad_(True)
@@ -281,7 +282,7 @@ def test_bf16_error_within_2x_eager(backend, device, loss_type):
     x = logits.detach().cpu().requires_grad_(True)
     lp = torch.log_softmax(x, -1).gather(-1, labels.cpu().clamp(min=0).unsqueeze(-1)).squeeze(-1)
     valid = ((labels.cpu() != -100) & kw["mask"].cpu()).to(torch.bfloat16)
-    eager_loss, _ = R.policy_loss_from_logprobs(
+    eager_loss, _ = R.loss_from_logprobs(
         lp, torch.zeros_like(lp), valid, adv.cpu().to(torch.bfloat16), old_logprobs=None,
         ref_logprobs=kw["ref_logprobs"].cpu().to(torch.bfloat16), gates=kw["gates"].cpu().to(torch.bfloat16),
         loss_type=loss_type, eps_low=0.2, eps_high=0.28, dual_clip=None, beta=0.05, kl_type="k3",
@@ -289,7 +290,9 @@ def test_bf16_error_within_2x_eager(backend, device, loss_type):
     )  # fmt: skip
     (eager_g,) = torch.autograd.grad(eager_loss, x)
     err = lambda a, b: (a.detach().cpu().double() - b.double()).abs().max().item()  # noqa: E731
-    assert err(loss, want_loss) <= 2 * err(eager_loss, want_loss) + 1e-6
+    # The eager loss is one bf16 scalar: its rounding (up to half a bf16 ulp, 2^-9 relative) is part of its error
+    # even where it happens to land next to the float64 value.
+    assert err(loss, want_loss) <= 2 * max(err(eager_loss, want_loss), 2**-9 * abs(want_loss.item())) + 1e-6
     assert err(g, want_g) <= 2 * err(eager_g, want_g) + 1e-7
 
 
@@ -348,8 +351,8 @@ def trl_loss(logits, labels, advantages, completion_mask, old, ref, *, loss_type
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo", "gspo"])
-@pytest.mark.parametrize("per_token", [False, True])
-@pytest.mark.parametrize("on_policy", [False, True])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_seq", "per_token"])
+@pytest.mark.parametrize("on_policy", [False, True], ids=["off_policy", "on_policy"])
 def test_matches_trl_formulas(backend, device, loss_type, per_token, on_policy):
     logits, labels, adv, kw = sample(3, 7, 29, torch.float64, device, per_token=per_token, gates=False, old=True,
                                      ignore=False)  # fmt: skip
@@ -437,8 +440,7 @@ def test_strided_logits_slice():
         assert (x.grad[:, -1] == 0).all()
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS_ALL := [*KERNEL_BACKENDS, ("reference", "cpu")],
-                         ids=[f"{b}-{d}" for b, d in BACKENDS_ALL])  # fmt: skip
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "gspo", "gated_gspo"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace_grad"])
 def test_full_model_output(backend, device, loss_type, inplace):
@@ -524,33 +526,35 @@ def test_compile_fullgraph(backend, device, loss_type):
     close(x1.grad, x2.grad, 1e-6)
 
 
-# ---- bad input
-def _bad(match, **over):
+# ---- bad input: one case each, named after what is wrong
+BAD = [
+    pytest.param("loss_type", dict(loss_type="ppo"), id="unknown_loss_type"),
+    pytest.param("agg", dict(agg="sum"), id="unknown_agg"),
+    pytest.param("kl_type", dict(kl_type="k4", beta=0.1), id="unknown_kl_type"),
+    pytest.param("ref_logprobs", dict(beta=0.1, ref_logprobs=None), id="beta_without_ref"),
+    pytest.param("max_length", dict(loss_type="dr_grpo"), id="dr_grpo_without_max_length"),
+    pytest.param("max_length", dict(agg="seq_mean_token_sum_norm", max_length=0), id="max_length_zero"),
+    pytest.param("eps_low", dict(eps_low=-0.1), id="negative_eps_low"),
+    pytest.param("eps_low", dict(eps_high=-0.1), id="negative_eps_high"),
+    pytest.param("dual_clip", dict(dual_clip=0.5), id="dual_clip_below_1"),
+    pytest.param("temperature", dict(temperature=0.0), id="zero_temperature"),
+    pytest.param("logits", dict(labels=torch.zeros(2, 5, dtype=torch.long)), id="labels_longer_than_logits"),
+    pytest.param("labels", dict(labels=torch.full((2, 4), 11)), id="label_out_of_vocab"),
+    pytest.param("advantages", dict(advantages=torch.zeros(3)), id="advantages_wrong_batch"),
+    pytest.param("advantages", dict(advantages=torch.zeros(2, 5)), id="advantages_wrong_length"),
+    pytest.param("mask", dict(mask=torch.ones(2, 5, dtype=torch.bool)), id="mask_wrong_shape"),
+    pytest.param("gates", dict(gates=torch.full((2, 4), 1.5)), id="gates_above_1"),
+    pytest.param("old_logprobs", dict(old_logprobs=torch.zeros(2, 3)), id="old_logprobs_wrong_shape"),
+    pytest.param("logits", dict(logits=torch.zeros(2, 4)), id="logits_2d"),
+    pytest.param("logits", dict(logits=torch.zeros(2, 6, 11)), id="logits_neither_T_nor_T_plus_1"),
+    pytest.param("labels", dict(labels=torch.zeros(2, 4)), id="float_labels"),
+]
+
+
+@pytest.mark.parametrize("match,over", BAD)
+def test_bad_input(match, over):
     logits, labels, adv, kw = sample(2, 4, 11, torch.float32)
     args = dict(logits=logits, labels=labels, advantages=adv, **kw)
     args.update(over)
     with pytest.raises(ValueError, match=match):
         credit_ops.policy_loss(args.pop("logits"), args.pop("labels"), args.pop("advantages"), **args)
-
-
-def test_bad_input():
-    _bad("loss_type", loss_type="ppo")
-    _bad("agg", agg="sum")
-    _bad("kl_type", kl_type="k4", beta=0.1)
-    _bad("ref_logprobs", beta=0.1, ref_logprobs=None)
-    _bad("max_length", loss_type="dr_grpo")
-    _bad("max_length", agg="seq_mean_token_sum_norm", max_length=0)
-    _bad("eps_low", eps_low=-0.1)
-    _bad("eps_low", eps_high=-0.1)
-    _bad("dual_clip", dual_clip=0.5)
-    _bad("temperature", temperature=0.0)
-    _bad("logits", labels=torch.zeros(2, 5, dtype=torch.long))
-    _bad("labels", labels=torch.full((2, 4), 11))
-    _bad("advantages", advantages=torch.zeros(3))
-    _bad("advantages", advantages=torch.zeros(2, 5))
-    _bad("mask", mask=torch.ones(2, 5, dtype=torch.bool))
-    _bad("gates", gates=torch.full((2, 4), 1.5))
-    _bad("old_logprobs", old_logprobs=torch.zeros(2, 3))
-    _bad("logits", logits=torch.zeros(2, 4))
-    _bad("logits", logits=torch.zeros(2, 6, 11))  # neither T nor T + 1 positions
-    _bad("labels", labels=torch.zeros(2, 4))
