@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Builds from several shells (or agents) at once would trample build/: serialise them.
 LOCK   := flock /tmp/credit-ops-build.lock
 
-.PHONY: all deps build build-run test test-fast train experiment bench gpu-check lint format cmake clean
+.PHONY: all deps build build-run test test-fast test-install train experiment bench gpu-check lint format cmake clean
 
 all: build
 
@@ -21,7 +21,9 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt | $(PY)
 deps: $(VENV)/.deps
 
 # The editable install maps credit_ops.{triton_kernels,trainer} and the console script once (without compiling);
-# the extension is then (re)built in place by ninja, incrementally. CREDIT_OPS_SKIP_CUDA=1 make build: CPU-only _C.
+# the extension is then (re)built in place by ninja, incrementally, with a record of the torch it was built for
+# beside it (credit_ops/_C.*.build.json). CREDIT_OPS_SKIP_CUDA=1 make build: CPU-only _C. (A plain `pip install -e .`
+# works too: the first import then compiles _C into ~/.cache/credit_ops; see README "Install".)
 $(VENV)/.editable: setup.py pyproject.toml | $(VENV)/.deps
 	$(LOCK) env CREDIT_OPS_NO_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
@@ -42,6 +44,10 @@ test: build
 
 test-fast: build
 	$(PY) -m pytest -q -m "not slow" tests
+
+# pip install -e . / pip install . into a fresh environment, first-import builds, stale builds (a few minutes).
+test-install: build
+	$(PY) -m pytest -q tests/test_install.py
 
 train: build-run
 	$(PY) -m credit_ops.trainer $(ARGS)
@@ -67,4 +73,4 @@ cmake:
 	cd build/cmake && ctest --output-on-failure
 
 clean:
-	rm -rf build *.egg-info credit_ops/*.so
+	rm -rf build *.egg-info credit_ops/*.so credit_ops/*.build.json

@@ -1,100 +1,121 @@
-"""Build of record for credit_ops._C.
+"""Build of record for credit-ops.
+
+`pip install .` / `pip install -e .` work in any environment that has torch (>= 2.11), with or without build
+isolation, and never download torch: torch is not a build requirement.
+
+- When this script can import torch (`pip install --no-build-isolation ...`, `python setup.py build_ext --inplace`,
+  `make build`), it compiles credit_ops._C against that torch and records what it was built for beside it
+  (credit_ops/_C.<suffix>.build.json).
+- When it cannot (pip's default isolated build), it installs the package without _C; `import credit_ops` then
+  compiles _C against the torch that runs it, once, into a cache (credit_ops/build.py; `python -m credit_ops.build`
+  does it ahead of time).
 
 The C++ CPU kernels are always built. The CUDA sources in csrc/cuda/ are built whenever a CUDA toolkit and a
-CUDA build of torch are present. Environment switches (flash-attention style):
+CUDA build of torch are present. The sources, flags and switches (CREDIT_OPS_SKIP_CUDA, CREDIT_OPS_FORCE_CUDA,
+TORCH_CUDA_ARCH_LIST, MAX_JOBS, CREDIT_OPS_DEBUG) are defined once, in credit_ops/_build.py, for both builds.
 
-    CREDIT_OPS_FORCE_CUDA=1   build the CUDA sources even if the check below says no (fails loudly if impossible)
-    CREDIT_OPS_SKIP_CUDA=1    never build the CUDA sources (a CPU-only _C, quick to rebuild while developing)
-    TORCH_CUDA_ARCH_LIST      GPU targets, default "8.0;9.0a" (Ampere and Hopper)
-    MAX_JOBS                  parallel compile jobs, default sized from cores and RAM
-    CREDIT_OPS_DEBUG=1        -O0 -g
     CREDIT_OPS_NO_EXT=1       package metadata only, no _C (the Makefile then builds _C in place, incrementally)
 """
 
-import glob
+import importlib.util
 import os
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _flag(name):
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+def _load_build_spec():
+    # By file path: importing credit_ops would import torch, which the build environment may not have.
+    path = os.path.join(ROOT, "credit_ops", "_build.py")
+    spec = importlib.util.spec_from_file_location("_credit_ops_build_spec", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _want_cuda():
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if _flag("CREDIT_OPS_SKIP_CUDA"):
-        return False
-    if _flag("CREDIT_OPS_FORCE_CUDA"):
-        return True
-    return torch.version.cuda is not None and CUDA_HOME is not None
-
-
-def _default_max_jobs():
-    # nvcc takes ~2-3 GB per job on the heavier files: size by RAM as well as cores.
-    try:
-        ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        ram_gb = 8
-    return str(max(1, min(os.cpu_count() or 1, int(ram_gb // 3))))
+B = _load_build_spec()
 
 
 def extensions():
-    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        # torch guesses CUDA_HOME from the first nvcc on PATH, which can be a wrapper script.
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    """(ext_modules, cmdclass)."""
+    if B.flag("CREDIT_OPS_NO_EXT"):
+        # Package metadata only (the Makefile's editable install); `setup.py build_ext --inplace` builds _C next.
+        return [], {}
+    try:
+        import torch
+    except ImportError:
+        print(
+            "credit-ops: torch is not importable in this build environment (pip's isolated build): installing "
+            "without the compiled extension. `import credit_ops` compiles it once against the installed torch "
+            "(or run `python -m credit_ops.build`); `pip install --no-build-isolation` compiles it now.",
+            file=sys.stderr,
+        )
+        return [], {}
 
+    cuda, why = B.want_cuda(torch)
+    os.environ.update(B.build_env(cuda))  # before cpp_extension reads CUDA_HOME
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    debug = _flag("CREDIT_OPS_DEBUG")
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-fopenmp", "-Wno-psabi"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/core/*.cpp"))
-    common = dict(
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+    root = os.path.join(ROOT, "csrc")
+    args = B.compile_args(torch, cuda)
+    sources = [os.path.relpath(p, ROOT) for p in B.sources(root, cuda)]
+    common = dict(include_dirs=[root, *args["include_dirs"]], extra_link_args=args["ldflags"])
+    print(
+        f"credit-ops: compiling credit_ops._C for torch {torch.__version__} "
+        f"({'C++ and CUDA' if cuda else 'C++ CPU only'}: {why})",
+        file=sys.stderr,
     )
-    if _want_cuda():
-        import torch
-
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-        # Headers the system toolkit may lack (cusparse.h, ...) ship with torch's pip CUDA packages.
-        extra_inc = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include"))
-        nvcc = [*opt, "--expt-relaxed-constexpr", "-lineinfo"]
+    if cuda:
         ext = CUDAExtension(
-            "credit_ops._C",
-            sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            **{**common, "include_dirs": common["include_dirs"] + [os.path.abspath(p) for p in extra_inc]},
+            B.EXT_NAME, sources, extra_compile_args={"cxx": args["cxx"], "nvcc": args["nvcc"]}, **common
         )
     else:
-        ext = CppExtension("credit_ops._C", sources, extra_compile_args={"cxx": cxx}, **common)
-    return [ext], BuildExtension
+        ext = CppExtension(B.EXT_NAME, sources, extra_compile_args={"cxx": args["cxx"]}, **common)
+    key = B.build_key(torch, cuda, root)
+
+    class BuildExt(BuildExtension):
+        """BuildExtension that records, beside each built _C, the torch / Python / sources it was built for: the
+        import (credit_ops/build.py) loads it only if they match, and compiles a matching one otherwise."""
+
+        def run(self):
+            super().run()
+            # After run(), get_ext_fullpath is the in-place path for --inplace and editable builds (setuptools
+            # copies the extension there), the build_lib one (packaged into the wheel) otherwise.
+            for e in self.extensions:
+                B.write_sidecar(self.get_ext_fullpath(e.name), key)
+
+    return [ext], {"build_ext": BuildExt}
 
 
-if _flag("CREDIT_OPS_NO_EXT"):
-    # Package metadata only (the Makefile's editable install); `setup.py build_ext --inplace` builds _C next.
-    ext_modules, build_ext = [], None
-else:
-    ext_modules, build_ext = extensions()
+ext_modules, cmdclass = extensions()
 
 setup(
     name="credit-ops",
     version="0.1.0",
     description="Fused kernels and a thin trainer for process-level credit assignment in GRPO-style RL",
     python_requires=">=3.11",
-    packages=["credit_ops", "credit_ops.ops", "credit_ops.triton_kernels", "credit_ops.trainer"],
+    # torch is found, not fetched: an environment with torch >= 2.11 installs nothing more of it. ninja is what the
+    # first-import build (torch.utils.cpp_extension.load) runs.
+    install_requires=["torch>=2.11", "ninja"],
+    packages=[
+        "credit_ops",
+        "credit_ops.ops",
+        "credit_ops.integrations",
+        "credit_ops.triton_kernels",
+        "credit_ops.trainer",
+        "credit_ops._csrc",
+    ],
     package_dir={
         "credit_ops": "credit_ops",
         "credit_ops.triton_kernels": "triton_kernels",
         "credit_ops.trainer": "trainer",
+        # The C++/CUDA sources travel with the package, for the first-import build of an installed wheel.
+        "credit_ops._csrc": "csrc",
     },
+    package_data={"credit_ops._csrc": list(B.SOURCE_FILES)},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext} if build_ext else {},
+    cmdclass=cmdclass,
     entry_points={"console_scripts": ["credit-train=credit_ops.trainer.__main__:main"]},
 )

@@ -18,7 +18,9 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 
@@ -83,6 +85,26 @@ def cuda_home() -> str | None:
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
 
 
+def toolkit_version(home: str) -> str | None:
+    """The toolkit's version ("13.0"): its version.json, its directory's name (cuda-13.0), or nvcc --version."""
+    try:
+        with open(os.path.join(home, "version.json")) as f:
+            return ".".join(json.load(f)["cuda"]["version"].split(".")[:2])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    m = re.search(r"cuda-(\d+\.\d+)$", os.path.realpath(home))
+    if m:
+        return m.group(1)
+    try:
+        out = subprocess.run(
+            [os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
 def default_max_jobs() -> str:
     # nvcc takes ~2-3 GB per job on the heavier files: size by RAM as well as cores.
     try:
@@ -118,7 +140,14 @@ def want_cuda(torch) -> tuple[bool, str]:
     home = cuda_home()
     if home is None:
         return False, "no CUDA toolkit found (nvcc, $CUDA_HOME)"
-    return True, f"CUDA toolkit {home}"
+    version = toolkit_version(home)
+    if version and version.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return False, f"the CUDA toolkit at {home} is {version}, torch's CUDA is {torch.version.cuda}"
+    return True, f"CUDA toolkit {version or '?'} at {home}"
+
+
+# setup.py's compiles also get Python's CFLAGS (sysconfig: -DNDEBUG -fwrapv, with -g -Wall); the JIT build does not.
+JIT_CXX = ["-DNDEBUG", "-fwrapv"]
 
 
 def compile_args(torch, cuda: bool) -> dict:
@@ -144,20 +173,21 @@ def build_key(torch, cuda: bool, root: str) -> dict:
         "cxx11_abi": bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)),
         "cuda": bool(cuda),
         "arch_list": arch_list() if cuda else None,
-        "flags": {k: v for k, v in args.items() if k != "include_dirs"},
+        "flags": {"jit_cxx": JIT_CXX, **{k: v for k, v in args.items() if k != "include_dirs"}},
         "sources": source_hash(root),
     }
 
 
-def compatible(recorded: dict, current: dict) -> str | None:
-    """None if a _C built with key ``recorded`` can run here, else why not (one phrase)."""
+def compatible(recorded: dict, current: dict) -> tuple[str | None, str | None]:
+    """(None, None) if a _C built with key ``recorded`` can run here; else ("abi", why): built for another torch or
+    Python, it must not be loaded; or ("sources", why): it can be loaded, but was built from other sources."""
     if recorded.get("torch") != current["torch"]:
-        return f"built for torch {recorded.get('torch')}, this is torch {current['torch']}"
+        return "abi", f"built for torch {recorded.get('torch')}, this is torch {current['torch']}"
     if recorded.get("python") != current["python"]:
-        return f"built for Python {recorded.get('python')}, this is {current['python']}"
+        return "abi", f"built for Python {recorded.get('python')}, this is {current['python']}"
     if recorded.get("sources") != current["sources"]:
-        return "built from other sources than the installed csrc/ (run `make build` to rebuild it in place)"
-    return None
+        return "sources", "built from other sources than csrc/ holds now"
+    return None, None
 
 
 def cache_dirname(key: dict) -> str:

@@ -7,7 +7,8 @@ credit_ops/build.py.)
 
 1. the _C installed with the package (`pip install --no-build-isolation`, `make build`), if the build record beside
    it (_C.<suffix>.build.json, written by setup.py) says it was built for this torch, this Python and these
-   sources; a _C built for another torch is never loaded (it would fail on undefined symbols, or worse);
+   sources; a _C built for another torch is never loaded (it would fail on undefined symbols, or worse). In a
+   source checkout whose csrc/ changed since, the in-place _C is loaded with a warning to run `make build`;
 2. the cache entry for this build key (torch version, CUDA, arch list, flags, source hash) under
    $CREDIT_OPS_CACHE (default ~/.cache/credit_ops, or $XDG_CACHE_HOME/credit_ops);
 3. otherwise it compiles one there with torch.utils.cpp_extension.load, from the same sources and flags as setup.py
@@ -59,6 +60,10 @@ class ExtensionUnavailableWarning(UserWarning):
     pass
 
 
+class ExtensionStaleWarning(UserWarning):
+    pass
+
+
 # What load_extension() did, for `python -m credit_ops.build`, tests and bug reports.
 info: dict = {"origin": None, "path": None, "key": None, "built": False, "skipped": [], "error": None}
 
@@ -83,25 +88,28 @@ def _import_so(path: str):
     return module
 
 
-def _installed(key: dict):
-    """The _C installed with the package if it matches ``key``, else None (the reason goes to info["skipped"])."""
+def _installed(key: dict, checkout: bool):
+    """The _C installed with the package if it can run here, else None (the reason goes to info["skipped"]).
+    ``checkout``: the sources are a source checkout's csrc/ (editable install, make build), not a wheel's."""
     spec = importlib.util.find_spec(_build.EXT_NAME)
     if spec is None or not spec.origin:
         return None
     recorded = _build.read_sidecar(spec.origin)
-    if recorded is None:
-        # Built without a record (an older setup.py, the CMake build): try it, and build one if it does not load.
-        try:
-            module = importlib.import_module(_build.EXT_NAME)
-        except (ImportError, OSError) as e:
-            info["skipped"].append(f"{spec.origin}: does not load ({e})")
+    if recorded is not None:
+        kind, why = _build.compatible(recorded, key)
+        if kind == "abi" or (kind == "sources" and not checkout):
+            info["skipped"].append(f"{spec.origin}: {why}")
             return None
-        info.update(origin="installed", path=spec.origin)
-        return module
-    why = _build.compatible(recorded, key)
-    if why:
-        info["skipped"].append(f"{spec.origin}: {why}")
-        return None
+        if kind == "sources":
+            # A checkout whose csrc/ changed since `make build`: load it, as before, but say so (rebuilding it in
+            # place is `make build`'s incremental job, not the import's).
+            warnings.warn(
+                f"credit_ops: {spec.origin} was {why}: run `make build` (or `python setup.py build_ext "
+                "--inplace`) to rebuild it",
+                ExtensionStaleWarning,
+                stacklevel=4,
+            )
+    # Without a record (an older setup.py, the CMake build): try it, and build one if it does not load.
     try:
         module = importlib.import_module(_build.EXT_NAME)
     except (ImportError, OSError) as e:
@@ -207,8 +215,10 @@ def _compile(torch, key: dict, cuda: bool, why: str, root: str, entry: str):
     if os.path.isdir(entry):
         _say(f"the cache entry {entry} is incomplete or was built for another key: rebuilding it")
     kind = "C++ and CUDA kernels" if cuda else f"C++ CPU kernels only: {why}"
-    _say(f"compiling the C++ extension credit_ops._C for torch {key['torch']} ({kind}) into {entry}; once per torch "
-         f"version, {'several minutes' if cuda else 'about a minute'} ...")  # fmt: skip
+    _say(
+        f"compiling the C++ extension credit_ops._C for torch {key['torch']} ({kind}) into {entry}; once per torch "
+        f"version, {'several minutes' if cuda else 'about a minute'} ..."
+    )
     # A build killed midway may leave torch's own lock file (older torch: a file whose existence blocks) and
     # partial outputs; we hold the entry's lock, so nothing else is building here: start clean.
     shutil.rmtree(entry, ignore_errors=True)
@@ -221,7 +231,7 @@ def _compile(torch, key: dict, cuda: bool, why: str, root: str, entry: str):
             module = cpp_extension.load(
                 name="_C",
                 sources=srcs,
-                extra_cflags=args["cxx"],
+                extra_cflags=_build.JIT_CXX + args["cxx"],
                 extra_cuda_cflags=args["nvcc"] or None,
                 extra_ldflags=args["ldflags"],
                 extra_include_paths=[root, *args["include_dirs"]],
@@ -260,7 +270,7 @@ def load_extension(*, force: bool = False):
         try:
             module = importlib.import_module(_build.EXT_NAME)
         except ImportError as e:
-            raise ExtensionUnavailable(f"credit_ops._C is not built and its C++ sources are not installed ({e})")
+            raise ExtensionUnavailable(f"credit_ops._C is not built and its C++ sources are not installed ({e})") from e
         info.update(origin="installed", path=getattr(module, "__file__", None))
         return module
 
@@ -268,7 +278,7 @@ def load_extension(*, force: bool = False):
     key = _build.build_key(torch, cuda, root)
     info["key"] = key
     if not force:
-        module = _installed(key)
+        module = _installed(key, checkout=os.path.basename(root) != "_csrc")
         if module is not None:
             return module
     entry = os.path.join(cache_root(), _build.cache_dirname(key))
@@ -277,8 +287,15 @@ def load_extension(*, force: bool = False):
         _say(f"not loading {reason}; using the cache")
     so = None if force else cached_entry(entry, key)
     if so is None:
-        os.makedirs(os.path.dirname(entry), exist_ok=True)
-        with _lock(entry + ".lock", entry):
+        with contextlib.ExitStack() as stack:
+            try:
+                os.makedirs(os.path.dirname(entry), exist_ok=True)
+                stack.enter_context(_lock(entry + ".lock", entry))
+            except OSError as e:
+                raise ExtensionUnavailable(
+                    f"cannot write the build cache {os.path.dirname(entry)} ({e}); set "
+                    "CREDIT_OPS_CACHE to a writable directory"
+                ) from e
             so = None if force else cached_entry(entry, key)  # another process may have built it meanwhile
             if so is None:
                 module = _compile(torch, key, cuda, why, root, entry)
@@ -359,7 +376,11 @@ def load_or_stub():
         return load_extension()
     except ExtensionUnavailable as e:
         info["error"] = str(e)
-        if _build.flag("CREDIT_OPS_REQUIRE_EXT") or not schemas():
+        try:
+            declared = schemas()
+        except (OSError, ValueError):
+            declared = []
+        if _build.flag("CREDIT_OPS_REQUIRE_EXT") or not declared:
             raise ImportError(f"credit_ops: {e}") from e
         from credit_ops._backend import has_triton
 
