@@ -14,8 +14,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.deps: requirements.txt requirements-dev.txt | $(PY)
+# verl goes in without its dependencies (it pins transformers < 5.11): requirements-verl.txt lists what its
+# loss functions and plugin loader need on the CPU.
+$(VENV)/.deps: requirements.txt requirements-dev.txt requirements-verl.txt | $(PY)
 	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps -r requirements-verl.txt
 	touch $@
 
 deps: $(VENV)/.deps

@@ -117,5 +117,9 @@ setup(
     package_data={"credit_ops._csrc": list(B.SOURCE_FILES)},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["credit-train=credit_ops.trainer.__main__:main"]},
+    entry_points={
+        "console_scripts": ["credit-train=credit_ops.trainer.__main__:main"],
+        # `import verl` loads its plugins: the credit-ops policy losses then exist in verl's registry by name.
+        "verl.plugins": ["credit_ops = credit_ops.integrations.verl_plugin"],
+    },
 )

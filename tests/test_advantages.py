@@ -381,3 +381,21 @@ def test_group_advantages_property():
             torch.testing.assert_close(sums, torch.zeros(8, dtype=torch.float64), atol=1e-9, rtol=0)
 
     check()
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_repair_rows_of_correct_samples_get_nothing(backend):
+    """A repair row whose sample is correct gets no credit, even when the caller marks the sample has_repair."""
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    repair_mask = torch.ones(2, 4, dtype=torch.bool)
+    with credit_ops.use_backend(backend):
+        _, _, r_adv, r_gates = credit_ops.token_advantages(
+            torch.tensor([-1.0, 2.0]),
+            mask,
+            wrong=torch.tensor([True, False]),
+            has_repair=torch.tensor([True, True]),
+            repair_mask=repair_mask,
+            repair_of=torch.tensor([0, 1]),
+        )
+    assert torch.equal(r_gates, torch.tensor([[1.0] * 4, [0.0] * 4]))
+    assert torch.equal(r_adv, torch.tensor([[1.0] * 4, [0.0] * 4]))

@@ -532,3 +532,13 @@ def test_cuda_checkpointed_blocks_and_strips(monkeypatch):
     assert_same(run(pairs, device="cuda"), expected)
     monkeypatch.setenv("CREDIT_OPS_ALIGN_SCRATCH_MB", "1")  # a single warp loops over all pairs
     assert_same(run(pairs, device="cuda"), expected)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_truncate_regions_drops_flags_without_a_region(backend):
+    """A flagged token with region -1 (no region) is never kept, whatever k."""
+    mask = torch.tensor([[True, True, True, False]])
+    regions = torch.tensor([[-1, 0, 1, 0]])
+    with credit_ops.use_backend(backend):
+        out = credit_ops.truncate_regions(mask, regions, 5)
+    assert out.tolist() == [[False, True, True, False]]
