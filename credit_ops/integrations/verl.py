@@ -196,75 +196,58 @@ def _policy_loss(
     return loss, metrics
 
 
-def credit_ops_vanilla(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "token-mean",
-    config=None,
-    rollout_is_weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Any]]:
+def _registered(name: str, loss_type: str, default_agg: str, doc: str) -> Callable:
+    """A policy loss with verl's registry signature that runs credit-ops' ``loss_type``."""
+
+    def loss(
+        old_log_prob: Tensor,
+        log_prob: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        loss_agg_mode: str = default_agg,
+        config=None,
+        rollout_is_weights: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Any]]:
+        return _policy_loss(
+            loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+        )
+
+    loss.__name__ = loss.__qualname__ = name
+    loss.__doc__ = doc
+    return loss
+
+
+credit_ops_vanilla = _registered(
+    "credit_ops_vanilla",
+    "dapo",
+    "token-mean",
     """verl's ``vanilla`` PPO loss (dual clip at ``clip_ratio_c``) computed by credit-ops, with per-token
-    advantages and, through :func:`credit_ppo_loss`, explicit gates."""
-    return _policy_loss(
-        "dapo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
-    )
-
-
-def credit_ops_gspo(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config=None,
-    rollout_is_weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Any]]:
+    advantages and, through :func:`credit_ppo_loss`, explicit gates.""",
+)
+credit_ops_gspo = _registered(
+    "credit_ops_gspo",
+    "gspo_token",
+    "seq-mean-token-mean",
     """verl's ``gspo`` loss (GSPO-token: the sequence ratio's value, each token's own gradient) computed by
-    credit-ops."""
-    return _policy_loss(
-        "gspo_token", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
-    )
-
-
-def credit_ops_gspo_seq(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config=None,
-    rollout_is_weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Any]]:
+    credit-ops.""",
+)
+credit_ops_gspo_seq = _registered(
+    "credit_ops_gspo_seq",
+    "gspo",
+    "seq-mean-token-mean",
     """GSPO with one ratio per sequence, clipped per sequence (credit-ops' ``gspo``); equals ``credit_ops_gspo``
-    for advantages constant along each row without rollout weights."""
-    return _policy_loss(
-        "gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
-    )
-
-
-def credit_ops_gated_gspo(
-    old_log_prob: Tensor,
-    log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config=None,
-    rollout_is_weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Any]]:
+    for advantages constant along each row without rollout weights.""",
+)
+credit_ops_gated_gspo = _registered(
+    "credit_ops_gated_gspo",
+    "gated_gspo",
+    "seq-mean-token-mean",
     """IOP's gated GSPO: s_b = exp(sum_t g_t l_t / sum_t g_t) over the gated tokens, each token's loss times its
-    gate. The gates are the explicit ones of :func:`credit_ppo_loss`, else 1[advantage != 0] (module docstring)."""
-    return _policy_loss(
-        "gated_gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
-    )
-
+    gate. The gates are the explicit ones of :func:`credit_ppo_loss`, else 1[advantage != 0] (module docstring).""",
+)
 
 POLICY_LOSSES: dict[str, Callable] = {
-    "credit_ops_vanilla": credit_ops_vanilla,
-    "credit_ops_gspo": credit_ops_gspo,
-    "credit_ops_gspo_seq": credit_ops_gspo_seq,
-    "credit_ops_gated_gspo": credit_ops_gated_gspo,
+    f.__name__: f for f in (credit_ops_vanilla, credit_ops_gspo, credit_ops_gspo_seq, credit_ops_gated_gspo)
 }
 
 
