@@ -12,14 +12,23 @@ from dataclasses import dataclass, field
 
 import yaml
 
-ALGOS = ("grpo", "dapo", "dr_grpo", "gspo", "ibpo", "diff_feedback", "iop")
-BASELINES = ("grpo", "dapo", "dr_grpo", "gspo")
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "gspo", "gspo_token", "gated_gspo")
-# The loss each algorithm uses unless `loss.loss_type` says otherwise. The credit methods use the same token
-# loss as the DAPO baseline so that an experiment compares credit assignment, not losses; IOP's is its own.
-DEFAULT_LOSS = dict(
-    grpo="grpo", dapo="dapo", dr_grpo="dr_grpo", gspo="gspo", ibpo="dapo", diff_feedback="dapo", iop="gated_gspo"
-)
+from credit_ops.reference import ADVANTAGE_MODES, AGGREGATIONS, ALGORITHMS, KL_TYPES, LOSS_TYPES
+
+# Loss-only baselines: not rows of credit_ops' algorithm table but one of its algorithms' credit (the value)
+# under another loss. GSPO: GRPO's sequence credit with a sequence-level ratio.
+LOSS_ONLY = {"gspo": "grpo"}
+# Baselines assign sequence credit only (no edit masks, so no repairs); the credit methods revise and diff.
+BASELINES = (*(a for a, spec in ALGORITHMS.items() if not spec["masks"]), *LOSS_ONLY)
+ALGOS = (*BASELINES, *(a for a in ALGORITHMS if a not in BASELINES))
+# The loss each algorithm uses unless `loss.loss_type` says otherwise: a baseline's own, where it names one. The
+# credit methods use the same token loss as the DAPO baseline so that an experiment compares credit assignment,
+# not losses; IOP's is its own.
+DEFAULT_LOSS = {a: a if a in LOSS_TYPES else "dapo" for a in ALGOS} | {"iop": "gated_gspo"}
+
+
+def credit_algorithm(algo: str) -> str:
+    """The row of credit_ops' algorithm table (credit_ops.reference.ALGORITHMS) an algorithm's credit uses."""
+    return LOSS_ONLY.get(algo, algo)
 
 
 @dataclass
@@ -79,7 +88,7 @@ class ReviseConfig:
 
 @dataclass
 class CreditConfig:
-    # SPEC §1 flags, passed through to credit_ops.credit_assign
+    # docs/method.md §1 flags, passed through to credit_ops.credit_assign
     granularity: str = "token"  # token | step (Difference Feedback)
     rho: float = 0.5
     lam: float = 0.6
@@ -89,12 +98,13 @@ class CreditConfig:
     sign_guard: bool = True
     insert_anchor: str = "prev"
     truncate_k: int = 0  # keep the first K regions / steps (0 = all)
+    adv_mode: str = ""  # group normalisation: "" = the algorithm's, or grpo | dr_grpo | rloo | batch
 
 
 @dataclass
 class LossConfig:
     loss_type: str = ""  # "" = the algorithm's default (DEFAULT_LOSS)
-    eps_low: float = -1.0  # < 0: SPEC defaults (0.2 / 0.28 token losses, 3e-4 / 4e-4 sequence losses)
+    eps_low: float = -1.0  # < 0: the loss type's default (credit_ops.reference.DEFAULT_EPS)
     eps_high: float = -1.0
     dual_clip: float = 0.0  # 0 = off
     beta: float = 0.0  # KL weight to the reference model (loaded only when > 0)
@@ -243,6 +253,7 @@ def validate(cfg: Config) -> None:
 
     need(cfg.algo in ALGOS, f"unknown algo {cfg.algo!r}; expected one of {', '.join(ALGOS)}")
     need(cfg.loss_type in LOSS_TYPES, f"unknown loss.loss_type {cfg.loss.loss_type!r}; expected one of {LOSS_TYPES}")
+    need(cfg.loss.agg in ("", *AGGREGATIONS), f"unknown loss.agg {cfg.loss.agg!r}; expected one of {AGGREGATIONS}")
     need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
     need(cfg.name and "/" not in cfg.name, f"name must be a non-empty directory name, got {cfg.name!r}")
     r = cfg.rollout
@@ -283,9 +294,13 @@ def validate(cfg: Config) -> None:
         need(t.name != "gsm8k", "revise.reviser=oracle needs checkable steps; gsm8k has none (use policy)")
     need(v.n_refs >= 1, f"revise.n_refs must be >= 1, got {v.n_refs}")
     need(cfg.credit.granularity in ("token", "step"), "credit.granularity must be token or step")
+    need(
+        cfg.credit.adv_mode in ("", *ADVANTAGE_MODES),
+        f"unknown credit.adv_mode {cfg.credit.adv_mode!r}; expected one of {ADVANTAGE_MODES}",
+    )
     need(0 < cfg.credit.max_edit_ratio <= 1, "credit.max_edit_ratio must be in (0, 1]")
     need(cfg.loss.beta >= 0, f"loss.beta must be >= 0, got {cfg.loss.beta}")
-    need(cfg.loss.kl_type in ("k1", "k2", "k3"), f"loss.kl_type must be k1, k2 or k3, got {cfg.loss.kl_type!r}")
+    need(cfg.loss.kl_type in KL_TYPES, f"loss.kl_type must be one of {KL_TYPES}, got {cfg.loss.kl_type!r}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.micro_batch_size >= 0, "optim.micro_batch_size must be >= 0")
     need(cfg.optim.ppo_epochs >= 1, "optim.ppo_epochs must be >= 1")

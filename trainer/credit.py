@@ -1,4 +1,4 @@
-"""The one call site of credit assignment: credit_ops.credit_assign (SPEC §1.4-1.6), plus the token-credit
+"""The one call site of credit assignment: credit_ops.credit_assign (docs/method.md §1.4-1.6), plus the token-credit
 view of a sample group that the report draws.
 
 Rows of the result: the N samples first, then the R repairs that join the loss (train_on_repair), in the
@@ -12,7 +12,9 @@ from torch import Tensor
 
 import credit_ops
 
-from .rollout import Samples
+from .config import credit_algorithm
+from .rewards import CORRECT, is_correct
+from .rollout import Samples, pad_ids
 
 
 @dataclass
@@ -22,14 +24,6 @@ class Credit:
     repair_rows: list[int]  # R indices into the repair list, in row order
     edit_masks: Tensor | None = None  # (N, T) the edit mask of each sample (0 where none), for the report
     metrics: dict = field(default_factory=dict)
-
-
-def _pad(seqs: list[list[int]], T: int | None = None) -> tuple[Tensor, Tensor]:
-    T = T or max(1, max((len(s) for s in seqs), default=1))
-    out = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out, torch.tensor([len(s) for s in seqs], dtype=torch.long)
 
 
 def delimiter_ids(tokenizer, delimiter: str) -> list[int]:
@@ -44,9 +38,9 @@ def assign(
     credit_ops.credit_assign sees completions only (no prompt columns): column j of every output is
     completion token j, the layout of rollout.Packed.labels.
     """
-    tokens, lengths = _pad(samples.completions)  # (N, C), (N,)
+    tokens, lengths = pad_ids(samples.completions, device)  # (N, C), (N,)
     kw = dict(
-        algorithm=cfg.algo if cfg.algo != "gspo" else "grpo",  # gspo: GRPO credit, sequence-level loss
+        algorithm=credit_algorithm(cfg.algo),
         granularity=cfg.credit.granularity,
         delimiter_ids=delimiter_ids if cfg.credit.granularity == "step" else None,
         rho=cfg.credit.rho,
@@ -57,19 +51,21 @@ def assign(
         max_edit_ratio=cfg.credit.max_edit_ratio,
         insert_anchor=cfg.credit.insert_anchor,
         k=cfg.credit.truncate_k or None,
+        adv_mode=cfg.credit.adv_mode or None,
+        threshold=CORRECT,  # wrong samples: the verifier's threshold, as for the repairs
     )
     rep = {}
     if repairs:
-        r_tokens, r_lengths = _pad([r.ids for r in repairs])  # (M, Tr), (M,)
+        r_tokens, r_lengths = pad_ids([r.ids for r in repairs], device)  # (M, Tr), (M,)
         rep = dict(
-            repair_tokens=r_tokens.to(device),
-            repair_lengths=r_lengths.to(device),
+            repair_tokens=r_tokens,
+            repair_lengths=r_lengths,
             repair_of=torch.tensor([r.sample for r in repairs], device=device),
-            repair_correct=torch.tensor([r.reward >= 0.5 for r in repairs], device=device),
+            repair_correct=torch.tensor([is_correct(r.reward) for r in repairs], device=device),
         )
     out = credit_ops.credit_assign(
-        tokens.to(device),
-        lengths.to(device),
+        tokens,
+        lengths,
         samples.group_ids.to(device),
         torch.tensor(rewards, dtype=torch.float32, device=device),
         **rep,

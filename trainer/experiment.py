@@ -43,6 +43,11 @@ def _moving(xs, w=10):
     return [sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))]
 
 
+def _curve(rows):
+    """(generated tokens, 10-step moving average of the training accuracy), one pair per step."""
+    return list(zip([r["generated_tokens"] for r in rows], _moving([r["accuracy"] for r in rows]), strict=True))
+
+
 def _first_reaching(rows, target):
     acc = _moving([r["accuracy"] for r in rows])
     for r, a in zip(rows, acc, strict=True):
@@ -78,8 +83,11 @@ def main(argv=None):
     with ThreadPoolExecutor(opts["workers"]) as pool:
         # the warm start first (cached): every method and seed starts from the same model and pays nothing for it
         _run("warm", [*base, "steps=1"], out, log_dir)
-        jobs = {(m, s): pool.submit(_run, f"{m}_s{s}", [*base, *a, f"seed={s}"], out, log_dir)
-                for m, a in METHODS.items() for s in seeds}  # fmt: skip
+        jobs = {
+            (m, s): pool.submit(_run, f"{m}_s{s}", [*base, *a, f"seed={s}"], out, log_dir)
+            for m, a in METHODS.items()
+            for s in seeds
+        }
         results = {k: f.result() for k, f in jobs.items()}
 
     table, curves = {}, {}
@@ -95,8 +103,7 @@ def main(argv=None):
             "tokens_to_target": list(tokens_to),
             "grad_norm_variance": [statistics.pvariance([r["grad_norm"] for r in rows]) for rows, _ in runs],
         }
-        curves[m] = [[(r["generated_tokens"], a) for r, a in zip(rows, _moving([r["accuracy"] for r in rows]),
-                                                                 strict=True)] for rows, _ in runs]  # fmt: skip
+        curves[m] = [_curve(rows) for rows, _ in runs]
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"options": opts, "extra": extra, "table": table}, f, indent=1)
 

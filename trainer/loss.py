@@ -1,5 +1,5 @@
 """The one call site of the policy loss: credit_ops.policy_loss over logits, or
-credit_ops.fused_linear_policy_loss over hidden states (logits never materialised), SPEC §4.
+credit_ops.fused_linear_policy_loss over hidden states (logits never materialised), docs/method.md §4.
 
 Gradient accumulation normalises across the whole accumulated batch (all micro-batches, all processes): each
 micro-batch's loss, which the op aggregates over its own rows, is re-weighted by its share of the global
@@ -12,32 +12,20 @@ import torch
 from torch import Tensor
 
 import credit_ops
+from credit_ops.reference import DEFAULT_AGG, DEFAULT_EPS, SEQUENCE_LOSSES  # noqa: F401  (SEQUENCE_LOSSES re-exported)
 
 from .rollout import Packed, forward_hidden, forward_logits
 
-# Aggregation per loss type (SPEC §4), unless loss.agg says otherwise.
-DEFAULT_AGG = dict(
-    grpo="seq_mean_token_mean",
-    dapo="token_mean",
-    bnpo="token_mean",
-    dr_grpo="seq_mean_token_sum_norm",
-    gspo="seq_mean_token_mean",
-    gspo_token="seq_mean_token_mean",
-    gated_gspo="seq_mean_token_mean",
-)
-SEQUENCE_LOSSES = ("gspo", "gspo_token", "gated_gspo")
-
 
 def loss_settings(cfg) -> dict:
-    """Keyword arguments for the op, fixed for the run."""
+    """Keyword arguments for the op, fixed for the run: the loss type's defaults (docs/method.md §4) for the
+    clip range and aggregation unless the config sets them."""
     lt = cfg.loss_type
-    seq = lt in SEQUENCE_LOSSES
-    eps_low = cfg.loss.eps_low if cfg.loss.eps_low >= 0 else (3e-4 if seq else 0.2)
-    eps_high = cfg.loss.eps_high if cfg.loss.eps_high >= 0 else (4e-4 if seq else 0.28)
+    eps_low, eps_high = DEFAULT_EPS[lt]
     return dict(
         loss_type=lt,
-        eps_low=eps_low,
-        eps_high=eps_high,
+        eps_low=cfg.loss.eps_low if cfg.loss.eps_low >= 0 else eps_low,
+        eps_high=cfg.loss.eps_high if cfg.loss.eps_high >= 0 else eps_high,
         dual_clip=cfg.loss.dual_clip or None,
         beta=cfg.loss.beta,
         kl_type=cfg.loss.kl_type,

@@ -75,13 +75,13 @@ def load_pretrained(path: str, gguf_file: str | None = None, dtype=torch.float32
 
 
 # ---- supervised warm start (embedded default only)
-def _warm_seed(cfg) -> int:
+def warm_seed(cfg) -> int:
     return cfg.warm_start.seed if cfg.warm_start.seed >= 0 else cfg.seed
 
 
 def _warm_key(cfg) -> str:
     blob = json.dumps(
-        {"model": vars(cfg.model), "task": vars(cfg.task), "warm": vars(cfg.warm_start), "seed": _warm_seed(cfg)},
+        {"model": vars(cfg.model), "task": vars(cfg.task), "warm": vars(cfg.warm_start), "seed": warm_seed(cfg)},
         sort_keys=True,
         default=str,
     )
@@ -102,7 +102,7 @@ def warm_start(model, tokenizer, task, cfg, log=print):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log(f"warm start: loaded {path}")
         return model
-    gen = torch.Generator().manual_seed(_warm_seed(cfg) + 7919)
+    gen = torch.Generator().manual_seed(warm_seed(cfg) + 7919)
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
     model.train()
     for step in range(w.steps):
@@ -113,10 +113,10 @@ def warm_start(model, tokenizer, task, cfg, log=print):
         texts = [(p.prompt, task.demonstration(p, gen)) for p in probs]
         input_ids, labels, attn = sft_batch(tokenizer, texts)  # (B, T) each
         out = model(input_ids=input_ids, attention_mask=attn, labels=labels)
-        opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        opt.zero_grad(set_to_none=True)  # last too: RL must not start with the last SFT gradient in .grad
         if step % max(1, w.steps // 5) == 0 or step == w.steps - 1:
             log(f"warm start {step + 1}/{w.steps}: loss {out.loss.item():.3f}")
     model.eval()

@@ -1,4 +1,4 @@
-"""Revisers: the compare-and-correct operator of SPEC §1.3, and IOP's verified truncation.
+"""Revisers: the compare-and-correct operator of docs/method.md §1.3, and IOP's verified truncation.
 
     oracle    the task's minimal repair (keep the correct prefix of steps, rewrite from the first wrong step)
     policy    the policy itself, in a revision prompt holding the wrong attempt and a sibling reference
@@ -15,7 +15,8 @@ import torch
 import credit_ops
 
 from .modeling import encode_prompt, load_pretrained
-from .rollout import generate
+from .rewards import is_correct
+from .rollout import generate, pad_ids
 
 REVISION_PROMPT = (
     "{prompt}\nAttempt:\n{attempt}\nReference:\n{reference}\n"
@@ -50,7 +51,7 @@ class OracleReviser:
     def __call__(self, problems, samples, rewards) -> list[Repair]:
         out = []
         for i, (p, text) in enumerate(zip(problems, samples.texts, strict=False)):
-            if rewards[i] >= 0.5:
+            if is_correct(rewards[i]):
                 continue
             fixed = self.task.repair(p, text)
             if fixed is None:
@@ -75,7 +76,7 @@ class ModelReviser:
         gids = samples.group_ids.tolist()
         jobs, prompts = [], []
         for i, p in enumerate(problems):
-            if rewards[i] >= 0.5:
+            if is_correct(rewards[i]):
                 continue
             for j in references(rewards, gids, i, self.cfg.revise.n_refs):
                 text = REVISION_PROMPT.format(prompt=p.prompt, attempt=samples.texts[i], reference=samples.texts[j])
@@ -114,22 +115,21 @@ def build_reviser(cfg, task, tokenizer, verifier, policy_fn, device):
     return ModelReviser(lambda: model, ext_tok, tokenizer, verifier, cfg, device)
 
 
-# ---- IOP verified truncation (SPEC §2 "Truncation")
+# ---- IOP verified truncation (docs/method.md §2 "Truncation")
 @torch.no_grad()
 def verified_truncation(model, tokenizer, problems, samples, repairs, verifier, cfg, device):
-    """Shorten each accepted repair to its first K edit regions when that still verifies.
+    """Shorten each verified repair to its first K edit regions when that still verifies (in place).
 
     For K = k, 2k: graft the repair's tokens up to the end of its K-th edit region, let the policy continue
     from that prefix, and verify; the first continuation that verifies replaces the repair (its diff against
     the failed sample then spans only the early regions). Otherwise the full repair stays (K = all).
-    Returns the tokens generated on the way.
+    Unverified repairs are left as they are. Returns the tokens generated on the way.
     """
+    repairs = [r for r in repairs if is_correct(r.reward)]
     if not repairs:
         return 0
-    a = [samples.completions[r.sample] for r in repairs]
-    b = [r.ids for r in repairs]
-    a_t, a_len = _pad(a, device)
-    b_t, b_len = _pad(b, device)
+    a_t, a_len = pad_ids([samples.completions[r.sample] for r in repairs], device)
+    b_t, b_len = pad_ids([r.ids for r in repairs], device)
     aligned = credit_ops.align_edits(a_t, a_len, b_t, b_len, insert_anchor=cfg.credit.insert_anchor)
     region_b = aligned.region_b.cpu()  # (M, Tb): edit-region index of each repair token, -1 where unedited
     k0, spent = max(1, cfg.revise.truncate_k), 0
@@ -156,17 +156,9 @@ def verified_truncation(model, tokenizer, problems, samples, repairs, verifier, 
             ids = prefix + cont[0]
             text = tokenizer.decode(ids, skip_special_tokens=True)
             reward = verifier(p, text)
-            if reward >= 0.5:
+            if is_correct(reward):
                 if ids[-1] != tokenizer.eos_token_id:
                     ids = ids + [tokenizer.eos_token_id]
                 r.ids, r.text, r.reward = ids, text, reward
                 break
     return spent
-
-
-def _pad(seqs, device):
-    T = max(1, max(len(s) for s in seqs))
-    out = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out.to(device), torch.tensor([len(s) for s in seqs], device=device)

@@ -1,4 +1,4 @@
-"""Verifiers: completion text -> reward in [0, 1]; correct means reward >= 0.5 (SPEC §1.1).
+"""Verifiers: completion text -> reward in [0, 1]; correct means reward >= 0.5 (docs/method.md §1.1).
 
 task         the task's own scorer (arith: exact answer; gsm8k: reasoning-gym's scorer)
 exact        the extracted answer equals the reference string (whitespace-stripped)
@@ -9,6 +9,12 @@ math_verify  LaTeX-style answers through math-verify (\\frac{1}{2} == 0.5, sets,
 import math
 
 from .tasks import Problem, Task, extract_answer
+
+CORRECT = 0.5  # the verification threshold: a completion (sample or repair) is correct iff reward >= CORRECT
+
+
+def is_correct(reward: float) -> bool:
+    return reward >= CORRECT
 
 
 def exact_match(answer: str | None, gold: str) -> float:

@@ -46,6 +46,15 @@ class Packed:
         return self.valid.sum(-1)
 
 
+def pad_ids(seqs: list[list[int]], device="cpu") -> tuple[Tensor, Tensor]:
+    """Right-pad id lists with 0: tokens (n, T) long, T = the longest (at least 1), and lengths (n,) long."""
+    T = max(1, max((len(s) for s in seqs), default=1))
+    out = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
+
+
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> Packed:
     """Left-pad the prompts, right-pad the completions, into one (N, P + C) batch."""
     P = max(len(p) for p in prompts)

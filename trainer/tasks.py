@@ -6,7 +6,7 @@
 
 A task samples problems from a torch.Generator (so the data position is the generator's seed: the trainer
 seeds it from the step, which makes resume exact), scores completions, and, when its steps are checkable,
-repairs a wrong completion minimally (the task oracle of SPEC §1.3): keep the correct prefix of steps,
+repairs a wrong completion minimally (the task oracle of docs/method.md §1.3): keep the correct prefix of steps,
 replace everything from the first wrong step on.
 """
 

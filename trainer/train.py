@@ -1,6 +1,6 @@
 """The training loop: rollout -> verify -> revise -> credit -> policy loss, under accelerate.
 
-One step, per process (SPEC §1):
+One step, per process (docs/method.md §1):
     B problems, G samples each          rollout.rollout            N = B * G completions
     rewards                             rewards.Verifier           (N,)
     repairs of the wrong samples        revise.*                   M repairs (credit methods only)
@@ -23,9 +23,10 @@ from accelerate.utils import set_seed
 from . import credit as credit_mod
 from .config import to_dict
 from .loss import loss_settings, normaliser, policy_loss
-from .modeling import char_tokenizer, encode_prompt, load_pretrained, tiny_model, warm_start
+from .modeling import char_tokenizer, encode_prompt, load_pretrained, tiny_model, warm_seed, warm_start
+from .report import read_jsonl
 from .revise import build_reviser, verified_truncation
-from .rewards import Verifier
+from .rewards import Verifier, is_correct
 from .rollout import generate, pack, rollout, sequence_logprobs
 from .tasks import build_task
 
@@ -44,7 +45,7 @@ def build_model(cfg, task, log):
     if cfg.model.path:
         return load_pretrained(cfg.model.path, cfg.model.gguf_file or None)
     tok = char_tokenizer()
-    set_seed(cfg.warm_start.seed if cfg.warm_start.seed >= 0 else cfg.seed)  # the initial weights
+    set_seed(warm_seed(cfg))  # the initial weights
     model = tiny_model(cfg, tok)
     warm_start(model, tok, task, cfg, log=log)
     return model, tok
@@ -57,17 +58,31 @@ def evaluate(model, tok, task, verifier, cfg, device, samples_per_prompt: int = 
     probs = task.sample(cfg.eval_prompts, torch.Generator().manual_seed(10**6 + cfg.seed))
     prompts = [encode_prompt(tok, p.prompt) for p in probs]
     r = cfg.rollout
-    _, texts = generate(model, tok, prompts, n=1, max_new_tokens=r.max_new_tokens, temperature=1.0,
-                        do_sample=False, device=device)  # fmt: skip
-    out = {"eval_accuracy": sum(verifier(p, t) >= 0.5 for p, t in zip(probs, texts, strict=True)) / len(probs)}
+    _, texts = generate(
+        model, tok, prompts, n=1, max_new_tokens=r.max_new_tokens, temperature=1.0, do_sample=False, device=device
+    )
+    out = {"eval_accuracy": _accuracy(verifier, probs, texts)}
     if samples_per_prompt:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(10**6 + cfg.seed)
-            _, texts = generate(model, tok, prompts, n=samples_per_prompt, max_new_tokens=r.max_new_tokens,
-                                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, device=device)  # fmt: skip
+            _, texts = generate(
+                model,
+                tok,
+                prompts,
+                n=samples_per_prompt,
+                max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=r.top_k,
+                device=device,
+            )
         per = [probs[i // samples_per_prompt] for i in range(len(texts))]
-        out["eval_sampled_accuracy"] = sum(verifier(p, t) >= 0.5 for p, t in zip(per, texts, strict=True)) / len(per)
+        out["eval_sampled_accuracy"] = _accuracy(verifier, per, texts)
     return out
+
+
+def _accuracy(verifier, problems, texts) -> float:
+    return sum(is_correct(verifier(p, t)) for p, t in zip(problems, texts, strict=True)) / len(texts)
 
 
 def _latest_checkpoint(run_dir):
@@ -78,7 +93,117 @@ def _latest_checkpoint(run_dir):
     return os.path.join(ck, f"step_{steps[-1]}") if steps else None
 
 
+def rollout_seeds(seed: int, step: int, rank: int, world: int) -> tuple[int, int]:
+    """(sampling seed, data seed) of a step's rollout on one process: functions of (seed, step, rank) only, so a
+    resumed run replays exactly; the data seed is distinct for every (step, rank), so processes see different
+    problems."""
+    return seed * 1_000_003 + step * 1009 + rank, seed * 7_919 + step * world + rank
+
+
+def training_rows(samples, repairs, credit, pad_id, device):
+    """The rows the loss sees: the N samples, then the R repairs of credit.repair_rows (in that order, each in
+    its sample's prompt), packed (N + R, P + C); their advantages and gates (N + R, C) (gates may be None)."""
+    prompts = samples.prompts + [samples.prompts[repairs[j].sample] for j in credit.repair_rows]
+    completions = samples.completions + [repairs[j].ids for j in credit.repair_rows]
+    batch = pack(prompts, completions, pad_id, device)
+    adv = credit.advantages[:, : batch.C].to(device)
+    gates = credit.gates[:, : batch.C].to(device) if credit.gates is not None else None
+    return batch, adv, gates
+
+
+def reset_logs(run_dir: str, start: int, history: list[dict]) -> None:
+    """metrics.jsonl rewritten to `history`, samples.jsonl cut after step `start` (deleted for a fresh run), so
+    that a resumed run's files equal an uninterrupted run's even when the interrupted one logged steps past its
+    last checkpoint."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+    path = os.path.join(run_dir, "samples.jsonl")
+    kept = [row for row in read_jsonl(path) if row["step"] <= start]
+    if kept:
+        with open(path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, cfg) -> tuple[dict, float]:
+    """cfg.optim.ppo_epochs optimizer steps on one step's training rows.
+
+    Each epoch runs forward and backward over micro-batches of cfg.optim.micro_batch_size rows (0 = all), each
+    loss scaled by its share of the normaliser of the whole batch over all processes (see loss.py): the
+    accumulated gradient is the gradient of the loss over the full batch, however it is split. Every epoch's
+    ratio is against `old_lp`, the sampling policy's log-probs.
+
+    Shapes: batch N rows of C completion columns; adv, gates, old_lp, ref_lp (N, C) (gates, ref_lp may be None).
+    Returns the op's statistics (means over micro-batches and epochs) and the last epoch's gradient norm
+    (before clipping).
+    """
+    agg, world = settings["agg"], acc.num_processes
+    mb = cfg.optim.micro_batch_size or len(batch)
+    chunks = [slice(s, s + mb) for s in range(0, len(batch), mb)]
+    total = acc.reduce(normaliser(batch, agg), "sum")  # across processes
+    stats_acc, grad_norm = {}, torch.tensor(0.0)
+    model.train()
+    for _ in range(cfg.optim.ppo_epochs):
+        for k, sl in enumerate(chunks):
+            part = batch.rows(sl)
+            # DDP all-reduces the gradients once, on the last micro-batch
+            sync = contextlib.nullcontext() if k == len(chunks) - 1 else acc.no_sync(model)
+            with sync, acc.autocast():
+                loss, stats = policy_loss(
+                    model,
+                    part,
+                    adv[sl],
+                    None if gates is None else gates[sl],
+                    old_lp[sl],
+                    None if ref_lp is None else ref_lp[sl],
+                    settings,
+                    fused=cfg.loss.fused,
+                    scale=normaliser(part, agg) * world / total,
+                )
+                acc.backward(loss)
+            for key, v in stats.items():
+                stats_acc.setdefault(key, []).append(float(v.float().mean()))
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: sum(v) / len(v) for k, v in stats_acc.items()}, float(grad_norm)
+
+
+def log_metrics(acc, step, local, history, path, *, grad_norm, generated_tokens, **extra) -> dict:
+    """One step's row of metrics.jsonl: this process's `local` metrics averaged over the processes, the step's
+    gradient norm and its variance over the last 10 steps, the generated tokens so far, the process count, then
+    `extra` (the same on every process). Appended to `history` and, on the main process, to `path` and the
+    trackers."""
+    keys = sorted(local)
+    vec = acc.reduce(torch.tensor([float(local[k]) for k in keys], device=acc.device), "mean")
+    m = dict(zip(keys, vec.tolist(), strict=True))
+    recent = [h["grad_norm"] for h in history[-9:]] + [grad_norm]
+    m.update(
+        step=step,
+        grad_norm=grad_norm,
+        grad_norm_var=float(torch.tensor(recent).var()) if len(recent) > 1 else 0.0,
+        generated_tokens=generated_tokens,
+        processes=acc.num_processes,
+        **extra,
+    )
+    history.append(m)
+    if acc.is_main_process:
+        with open(path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        acc.log({k: v for k, v in m.items() if k != "step"}, step=step)
+    return m
+
+
 def train(cfg) -> dict:
+    """Train for cfg.steps steps (fewer with cfg.token_budget or cfg.stop_after) and return the summary.
+
+    setup      Accelerator, task, verifier, model (warm-started), reference model, optimizer, reviser
+    resume     the latest (or the given) checkpoint; metrics.jsonl and samples.jsonl rewritten up to it
+    each step  rollout -> rewards -> repairs -> credit -> old log-probs -> update -> metrics -> checkpoint
+    the end    checkpoint, held-out accuracy, summary.json, report.html
+    """
     on_gpu = torch.cuda.is_available()
     if cfg.threads > 0 or not (on_gpu or cfg.model.path):
         torch.set_num_threads(cfg.threads or 1)
@@ -99,7 +224,7 @@ def train(cfg) -> dict:
     warm = max(1, cfg.optim.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     model, opt, sched = acc.prepare(model, opt, sched)
-    policy = lambda: acc.unwrap_model(model)  # noqa: E731  (generation runs on the unwrapped module)
+    policy = lambda: acc.unwrap_model(model)  # generation runs on the unwrapped module
 
     def full_params():
         """Generation needs whole weights: under FSDP gather them for the rollout (no-op otherwise)."""
@@ -128,11 +253,8 @@ def train(cfg) -> dict:
         log(f"resumed from {ckpt} at step {start}")
     metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     samples_path = os.path.join(cfg.run_dir, "samples.jsonl")
-    if main:  # rewrite the logs up to the resume point, so a resumed run's files equal an uninterrupted run's
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
-        if start == 0 and os.path.exists(samples_path):
-            os.remove(samples_path)
+    if main:
+        reset_logs(cfg.run_dir, start, history)
 
     def save(step):
         path = os.path.join(cfg.run_dir, "checkpoints", f"step_{step}")
@@ -147,8 +269,10 @@ def train(cfg) -> dict:
         policy().eval()
         with full_params(), acc.autocast():
             initial = evaluate(policy(), tok, task, verifier, cfg, device, samples_per_prompt=4)
-        log(f"held-out accuracy before RL: greedy {initial['eval_accuracy']:.3f}, "
-            f"sampled {initial['eval_sampled_accuracy']:.3f}")  # fmt: skip
+        log(
+            f"held-out accuracy before RL: greedy {initial['eval_accuracy']:.3f}, "
+            f"sampled {initial['eval_sampled_accuracy']:.3f}"
+        )
     bar = None
     if main and cfg.progress:
         from tqdm.auto import tqdm
@@ -160,9 +284,9 @@ def train(cfg) -> dict:
         if cfg.token_budget and generated >= cfg.token_budget:
             break
         # -- rollout: data and sampling randomness are functions of (seed, step, rank)
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step * world + rank)
-        problems = task.sample(cfg.rollout.prompts_per_step, gen)
+        sampling_seed, data_seed = rollout_seeds(cfg.seed, step, rank, world)
+        torch.manual_seed(sampling_seed)
+        problems = task.sample(cfg.rollout.prompts_per_step, torch.Generator().manual_seed(data_seed))
         policy().eval()
         with full_params(), acc.autocast():
             samples = rollout(policy(), tok, problems, cfg, device)
@@ -170,99 +294,51 @@ def train(cfg) -> dict:
             rewards = verifier.batch(per_sample, samples.texts)  # N floats
             n_gen = samples.n_generated
 
-            # -- revise: repairs of the wrong samples (credit methods only)
-            repairs = []
-            if reviser is not None:
-                repairs = reviser(per_sample, samples, rewards)
-                n_gen += sum(r.n_generated for r in repairs)
-                if cfg.revise.verified_truncation:
-                    good = [r for r in repairs if r.reward >= 0.5]
-                    n_gen += verified_truncation(policy(), tok, per_sample, samples, good, verifier, cfg, device)
+            # -- revise: repairs of the wrong samples (credit methods only), verified; IOP shortens them
+            repairs = reviser(per_sample, samples, rewards) if reviser is not None else []
+            n_gen += sum(r.n_generated for r in repairs)
+            if repairs and cfg.revise.verified_truncation:
+                n_gen += verified_truncation(policy(), tok, per_sample, samples, repairs, verifier, cfg, device)
 
         # -- credit: advantages and gates for the samples and the repair rows that join the loss
         credit = credit_mod.assign(cfg, samples, rewards, repairs, device, delimiter)
-        rows_prompt = samples.prompts + [samples.prompts[repairs[j].sample] for j in credit.repair_rows]
-        rows_comp = samples.completions + [repairs[j].ids for j in credit.repair_rows]
-        batch = pack(rows_prompt, rows_comp, tok.pad_token_id, device)  # (N + R, P + C)
-        adv = credit.advantages[:, : batch.C].to(device)  # (N + R, C)
-        gates = credit.gates[:, : batch.C].to(device) if credit.gates is not None else None
-        mb = cfg.optim.micro_batch_size or len(batch)
-        with acc.autocast():  # the training forward's precision, so the first ratio is exactly 1
-            T = cfg.rollout.temperature
-            # (N + R, C) each: the sampling model's log-probs (the wrapped module: FSDP shards stay sharded)
-            old_lp, entropy = sequence_logprobs(model, batch, temperature=T, micro_batch=mb, entropy=True)
-            ref_lp = sequence_logprobs(ref_model, batch, temperature=T, micro_batch=mb) if ref_model else None
+        batch, adv, gates = training_rows(samples, repairs, credit, tok.pad_token_id, device)
 
-        # -- update: ppo_epochs passes over micro-batches, normalised over the accumulated batch
-        model.train()
-        chunks = [slice(s, s + mb) for s in range(0, len(batch), mb)]
-        total = acc.reduce(normaliser(batch, settings["agg"]), "sum")  # across processes
-        stats_acc, grad_norm = {}, torch.tensor(0.0)
-        for _ in range(cfg.optim.ppo_epochs):
-            for k, sl in enumerate(chunks):
-                part = batch.rows(sl)
-                scale = normaliser(part, settings["agg"]) * world / total
-                ctx = acc.no_sync(model) if k < len(chunks) - 1 else _null()
-                with ctx, acc.autocast():
-                    loss, stats = policy_loss(
-                        model,
-                        part,
-                        adv[sl],
-                        None if gates is None else gates[sl],
-                        old_lp[sl],
-                        None if ref_lp is None else ref_lp[sl],
-                        settings,
-                        fused=cfg.loss.fused,
-                        scale=scale,
-                    )
-                    acc.backward(loss)
-                for key, v in stats.items():
-                    stats_acc.setdefault(key, []).append(float(v.float().mean()))
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+        # -- old-policy log-probs: the sampling model's, in the training forward's precision (the first ratio
+        # is exactly 1); the wrapped module, so FSDP shards stay sharded. (N + R, C) each.
+        with acc.autocast():
+            lp = dict(temperature=cfg.rollout.temperature, micro_batch=cfg.optim.micro_batch_size)
+            old_lp, entropy = sequence_logprobs(model, batch, entropy=True, **lp)
+            ref_lp = sequence_logprobs(ref_model, batch, **lp) if ref_model else None
 
-        # -- metrics (means over processes)
+        # -- update: ppo_epochs optimizer steps, micro-batches accumulated over the whole batch
+        stats, grad_norm = update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, cfg)
+
+        # -- metrics (means over processes), held-out accuracy, a sample group for the report
         valid = batch.valid[: len(samples.texts)]
         local = {
             "reward": sum(rewards) / len(rewards),
-            "accuracy": sum(r >= 0.5 for r in rewards) / len(rewards),
+            "accuracy": sum(map(is_correct, rewards)) / len(rewards),
             "entropy": float((entropy[: len(rewards)] * valid).sum() / valid.sum()),
             "completion_len": float(valid.sum(-1).float().mean()),
             **credit.metrics,
-            **{k: sum(v) / len(v) for k, v in stats_acc.items()},
+            **stats,
         }
-        keys = sorted(local)
-        vec = acc.reduce(torch.tensor([float(local[k]) for k in keys], device=device), "mean")
-        m = dict(zip(keys, vec.tolist(), strict=False))
         generated += int(acc.reduce(torch.tensor(n_gen, device=device), "sum"))
-        gn = float(grad_norm)
-        recent = [h["grad_norm"] for h in history[-9:]] + [gn]
-        m.update(
-            step=step + 1,
-            grad_norm=gn,
-            grad_norm_var=float(torch.tensor(recent).var()) if len(recent) > 1 else 0.0,
-            generated_tokens=generated,
-            processes=world,
-            lr=sched.get_last_lr()[0],
-            time=time.time() - t0,
-        )
+        extra = dict(lr=sched.get_last_lr()[0], time=time.time() - t0)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == 0):
             policy().eval()
             with full_params(), acc.autocast():
-                m["eval_accuracy"] = evaluate(policy(), tok, task, verifier, cfg, device)["eval_accuracy"]
-        history.append(m)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            acc.log({k: v for k, v in m.items() if k != "step"}, step=step + 1)
-            if cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == cfg.steps - 1):
-                with open(samples_path, "a") as f:
-                    f.write(
-                        json.dumps(credit_mod.sample_view(step + 1, tok, samples, rewards, repairs, credit, per_sample))
-                        + "\n"
-                    )
+                extra["eval_accuracy"] = evaluate(policy(), tok, task, verifier, cfg, device)["eval_accuracy"]
+        m = log_metrics(
+            acc, step + 1, local, history, metrics_path, grad_norm=grad_norm, generated_tokens=generated, **extra
+        )
+        if main and cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == cfg.steps - 1):
+            view = credit_mod.sample_view(step + 1, tok, samples, rewards, repairs, credit, per_sample)
+            with open(samples_path, "a") as f:
+                f.write(json.dumps(view) + "\n")
+
+        # -- checkpoint
         done = step + 1
         if bar is not None:
             bar.update(1)
@@ -292,11 +368,3 @@ def train(cfg) -> dict:
             log(f"report: {os.path.join(cfg.run_dir, 'report.html')}")
     acc.end_training()
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
