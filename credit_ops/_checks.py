@@ -82,6 +82,25 @@ def values(bad: torch.Tensor, msg: str) -> None:
         raise ValueError(msg)
 
 
+def values_each(bad: dict, msg: str) -> None:
+    """``values`` for several tensors with one host synchronisation: ``bad`` maps a name to its boolean tensor,
+    ``msg`` names the first offender through ``{name}``."""
+    bad = {name: b for name, b in bad.items() if b.numel()}
+    if not bad:
+        return
+    mode = _value_mode(next(iter(bad.values())))
+    if mode == "off":
+        return
+    if mode == "async":
+        for name, b in bad.items():
+            torch._assert_async(~b.any(), msg.format(name=name))
+        return
+    flags = torch.stack([b.any() for b in bad.values()]).tolist()
+    for name, flag in zip(bad, flags, strict=True):
+        if flag:
+            raise ValueError(msg.format(name=name))
+
+
 def ids_in_range(name: str, ids: torch.Tensor, upper: int, *, ignore_index=None) -> None:
     """ids must lie in [0, upper), except entries equal to ignore_index."""
     bad = (ids < 0) | (ids >= upper)

@@ -194,7 +194,7 @@ def _bad(**over):
 
 
 BAD = {
-    "negative_weights": (lambda: _bad(weights=-torch.ones(4, 7, dtype=torch.float64)), "weights must be finite"),
+    "negative_weights": (lambda: _bad(weights=-torch.ones(4, 7, dtype=torch.float64)), "weights must be >= 0"),
     "nan_weights": (lambda: _bad(weights=torch.full((4, 7), float("nan"), dtype=torch.float64)), "weights must"),
     "inf_weights": (lambda: _bad(weights=torch.full((4, 7), float("inf"), dtype=torch.float64)), "weights must"),
     "weights_shape": (lambda: _bad(weights=torch.ones(4, 6, dtype=torch.float64)), "weights"),
@@ -203,6 +203,22 @@ BAD = {
     "nonfinite_valid_logprob": (
         lambda: _bad(logprobs=torch.full((4, 7), float("-inf"), dtype=torch.float64)),
         "finite on valid tokens",
+    ),
+    "nan_advantages": (
+        lambda: _bad(advantages=torch.full((4, 7), float("nan"), dtype=torch.float64)),
+        "advantages must be finite",
+    ),
+    "inf_per_sequence_advantages": (
+        lambda: _bad(advantages=torch.tensor([0.0, float("inf"), 1.0, 2.0], dtype=torch.float64)),
+        "advantages must be finite",
+    ),
+    "nan_old_logprobs": (
+        lambda: _bad(old_logprobs=torch.full((4, 7), float("nan"), dtype=torch.float64)),
+        "old_logprobs must be finite",
+    ),
+    "inf_ref_logprobs": (
+        lambda: _bad(ref_logprobs=torch.full((4, 7), float("inf"), dtype=torch.float64)),
+        "ref_logprobs must be finite",
     ),
     "reduction": (lambda: _bad(reduction="sum"), "reduction"),
     "empty_rows": (lambda: _bad(empty_rows="drop"), "empty_rows"),
@@ -243,3 +259,34 @@ def test_grpo_batch_std_is_trls_batch_scaling(backend):
         got = credit_ops.group_advantages(rewards, ids, mode="grpo_batch_std", eps=1e-4)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert torch.all(got[:G] == 0)
+
+
+@pytest.mark.parametrize("name", ["advantages", "old_logprobs", "ref_logprobs", "weights"])
+@pytest.mark.parametrize("backend,device", backend_devices(), ids=lambda x: str(x))
+def test_nonfinite_inputs_on_valid_tokens_are_rejected_on_every_path(name, backend, device):
+    """NaN on a valid token is an error on the logits path and the fused head; on padding it is allowed."""
+    logits, labels, adv, kw = batch(dtype=torch.float32)
+    kw["advantages"] = adv
+    kw = {k: v.to(device) for k, v in kw.items()}
+    logits, labels = logits.to(device), labels.to(device)
+    valid = kw["mask"] & (labels != -100)
+    poisoned = kw[name].clone()
+    poisoned[valid.nonzero()[0].tolist()] = float("nan")
+    padded = kw[name].clone().masked_fill(~valid, float("nan"))
+    hidden = torch.randn(4, 7, 5, device=device)
+    weight = torch.randn(11, 5, device=device)
+    with credit_ops.use_backend(backend):
+        for value, ok in ((poisoned, False), (padded, True)):
+            args = {**kw, name: value}
+            advantages = args.pop("advantages")
+            calls = (
+                (credit_ops.policy_loss, (logits, labels)),
+                (credit_ops.fused_linear_policy_loss, (hidden, weight, labels)),
+            )
+            for fn, leading in calls:
+                if ok:
+                    loss, _ = fn(*leading, advantages, beta=0.1, **args)
+                    assert torch.isfinite(loss)
+                else:
+                    with pytest.raises(ValueError, match=f"{name} must be finite on valid tokens"):
+                        fn(*leading, advantages, beta=0.1, **args)

@@ -144,8 +144,6 @@ def prepare(
     _checks.same_device(labels=labels, advantages=advantages, **optional)
     if gates is not None:
         _checks.values((gates < 0) | (gates > 1) | torch.isnan(gates), "gates must lie in [0, 1]")
-    if weights is not None:
-        _checks.values((weights < 0) | ~torch.isfinite(weights), "weights must be finite and >= 0")
 
     valid = torch.ones((B, T), dtype=torch.bool, device=advantages.device)
     if labels is not None:
@@ -155,6 +153,14 @@ def prepare(
         valid = valid & (mask != 0)
     adv = advantages.to(acc)
     adv = adv.unsqueeze(-1).expand(B, T) if adv.dim() == 1 else adv
+    # Padding may hold anything; on valid tokens a NaN or inf would silently make the loss NaN or inf.
+    per_token = dict(advantages=adv, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, weights=weights)
+    _checks.values_each(
+        {name: valid & ~torch.isfinite(t) for name, t in per_token.items() if t is not None},
+        "{name} must be finite on valid tokens (found NaN or inf)",
+    )
+    if weights is not None:
+        _checks.values(valid & (weights < 0), "weights must be >= 0")
     cast = lambda t: None if t is None else torch.where(valid, t.to(acc), 0.0)
     inputs = TokenInputs(
         None if labels is None else torch.where(valid, labels, ignore_index),
