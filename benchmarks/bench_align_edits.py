@@ -123,7 +123,8 @@ def test_align_edits_cpu(benchmark, pool, impl, n, rate):
 
     with _threads(threads):  # outside the timed call: resizing the thread pool is not free
         measure(benchmark, fn, rounds=3 if impl == "reference" else 5, pairs=count, tokens=n, edits=rate, impl=impl)
-    benchmark.extra_info["ms_per_pair"] = round(benchmark.stats.stats.median / count * 1e3, 4)
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["ms_per_pair"] = round(benchmark.stats.stats.median / count * 1e3, 4)
 
 
 GPU_CASES = [pytest.param(2048, r, 1024, id=f"n2048-{r}-P1024") for r in RATES] + [
@@ -141,6 +142,8 @@ def test_align_edits_gpu(benchmark, n, rate, count):
         measure(benchmark, lambda: credit_ops.align_edits(*args), rounds=10, pairs=count, tokens=n, edits=rate)
     finally:
         credit_ops.set_value_checks("sync")
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+        return
     median = benchmark.stats.stats.median
     benchmark.extra_info["pairs_per_s"] = round(count / median)
     if Levenshtein is not None:

@@ -96,6 +96,8 @@ def measure_once(benchmark, fn, **info):
 
 
 def _info(benchmark):
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+        return
     median = benchmark.stats.stats.median
     info = {f"step_frac_{k}": round(median / _step_seconds(p), 5) for k, p in MODELS.items()}
     benchmark.extra_info.update(info)

@@ -19,8 +19,16 @@ if DEVICE == "cuda":
 else:
     B, T, H, V, DTYPE = 2, 256, 256, 8192, torch.float32
 
-IMPLS = ["matmuls_only", "credit_ops", "credit_ops_chunk_1024", "credit_ops_chunk_4096", "credit_ops_gspo", "eager",
-         "torch_compile", "liger"]  # fmt: skip
+IMPLS = [
+    "matmuls_only",
+    "credit_ops",
+    "credit_ops_chunk_1024",
+    "credit_ops_chunk_4096",
+    "credit_ops_gspo",
+    "eager",
+    "torch_compile",
+    "liger",
+]
 
 
 def _liger():
@@ -75,8 +83,9 @@ def test_fused_linear_fwd_bwd(benchmark, inputs, impl):
             pytest.skip("chunk sizes: a GPU question")
 
         def fn():
-            loss, _ = credit_ops.fused_linear_policy_loss(h, w, labels, adv_tok, loss_type=loss_type, chunk_size=chunk,
-                                                          **kw)  # fmt: skip
+            loss, _ = credit_ops.fused_linear_policy_loss(
+                h, w, labels, adv_tok, loss_type=loss_type, chunk_size=chunk, **kw
+            )
             torch.autograd.grad(loss, (h, w))
 
     elif impl in ("eager", "torch_compile"):

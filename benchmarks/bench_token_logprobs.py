@@ -63,18 +63,18 @@ def test_token_logprobs(benchmark, inputs, copy_bandwidth, impl, entropy):
     logits = full[:, :-1]  # (B, T, V) view: what a trainer scores
     benchmark.group = f"token_logprobs {'+entropy' if entropy else ''} {tuple(logits.shape)} {full.dtype}"
     if impl == "credit_ops":
-        fn = lambda: credit_ops.token_logprobs(logits, labels, return_entropy=entropy)  # noqa: E731
+        fn = lambda: credit_ops.token_logprobs(logits, labels, return_entropy=entropy)
     elif impl == "eager":
-        fn = lambda: reference.token_logprobs(logits, labels, return_entropy=entropy)  # noqa: E731
+        fn = lambda: reference.token_logprobs(logits, labels, return_entropy=entropy)
     elif impl == "torch_compile":
-        fn = lambda: _compiled_reference(entropy)(logits, labels)  # noqa: E731
+        fn = lambda: _compiled_reference(entropy)(logits, labels)
     elif impl == "trl_per_row":
         if entropy:
             pytest.skip("TRL's helper computes no entropy")
-        fn = lambda: trl_selective_log_softmax(logits, labels)  # noqa: E731
+        fn = lambda: trl_selective_log_softmax(logits, labels)
     else:
         liger = _liger()
         if liger is None or DEVICE != "cuda" or entropy:
             pytest.skip("Liger-Kernel needs CUDA and has no entropy in its logprob kernel")
-        fn = lambda: liger(full, labels, temperature=1.0)  # noqa: E731  (reads rows [:, :-1] of full)
+        fn = lambda: liger(full, labels, temperature=1.0)  # reads rows [:, :-1] of full
     measure(benchmark, fn, bytes_moved=logits.numel() * logits.element_size(), ceiling=copy_bandwidth, impl=impl)

@@ -1,7 +1,8 @@
 """Launch-configuration sweeps on a GPU, against the copy bandwidth: the Triton token_logprobs forward (BLOCK_V x
 num_warps; the defaults in triton_kernels/token_logprobs.py), then the policy loss's long-row layouts (the two-pass
-Triton kernel's tile x num_warps, and the Hopper cluster kernel where it runs; triton_kernels/policy_loss.py; the choice is made in credit_ops/ops/policy_loss.py),
-each with a separate gradient buffer and in place. Run by scripts/gpu_check.sh.
+Triton kernel's tile x num_warps, and the Hopper cluster kernel where it runs; the kernels in
+triton_kernels/policy_loss.py, the choice in credit_ops/ops/policy_loss.py), each with a separate gradient buffer
+and in place. Run by scripts/gpu_check.sh.
 
     python benchmarks/sweep_token_logprobs.py [B T V]
 """
@@ -11,9 +12,10 @@ import sys
 
 import torch
 import triton.testing
-from credit_ops.ops.policy_loss import cluster_ok, rows_forward
 from credit_ops.triton_kernels import policy_loss as pl
 from credit_ops.triton_kernels.token_logprobs import token_logprobs_forward
+
+from credit_ops.ops.policy_loss import cluster_ok, rows_forward
 
 
 def main():
@@ -58,8 +60,9 @@ def sweep_policy_loss(logits, labels, copy_bw):
         pl._TILE, pl._TILE_WARPS = (tile, warps) if tile else default
         for inplace in (False, True):
             x, g = (scratch, scratch) if inplace else (logits, grad)  # in place: later runs read gradients (same work)
-            ms = triton.testing.do_bench(lambda x=x, g=g: rows_forward(g, x, *args, use_triton=True, **kw),
-                                         return_mode="median")  # fmt: skip
+            ms = triton.testing.do_bench(
+                lambda x=x, g=g: rows_forward(g, x, *args, use_triton=True, **kw), return_mode="median"
+            )
             print(f"policy {layout:9} {tile:5} {warps:5} {inplace!s:7} {ms:7.3f}  {nbytes / ms / 1e6 / copy_bw:.3f}")
     pl._TILE, pl._TILE_WARPS = default
     os.environ.pop("CREDIT_OPS_ROWS_LAYOUT")

@@ -48,8 +48,7 @@ def test_group_advantages_hand_computed(backend, device):
     }
     with credit_ops.use_backend(backend):
         for mode, want in expect.items():
-            torch.testing.assert_close(credit_ops.group_advantages(r, g, mode=mode).cpu(), torch.tensor(want),
-                                       msg=mode)  # fmt: skip
+            torch.testing.assert_close(credit_ops.group_advantages(r, g, mode=mode).cpu(), torch.tensor(want), msg=mode)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=_ids(PAIRS))
@@ -60,8 +59,11 @@ def test_group_advantages_matches_trl_formula(backend, device, mode):
     r = torch.rand(6 * 8, dtype=torch.float64)
     grouped = r.view(6, 8)
     centred = grouped - grouped.mean(1, keepdim=True)
-    want = {"grpo": centred / (grouped.std(1, keepdim=True) + 1e-4), "dr_grpo": centred,
-            "rloo": grouped - (grouped.sum(1, keepdim=True) - grouped) / 7}[mode].view(-1)  # fmt: skip
+    want = {
+        "grpo": centred / (grouped.std(1, keepdim=True) + 1e-4),
+        "dr_grpo": centred,
+        "rloo": grouped - (grouped.sum(1, keepdim=True) - grouped) / 7,
+    }[mode].view(-1)
     perm = torch.randperm(r.numel())  # unsorted group ids
     ids = torch.arange(6).repeat_interleave(8)
     with credit_ops.use_backend(backend):
@@ -119,12 +121,13 @@ _R, _G = torch.rand(4), torch.tensor([0, 0, 1, 1])
         pytest.param("group_ids must have shape", (_R, _G[:3]), {}, id="group_ids_wrong_shape"),
         pytest.param("rewards must be finite", (torch.tensor([0.0, float("nan"), 1.0, 1.0]), _G), {}, id="nan_reward"),
         pytest.param("group_ids must lie in", (_R, torch.tensor([0, 0, 9, 1])), {}, id="group_id_beyond_n"),
-        pytest.param("group_ids must lie in", (_R, torch.tensor([0, -1, 1, 1])), dict(num_groups=2),
-                     id="negative_group_id"),
+        pytest.param(
+            "group_ids must lie in", (_R, torch.tensor([0, -1, 1, 1])), dict(num_groups=2), id="negative_group_id"
+        ),
         pytest.param("group_ids must have dtype", (_R, _G.float()), {}, id="float_group_ids"),
         pytest.param("rewards must have 1 dimensions", (_R.view(2, 2), _G), {}, id="rewards_2d"),
     ],
-)  # fmt: skip
+)
 def test_group_advantages_bad_input(match, args, kw):
     with pytest.raises(ValueError, match=match):
         credit_ops.group_advantages(*args, **kw)
@@ -174,12 +177,15 @@ _Z, _ZG, _C = torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(3, 2
     "match,args",
     [
         pytest.param("revision_correct must have shape", (_Z, _ZG, _C[:2], _C[:2]), id="revisions_wrong_rows"),
-        pytest.param("revision_valid must have shape", (_Z, _ZG, _C, torch.zeros(3, 3, dtype=torch.bool)),
-                     id="valid_wrong_columns"),
+        pytest.param(
+            "revision_valid must have shape",
+            (_Z, _ZG, _C, torch.zeros(3, 3, dtype=torch.bool)),
+            id="valid_wrong_columns",
+        ),
         pytest.param("revision_correct must have dtype", (_Z, _ZG, _C.int(), _C), id="int_revision_correct"),
         pytest.param("rewards must be finite", (torch.tensor([0.0, float("inf"), 0.0]), _ZG, _C, _C), id="inf_reward"),
     ],
-)  # fmt: skip
+)
 def test_ibpo_shaping_bad_input(match, args):
     with pytest.raises(ValueError, match=match):
         credit_ops.ibpo_shaping(*args)
@@ -202,11 +208,20 @@ def test_token_advantages_hand_computed(backend, device):
     seq_adv, mask, wrong, has_repair = on(device, seq_adv, mask, wrong, has_repair)
     with credit_ops.use_backend(backend):
         adv, gates = (t.cpu() for t in credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair))
-        adv2, gates2 = (t.cpu() for t in credit_ops.token_advantages(
-            seq_adv, mask, wrong=wrong, has_repair=has_repair, sign_guard=False, unmasked_weight=0.25,
-            correct_in_loss=False, lengths=torch.tensor([4, 3, 4, 2], device=device),
-            prompt_lengths=torch.tensor([1, 0, 0, 0], device=device),
-        ))  # fmt: skip
+        adv2, gates2 = (
+            t.cpu()
+            for t in credit_ops.token_advantages(
+                seq_adv,
+                mask,
+                wrong=wrong,
+                has_repair=has_repair,
+                sign_guard=False,
+                unmasked_weight=0.25,
+                correct_in_loss=False,
+                lengths=torch.tensor([4, 3, 4, 2], device=device),
+                prompt_lengths=torch.tensor([1, 0, 0, 0], device=device),
+            )
+        )
     # row 0: repaired failure with positive advantage: the sign guard clamps the masked credit to 0
     # row 1: repaired failure, negative: -1 on the flagged tokens only; rows 2, 3: sequence credit everywhere
     torch.testing.assert_close(adv, torch.tensor([[0.0, 0, 0, 0], [0, -1, -1, 0], [0.8] * 4, [-0.5] * 4]))
@@ -238,8 +253,15 @@ def test_token_advantages_repair_rows(backend, device):
         device, seq_adv, mask, wrong, has_repair, repair_mask, repair_of, torch.tensor([3, 4, 4, 4, 4])
     )
     with credit_ops.use_backend(backend):
-        out = credit_ops.token_advantages(seq_adv, mask, wrong=wrong, has_repair=has_repair, repair_mask=repair_mask,
-                                          repair_of=repair_of, repair_lengths=repair_lengths)  # fmt: skip
+        out = credit_ops.token_advantages(
+            seq_adv,
+            mask,
+            wrong=wrong,
+            has_repair=has_repair,
+            repair_mask=repair_mask,
+            repair_of=repair_of,
+            repair_lengths=repair_lengths,
+        )
     r_adv, r_gates = out[2].cpu(), out[3].cpu()
     torch.testing.assert_close(r_adv[0], torch.tensor([1.2, 0.0, 1.2, 0.0]))  # +|A|, cut at its length 3
     torch.testing.assert_close(r_adv[1], torch.tensor([0.0, 0.7, 0.0, 0.0]))
@@ -287,12 +309,16 @@ _A, _M, _W = torch.zeros(3), torch.zeros(3, 4, dtype=torch.bool), torch.zeros(3,
         pytest.param("has_repair must have shape", (_A, _M), dict(has_repair=_W[:1]), id="has_repair_wrong_shape"),
         pytest.param("lengths must lie in", (_A, _M), dict(lengths=torch.tensor([1, 5, 2])), id="length_beyond_T"),
         pytest.param("seq_adv must be finite", (torch.tensor([0.0, float("nan"), 0.0]), _M), {}, id="nan_seq_adv"),
-        pytest.param("repair_of must lie in", (_A, _M), dict(repair_mask=_M, repair_of=torch.tensor([0, 3, 1])),
-                     id="repair_of_beyond_n"),
+        pytest.param(
+            "repair_of must lie in",
+            (_A, _M),
+            dict(repair_mask=_M, repair_of=torch.tensor([0, 3, 1])),
+            id="repair_of_beyond_n",
+        ),
         pytest.param("unmasked_weight must lie in", (_A, _M), dict(unmasked_weight=1.5), id="unmasked_weight_above_1"),
         pytest.param("repair_mask needs repair_of", (_A, _M), dict(repair_mask=_M), id="repair_mask_without_repair_of"),
     ],
-)  # fmt: skip
+)
 def test_token_advantages_bad_input(match, args, kw):
     with pytest.raises(ValueError, match=match):
         credit_ops.token_advantages(*args, **{"wrong": _W, "has_repair": _W, **kw})

@@ -71,8 +71,9 @@ def run(pairs, *, backend="native", device="cpu", insert_anchor="prev", pad_a=0,
     a, la = pack([p[0] for p in pairs], pad_a, dtype)
     b, lb = pack([p[1] for p in pairs], pad_b, dtype)
     with credit_ops.use_backend(backend):
-        out = credit_ops.align_edits(a.to(device), la.to(device), b.to(device), lb.to(device),
-                                     insert_anchor=insert_anchor)  # fmt: skip
+        out = credit_ops.align_edits(
+            a.to(device), la.to(device), b.to(device), lb.to(device), insert_anchor=insert_anchor
+        )
     return credit_ops.AlignEdits(*(t.cpu() for t in out))
 
 
@@ -202,7 +203,7 @@ HAND = [
         [0, 1, 0, 0, 1],
         [-1, 0, -1, -1, 1],
         2,
-    ),  # fmt: skip
+    ),
     # empty sides, identical, nothing in common, single tokens
     ([], [], "prev", [], [], [], [], 0),
     ([], [3, 4], "prev", [], [], [1, 1], [0, 0], 2),
@@ -217,13 +218,32 @@ HAND = [
 
 
 HAND_IDS = [
-    "deletion_inside", "trim_first_duplicate_deleted", "swap_two_substitutions", "deletion_before_insertion",
-    "insertions_anchor_prev", "insertions_anchor_next", "insertions_anchor_none", "insert_before_start_prev",
-    "insert_before_start_next", "insert_after_end_prev", "insert_after_end_next", "match_anchors_two_runs_prev",
-    "match_anchors_two_runs_next", "substitution_next_to_insertion_prev", "substitution_next_to_insertion_next",
-    "two_runs_in_order", "both_empty", "a_empty", "b_empty", "identical", "nothing_in_common",
-    "single_token_match", "single_token_substitution", "single_token_deleted", "single_token_inserted",
-]  # fmt: skip
+    "deletion_inside",
+    "trim_first_duplicate_deleted",
+    "swap_two_substitutions",
+    "deletion_before_insertion",
+    "insertions_anchor_prev",
+    "insertions_anchor_next",
+    "insertions_anchor_none",
+    "insert_before_start_prev",
+    "insert_before_start_next",
+    "insert_after_end_prev",
+    "insert_after_end_next",
+    "match_anchors_two_runs_prev",
+    "match_anchors_two_runs_next",
+    "substitution_next_to_insertion_prev",
+    "substitution_next_to_insertion_next",
+    "two_runs_in_order",
+    "both_empty",
+    "a_empty",
+    "b_empty",
+    "identical",
+    "nothing_in_common",
+    "single_token_match",
+    "single_token_substitution",
+    "single_token_deleted",
+    "single_token_inserted",
+]
 assert len(HAND_IDS) == len(HAND) == len(set(HAND_IDS))
 
 
@@ -397,8 +417,10 @@ def test_step_masks(backend, device):
     with credit_ops.use_backend(backend):
         out = credit_ops.step_masks(mask.to(device), steps.to(device))
         empty = credit_ops.step_masks(torch.zeros_like(mask).to(device), steps.to(device))
-    assert out.cpu().tolist() == [[False, False, True, True, True, False, False, False],
-                                  [True, False, False, False, False, False, False, False]]  # fmt: skip
+    assert out.cpu().tolist() == [
+        [False, False, True, True, True, False, False, False],
+        [True, False, False, False, False, False, False, False],
+    ]
     assert not empty.any()
 
 
@@ -407,8 +429,10 @@ def test_truncate_regions(backend, device):
     mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 0]], dtype=torch.bool)
     regions = torch.tensor([[0, 0, -1, 1, 2], [0, -1, 1, 2, -1]], dtype=torch.int32)
     with credit_ops.use_backend(backend):
-        got = {k: credit_ops.truncate_regions(mask.to(device), regions.to(device), k).cpu().int().tolist()
-               for k in (0, 1, 2, 5)}  # fmt: skip
+        got = {
+            k: credit_ops.truncate_regions(mask.to(device), regions.to(device), k).cpu().int().tolist()
+            for k in (0, 1, 2, 5)
+        }
         per_row = credit_ops.truncate_regions(mask.to(device), regions.to(device), torch.tensor([1, 2]).to(device))
     assert got[0] == [[0] * 5, [0] * 5]
     assert got[1] == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
@@ -427,8 +451,9 @@ def test_pipeline_alignment_to_truncated_step_masks():
     first = credit_ops.truncate_regions(out.mask_a, out.region_a, 1)
     steps = credit_ops.segment_steps(torch.tensor([a]), None, [nl])
     assert credit_ops.step_masks(first, steps)[0].int().tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]
-    assert torch.equal(credit_ops.truncate_regions(out.mask_b, out.region_b, 1)[0].nonzero().flatten(),
-                       torch.tensor([1]))  # fmt: skip
+    assert torch.equal(
+        credit_ops.truncate_regions(out.mask_b, out.region_b, 1)[0].nonzero().flatten(), torch.tensor([1])
+    )
 
 
 def test_steps_ops_random_against_reference():
@@ -466,9 +491,17 @@ def _ab():
         (lambda a, la, b, lb: (a, la.float(), b, lb), "a_lengths must have dtype"),
         (lambda a, la, b, lb: (a[0], la, b, lb), "a must have 2 dimensions"),
     ],
-    ids=["a_length_beyond_La", "negative_b_length", "a_lengths_wrong_shape", "pair_counts_differ", "float_a",
-         "double_b", "float_a_lengths", "a_1d"],
-)  # fmt: skip
+    ids=[
+        "a_length_beyond_La",
+        "negative_b_length",
+        "a_lengths_wrong_shape",
+        "pair_counts_differ",
+        "float_a",
+        "double_b",
+        "float_a_lengths",
+        "a_1d",
+    ],
+)
 def test_align_edits_bad_input(mutate_args, match):
     with pytest.raises(ValueError, match=match):
         credit_ops.align_edits(*mutate_args(*_ab()))
@@ -487,25 +520,42 @@ _TOKENS = torch.zeros(2, 4, dtype=torch.int64)
     "match,call",
     [
         pytest.param("k must be >= 0", lambda: credit_ops.truncate_regions(_MASK, _REGIONS, -1), id="negative_k"),
-        pytest.param("k must be >= 0", lambda: credit_ops.truncate_regions(_MASK, _REGIONS, torch.tensor([1, -2])),
-                     id="negative_k_in_row"),
-        pytest.param("k must be a scalar or have shape \\(2,\\)",
-                     lambda: credit_ops.truncate_regions(_MASK, _REGIONS, torch.tensor([1, 2, 3])), id="k_wrong_shape"),
+        pytest.param(
+            "k must be >= 0",
+            lambda: credit_ops.truncate_regions(_MASK, _REGIONS, torch.tensor([1, -2])),
+            id="negative_k_in_row",
+        ),
+        pytest.param(
+            "k must be a scalar or have shape \\(2,\\)",
+            lambda: credit_ops.truncate_regions(_MASK, _REGIONS, torch.tensor([1, 2, 3])),
+            id="k_wrong_shape",
+        ),
         pytest.param("k must be an int", lambda: credit_ops.truncate_regions(_MASK, _REGIONS, 1.5), id="float_k"),
-        pytest.param("regions must have shape", lambda: credit_ops.truncate_regions(_MASK, _REGIONS[:, :3], 1),
-                     id="regions_wrong_shape"),
-        pytest.param("step_ids must lie in \\[-1, 4\\)",
-                     lambda: credit_ops.step_masks(_MASK, torch.tensor([[0, 0, 4, 4], [0, 0, 0, 0]])),
-                     id="step_id_beyond_T"),
-        pytest.param("tokens must have dtype", lambda: credit_ops.segment_steps(torch.zeros(2, 4), None, [0]),
-                     id="float_tokens"),
-        pytest.param("lengths must lie in \\[0, 4\\]",
-                     lambda: credit_ops.segment_steps(_TOKENS, torch.tensor([5, 1]), [0]), id="length_beyond_T"),
-        pytest.param("delimiter_ids must have 1 dimensions",
-                     lambda: credit_ops.segment_steps(_TOKENS, None, torch.zeros(1, 1, dtype=torch.int64)),
-                     id="delimiters_2d"),
+        pytest.param(
+            "regions must have shape",
+            lambda: credit_ops.truncate_regions(_MASK, _REGIONS[:, :3], 1),
+            id="regions_wrong_shape",
+        ),
+        pytest.param(
+            "step_ids must lie in \\[-1, 4\\)",
+            lambda: credit_ops.step_masks(_MASK, torch.tensor([[0, 0, 4, 4], [0, 0, 0, 0]])),
+            id="step_id_beyond_T",
+        ),
+        pytest.param(
+            "tokens must have dtype", lambda: credit_ops.segment_steps(torch.zeros(2, 4), None, [0]), id="float_tokens"
+        ),
+        pytest.param(
+            "lengths must lie in \\[0, 4\\]",
+            lambda: credit_ops.segment_steps(_TOKENS, torch.tensor([5, 1]), [0]),
+            id="length_beyond_T",
+        ),
+        pytest.param(
+            "delimiter_ids must have 1 dimensions",
+            lambda: credit_ops.segment_steps(_TOKENS, None, torch.zeros(1, 1, dtype=torch.int64)),
+            id="delimiters_2d",
+        ),
     ],
-)  # fmt: skip
+)
 def test_steps_and_truncation_bad_input(match, call):
     with pytest.raises(ValueError, match=match):
         call()

@@ -72,7 +72,7 @@ def rollout_batch(n_groups=4, max_size=5, T=18, vocab=6, device="cpu", prompt=Fa
     rof += [-1, -1]
     rok += [True, False]
     perm = torch.randperm(len(rows), generator=gen)
-    t = lambda x, **kw: torch.tensor(x, **kw)[perm].to(device)  # noqa: E731
+    t = lambda x, **kw: torch.tensor(x, **kw)[perm].to(device)
     batch = dict(
         tokens=tokens.to(device),
         lengths=lengths.to(device),
@@ -295,23 +295,39 @@ def _repair_of_n(b):
         pytest.param("lengths must have shape", lambda b: dict(lengths=b["lengths"][:-1]), id="lengths_wrong_shape"),
         pytest.param("lengths must lie in", lambda b: dict(lengths=b["lengths"] + 100), id="length_beyond_T"),
         pytest.param("rewards must be finite", lambda b: dict(rewards=_nan_reward(b)), id="nan_reward"),
-        pytest.param("repair_of must name an existing sample", lambda b: dict(repair_of=_repair_of_n(b)),
-                     id="repair_of_beyond_n"),
-        pytest.param("repair_correct must have shape", lambda b: dict(repair_correct=b["repair_correct"][:-1]),
-                     id="repair_correct_wrong_shape"),
-        pytest.param("repair_lengths must lie in", lambda b: dict(repair_lengths=b["repair_lengths"] + 100),
-                     id="repair_length_beyond_T"),
+        pytest.param(
+            "repair_of must name an existing sample", lambda b: dict(repair_of=_repair_of_n(b)), id="repair_of_beyond_n"
+        ),
+        pytest.param(
+            "repair_correct must have shape",
+            lambda b: dict(repair_correct=b["repair_correct"][:-1]),
+            id="repair_correct_wrong_shape",
+        ),
+        pytest.param(
+            "repair_lengths must lie in",
+            lambda b: dict(repair_lengths=b["repair_lengths"] + 100),
+            id="repair_length_beyond_T",
+        ),
         pytest.param("must be given together", lambda b: dict(repair_of=None), id="repairs_without_repair_of"),
         pytest.param("algorithm must be one of", lambda b: dict(algorithm="ppo"), id="unknown_algorithm"),
         pytest.param("needs delimiter_ids", lambda b: dict(granularity="step"), id="steps_without_delimiters"),
-        pytest.param("group_ids must lie in", lambda b: dict(group_ids=b["group_ids"] + b["tokens"].shape[0]),
-                     id="group_id_beyond_n"),
-        pytest.param("prompt_lengths must lie in", lambda b: dict(prompt_lengths=b["lengths"] + 1),
-                     id="prompt_longer_than_sample"),
-        pytest.param("all tensors must be on one device", lambda b: dict(rewards=b["rewards"].to("meta")),
-                     id="rewards_on_another_device"),
+        pytest.param(
+            "group_ids must lie in",
+            lambda b: dict(group_ids=b["group_ids"] + b["tokens"].shape[0]),
+            id="group_id_beyond_n",
+        ),
+        pytest.param(
+            "prompt_lengths must lie in",
+            lambda b: dict(prompt_lengths=b["lengths"] + 1),
+            id="prompt_longer_than_sample",
+        ),
+        pytest.param(
+            "all tensors must be on one device",
+            lambda b: dict(rewards=b["rewards"].to("meta")),
+            id="rewards_on_another_device",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input(match, change):
     b = rollout_batch()
     with pytest.raises(ValueError, match=match):
@@ -404,14 +420,23 @@ def test_torch_compile_fullgraph():
 
 
 def test_empty_batches():
-    empty = credit_ops.credit_assign(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                                     torch.zeros(0, dtype=torch.long), torch.zeros(0))  # fmt: skip
+    empty = credit_ops.credit_assign(
+        torch.zeros(0, 5, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0),
+    )
     assert empty.advantages.shape == (0, 5) and all(v.item() == 0 for v in empty.metrics.values())
     no_repairs = credit_ops.credit_assign(
-        torch.zeros(2, 5, dtype=torch.long), torch.tensor([5, 3]), torch.tensor([0, 0]), torch.tensor([0.0, 1.0]),
-        torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+        torch.zeros(2, 5, dtype=torch.long),
+        torch.tensor([5, 3]),
+        torch.tensor([0, 0]),
+        torch.tensor([0.0, 1.0]),
+        torch.zeros(0, 5, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
         torch.zeros(0, dtype=torch.bool),
-    )  # fmt: skip
+    )
     assert no_repairs.repair_advantages.shape == (0, 5) and not no_repairs.has_repair.any()
     assert no_repairs.gates.sum().item() == 8.0
 
@@ -420,8 +445,16 @@ def test_threshold_compared_in_float64():
     # 0.7 is not a float32: a reward of float32(0.7) lies just below the float64 threshold 0.7, so it is wrong,
     # for the masks and for the shaping alike.
     tokens = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
-    out = credit_ops.credit_assign(tokens, torch.tensor([4, 4]), torch.tensor([0, 0]), torch.tensor([0.7, 1.0]),
-                                   torch.tensor([[1, 2, 9, 4]]), torch.tensor([4]), torch.tensor([0]),
-                                   torch.tensor([True]), threshold=0.7)  # fmt: skip
+    out = credit_ops.credit_assign(
+        tokens,
+        torch.tensor([4, 4]),
+        torch.tensor([0, 0]),
+        torch.tensor([0.7, 1.0]),
+        torch.tensor([[1, 2, 9, 4]]),
+        torch.tensor([4]),
+        torch.tensor([0]),
+        torch.tensor([True]),
+        threshold=0.7,
+    )
     assert out.wrong.tolist() == [True, False] and out.has_repair.tolist() == [True, False]
     assert out.phi[0].item() == 0.5

@@ -17,8 +17,19 @@ CXX = shutil.which("c++") or shutil.which("g++")
 @pytest.mark.parametrize("src", SOURCES, ids=[s.stem for s in SOURCES])
 def test_csrc(src, tmp_path):
     exe = tmp_path / src.stem
-    build = [CXX, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", f"-I{ROOT / 'csrc'}", str(src),
-             "-o", str(exe), "-pthread"]  # fmt: skip
+    build = [
+        CXX,
+        "-std=c++20",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Wno-unknown-pragmas",
+        f"-I{ROOT / 'csrc'}",
+        str(src),
+        "-o",
+        str(exe),
+        "-pthread",
+    ]
     out = subprocess.run(build, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)

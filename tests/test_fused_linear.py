@@ -26,7 +26,7 @@ def sample(B=2, T=5, H=8, V=23, dtype=torch.float64, device="cpu", bias=True, pe
         gates=torch.rand(B, T),
     )
     adv = torch.randn(B, T) if per_token else torch.randn(B)
-    cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    cast = lambda t: None if t is None else t.to(dtype).to(device)
     kw = {k: v.to(device) for k, v in kw.items()}
     return cast(hidden), cast(weight), cast(b), labels.to(device), adv.to(device), kw
 
@@ -40,8 +40,12 @@ def grads(fn, hidden, weight, bias, scale=1.0):
 
 def close(got, want, tol):
     want = want.detach().cpu().double()
-    torch.testing.assert_close(got.detach().cpu().double(), want, rtol=tol,
-                               atol=tol * max(1.0, want.abs().max().item() if want.numel() else 1.0))  # fmt: skip
+    torch.testing.assert_close(
+        got.detach().cpu().double(),
+        want,
+        rtol=tol,
+        atol=tol * max(1.0, want.abs().max().item() if want.numel() else 1.0),
+    )
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
@@ -56,15 +60,21 @@ def test_matches_reference(backend, device, loss_type, bias, chunk_size):
 
     def ours(h, w, *bb):
         with credit_ops.use_backend(backend):
-            return credit_ops.fused_linear_policy_loss(h, w, labels, adv, bias=bb[0] if bb else None,
-                                                       chunk_size=chunk_size, **opts)  # fmt: skip
+            return credit_ops.fused_linear_policy_loss(
+                h, w, labels, adv, bias=bb[0] if bb else None, chunk_size=chunk_size, **opts
+            )
 
     def ref(h, w, *bb):
-        return R.fused_linear_policy_loss(h, w, labels.cpu(), adv.cpu(), bias=bb[0] if bb else None,
-                                          **{k: v.cpu() if isinstance(v, torch.Tensor) else v
-                                             for k, v in opts.items()})  # fmt: skip
+        return R.fused_linear_policy_loss(
+            h,
+            w,
+            labels.cpu(),
+            adv.cpu(),
+            bias=bb[0] if bb else None,
+            **{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in opts.items()},
+        )
 
-    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    cpu = lambda t: None if t is None else t.cpu()
     loss, stats, gs = grads(ours, hidden, weight, b, scale=1.7)
     want_loss, want_stats, want_gs = grads(ref, cpu(hidden), cpu(weight), cpu(b), scale=1.7)
     tol = 1e-9 if backend != "triton" else 1e-7 if device == "cpu" else 1e-5  # Triton: fp32 scalar args
@@ -119,20 +129,37 @@ def test_bf16_error_within_2x_eager(backend, device, loss_type):
             return credit_ops.fused_linear_policy_loss(h, w, labels, adv, bias=bb, chunk_size=4, **opts)
 
     def truth(h, w, bb):
-        return R.fused_linear_policy_loss(h, w, labels.cpu(), adv.cpu(), bias=bb,
-                                          **{k: v.cpu() if isinstance(v, torch.Tensor) else v
-                                             for k, v in opts.items()})  # fmt: skip
+        return R.fused_linear_policy_loss(
+            h,
+            w,
+            labels.cpu(),
+            adv.cpu(),
+            bias=bb,
+            **{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in opts.items()},
+        )
 
     def eager_bf16(h, w, bb):
         logits = torch.nn.functional.linear(h, w, bb)
         lp = torch.log_softmax(logits, -1).gather(-1, labels.cpu().clamp(min=0).unsqueeze(-1)).squeeze(-1)
         valid = ((labels.cpu() != -100) & kw["mask"].cpu()).to(torch.bfloat16)
-        bf = lambda t: t.cpu().to(torch.bfloat16)  # noqa: E731
+        bf = lambda t: t.cpu().to(torch.bfloat16)
         return R.loss_from_logprobs(
-            lp, torch.zeros_like(lp), valid, bf(adv), old_logprobs=bf(kw["old_logprobs"]),
-            ref_logprobs=bf(kw["ref_logprobs"]), gates=bf(kw["gates"]), loss_type=loss_type, eps_low=0.2,
-            eps_high=0.28, dual_clip=None, beta=0.05, kl_type="k3", agg=R.DEFAULT_AGG[loss_type], max_length=None,
-        )  # fmt: skip
+            lp,
+            torch.zeros_like(lp),
+            valid,
+            bf(adv),
+            old_logprobs=bf(kw["old_logprobs"]),
+            ref_logprobs=bf(kw["ref_logprobs"]),
+            gates=bf(kw["gates"]),
+            loss_type=loss_type,
+            eps_low=0.2,
+            eps_high=0.28,
+            dual_clip=None,
+            beta=0.05,
+            kl_type="k3",
+            agg=R.DEFAULT_AGG[loss_type],
+            max_length=None,
+        )
 
     cpu = [t.detach().cpu() for t in (hidden, weight, b)]
     loss, _, gs = grads(fused, hidden, weight, b)
@@ -181,8 +208,19 @@ def test_gradcheck(backend, device, loss_type):
 
     def f(h, w, bb):
         with credit_ops.use_backend(backend):
-            return credit_ops.fused_linear_policy_loss(h, w, labels, adv, bias=bb, loss_type=loss_type, beta=0.1,
-                                                       eps_low=0.2, eps_high=0.28, chunk_size=2, **kw)[0]  # fmt: skip
+            return credit_ops.fused_linear_policy_loss(
+                h,
+                w,
+                labels,
+                adv,
+                bias=bb,
+                loss_type=loss_type,
+                beta=0.1,
+                eps_low=0.2,
+                eps_high=0.28,
+                chunk_size=2,
+                **kw,
+            )[0]
 
     args = tuple(t.detach().requires_grad_(True) for t in (hidden, weight, b))
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5)
@@ -194,14 +232,26 @@ def test_logprobs(backend, device, bias):
     hidden, weight, b, labels, _, _ = sample(2, 5, 8, 31, torch.float64, device, bias=bias)
     leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight) + ((b,) if bias else ())]
     with credit_ops.use_backend(backend):
-        lp, ent = credit_ops.fused_linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if bias else None,
-                                                   temperature=0.8, return_entropy=True, chunk_size=3)  # fmt: skip
+        lp, ent = credit_ops.fused_linear_logprobs(
+            leaves[0],
+            leaves[1],
+            labels,
+            bias=leaves[2] if bias else None,
+            temperature=0.8,
+            return_entropy=True,
+            chunk_size=3,
+        )
     cot = torch.randn_like(lp)
     gs = torch.autograd.grad((lp * cot).sum(), leaves)
     ref_leaves = [t.detach().cpu().clone().requires_grad_(True) for t in leaves]
-    want_lp, want_ent = R.fused_linear_logprobs(ref_leaves[0], ref_leaves[1], labels.cpu(),
-                                                bias=ref_leaves[2] if bias else None, temperature=0.8,
-                                                return_entropy=True)  # fmt: skip
+    want_lp, want_ent = R.fused_linear_logprobs(
+        ref_leaves[0],
+        ref_leaves[1],
+        labels.cpu(),
+        bias=ref_leaves[2] if bias else None,
+        temperature=0.8,
+        return_entropy=True,
+    )
     want_gs = torch.autograd.grad((want_lp * cot.cpu()).sum(), ref_leaves)
     tol = 1e-9 if backend != "triton" else 1e-7 if device == "cpu" else 1e-5  # Triton: fp32 scalar args
     assert lp.shape == labels.shape
@@ -212,8 +262,9 @@ def test_logprobs(backend, device, bias):
         close(g, wg, tol)
     # (N, H) hidden with flat labels, under no_grad: the old-policy / reference pass
     with torch.no_grad(), credit_ops.use_backend(backend):
-        flat = credit_ops.fused_linear_logprobs(hidden.reshape(-1, 8), weight, labels.reshape(-1), bias=b,
-                                                temperature=0.8)  # fmt: skip
+        flat = credit_ops.fused_linear_logprobs(
+            hidden.reshape(-1, 8), weight, labels.reshape(-1), bias=b, temperature=0.8
+        )
     close(flat, want_lp.reshape(-1), tol)
 
 
@@ -224,8 +275,9 @@ def test_packed_and_no_grad(backend, device):
     with credit_ops.use_backend(backend):
         want, _ = credit_ops.fused_linear_policy_loss(hidden, weight, labels, adv, bias=b, **opts)
         flat_opts = {k: v.reshape(-1) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
-        packed, _ = credit_ops.fused_linear_policy_loss(hidden.reshape(-1, 8), weight, labels.reshape(-1),
-                                                        adv.reshape(-1), bias=b, **flat_opts)  # fmt: skip
+        packed, _ = credit_ops.fused_linear_policy_loss(
+            hidden.reshape(-1, 8), weight, labels.reshape(-1), adv.reshape(-1), bias=b, **flat_opts
+        )
         with torch.no_grad():
             h = hidden.clone().requires_grad_(True)
             nograd, _ = credit_ops.fused_linear_policy_loss(h, weight, labels, adv, bias=b, **opts)
@@ -238,11 +290,27 @@ def test_packed_and_no_grad(backend, device):
 def test_opcheck(backend, device):
     hidden, weight, b, labels, adv, kw = sample(2, 3, 4, 11, torch.float32, device)
     w = torch.rand(6, device=device)
-    flat = lambda t: t.reshape(-1).float()  # noqa: E731
+    flat = lambda t: t.reshape(-1).float()
     sfx = "_triton" if backend == "triton" else ""
-    args = (hidden.reshape(-1, 4).requires_grad_(True), weight.requires_grad_(True), b.requires_grad_(True),
-            labels.reshape(-1), flat(adv), w, flat(kw["old_logprobs"]), flat(kw["ref_logprobs"]), 1.0, -100, 0.2,
-            0.28, 0.0, 0.1, 3, 2, True)  # fmt: skip
+    args = (
+        hidden.reshape(-1, 4).requires_grad_(True),
+        weight.requires_grad_(True),
+        b.requires_grad_(True),
+        labels.reshape(-1),
+        flat(adv),
+        w,
+        flat(kw["old_logprobs"]),
+        flat(kw["ref_logprobs"]),
+        1.0,
+        -100,
+        0.2,
+        0.28,
+        0.0,
+        0.1,
+        3,
+        2,
+        True,
+    )
     torch.library.opcheck(getattr(torch.ops.credit, f"fused_linear_policy_loss_fwd{sfx}"), args)
     torch.library.opcheck(getattr(torch.ops.credit, f"fused_linear_policy_loss_fwd{sfx}"), args[:-1] + (False,))
     lp_args = (args[0], args[1], None, args[3], 1.0, -100, 2)
@@ -255,8 +323,9 @@ def test_compile_fullgraph(backend, device, loss_type):
     hidden, weight, b, labels, adv, kw = sample(2, 4, 8, 17, torch.float32, device)
 
     def f(h, w, bb):
-        loss, stats = credit_ops.fused_linear_policy_loss(h, w, labels, adv, bias=bb, loss_type=loss_type,
-                                                          beta=0.1, chunk_size=3, **kw)  # fmt: skip
+        loss, stats = credit_ops.fused_linear_policy_loss(
+            h, w, labels, adv, bias=bb, loss_type=loss_type, beta=0.1, chunk_size=3, **kw
+        )
         return loss * 3.0, stats["entropy_mean"]
 
     torch._dynamo.reset()
@@ -297,14 +366,17 @@ def test_backward_allocates_no_weight_sized_tensor(backend, device):
         pytest.param("one row per label", lambda f, h, w, b, y, a: f(h[:, :2], w, y, a), id="fewer_rows_than_labels"),
         pytest.param("bias", lambda f, h, w, b, y, a: f(h, w, y, a, bias=b[:5]), id="bias_wrong_length"),
         pytest.param("loss_type", lambda f, h, w, b, y, a: f(h, w, y, a, loss_type="x"), id="unknown_loss_type"),
-        pytest.param("max_length", lambda f, h, w, b, y, a: f(h, w, y, a, loss_type="dr_grpo"),
-                     id="dr_grpo_without_max_length"),
+        pytest.param(
+            "max_length", lambda f, h, w, b, y, a: f(h, w, y, a, loss_type="dr_grpo"), id="dr_grpo_without_max_length"
+        ),
         pytest.param("labels", lambda f, h, w, b, y, a: f(h, w, torch.full_like(y, 11), a), id="label_out_of_vocab"),
-        pytest.param("weight.shape",
-                     lambda f, h, w, b, y, a: credit_ops.fused_linear_logprobs(h, w[:, :2], y),
-                     id="logprobs_weight_wrong_width"),
+        pytest.param(
+            "weight.shape",
+            lambda f, h, w, b, y, a: credit_ops.fused_linear_logprobs(h, w[:, :2], y),
+            id="logprobs_weight_wrong_width",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input(match, make):
     hidden, weight, b, labels, adv, _ = sample(2, 3, 4, 11, torch.float32)
     with pytest.raises(ValueError, match=match):

@@ -275,9 +275,16 @@ def test_gated_gspo(core_algos, mode):
     ours = run_loss(cv.credit_ops_gated_gspo, old, logp, adv, mask, mode, config, None)
     leaf = logp.clone().requires_grad_(True)
     per_token, _ = credit_ops.policy_loss_from_logprobs(
-        leaf, adv, old_logprobs=old, mask=mask, gates=gates, loss_type="gated_gspo", eps_low=3e-4, eps_high=4e-4,
+        leaf,
+        adv,
+        old_logprobs=old,
+        mask=mask,
+        gates=gates,
+        loss_type="gated_gspo",
+        eps_low=3e-4,
+        eps_high=4e-4,
         reduction="none",
-    )  # fmt: skip
+    )
     direct = core_algos.agg_loss(per_token, mask, mode)
     direct.backward()
     torch.testing.assert_close(ours[0], direct.detach(), rtol=0, atol=0)
@@ -292,7 +299,7 @@ def worker_data(gates=None):
 
     g = torch.Generator().manual_seed(1)
     P, R = [3, 2, 4], [5, 1, 3]
-    nested = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)  # noqa: E731
+    nested = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)
     fields = {
         "prompts": nested([torch.randint(0, 9, (p,), generator=g) for p in P]),
         "responses": nested([torch.randint(0, 9, (r,), generator=g) for r in R]),
@@ -327,10 +334,17 @@ def test_credit_ppo_loss_explicit_gates(core_algos, loss_mode):
     lp = torch.nn.utils.rnn.pad_sequence([x[-r - 1 : -1] for x, r in zip(log_probs, R, strict=True)], batch_first=True)
     mask = padded["response_mask"].bool()
     per_token, _ = credit_ops.policy_loss_from_logprobs(
-        lp, padded["advantages"], old_logprobs=padded["old_log_probs"], mask=mask, gates=padded[cv.GATES_KEY],
-        loss_type=cv.LOSS_MODES[loss_mode], dual_clip=3.0 if loss_mode == "credit_ops_vanilla" else None,
-        eps_low=config.clip_ratio_low, eps_high=config.clip_ratio_high, reduction="none",
-    )  # fmt: skip
+        lp,
+        padded["advantages"],
+        old_logprobs=padded["old_log_probs"],
+        mask=mask,
+        gates=padded[cv.GATES_KEY],
+        loss_type=cv.LOSS_MODES[loss_mode],
+        dual_clip=3.0 if loss_mode == "credit_ops_vanilla" else None,
+        eps_low=config.clip_ratio_low,
+        eps_high=config.clip_ratio_high,
+        reduction="none",
+    )
     torch.testing.assert_close(loss.detach(), core_algos.agg_loss(per_token, mask, "token-mean"), rtol=0, atol=1e-7)
     # verl's own losses never see the gates, and without the field it is verl's ppo_loss
     detached = {"log_probs": model_output["log_probs"].detach()}

@@ -17,8 +17,20 @@ KERNEL_BACKENDS = [(b, d) for b, d in BACKENDS if b != "reference" and (b, d) !=
 KERNEL_IDS = [f"{b}-{d}" for b, d in KERNEL_BACKENDS]
 
 
-def sample(B=3, T=6, V=37, dtype=torch.float64, device="cpu", *, per_token=True, gates=True, mask=True, old=True,
-           ref=True, ignore=True):  # fmt: skip
+def sample(
+    B=3,
+    T=6,
+    V=37,
+    dtype=torch.float64,
+    device="cpu",
+    *,
+    per_token=True,
+    gates=True,
+    mask=True,
+    old=True,
+    ref=True,
+    ignore=True,
+):
     logits = (torch.randn(B, T, V, dtype=torch.float64) * 2).to(dtype)
     labels = torch.randint(0, V, (B, T))
     if ignore:
@@ -39,7 +51,7 @@ def sample(B=3, T=6, V=37, dtype=torch.float64, device="cpu", *, per_token=True,
         g[g < 0.2] = 0.0
         kw["gates"] = g
     adv = torch.randn(B, T) if per_token else torch.randn(B)
-    to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
     return logits.to(device), labels.to(device), adv.to(device), {k: to(v) for k, v in kw.items()}
 
 
@@ -93,10 +105,11 @@ AGGS = [None, *R.AGGREGATIONS]
 AGG_IDS = ["default_agg", *R.AGGREGATIONS]
 # (per_token, gates, mask) with named ids: per_token / per_seq advantages, gates / no_gates, mask / no_mask
 FLAGS = [
-    pytest.param(p, g, m, id=f"{'per_token' if p else 'per_seq'}-{'gates' if g else 'no_gates'}-"
-                              f"{'mask' if m else 'no_mask'}")
+    pytest.param(
+        p, g, m, id=f"{'per_token' if p else 'per_seq'}-{'gates' if g else 'no_gates'}-{'mask' if m else 'no_mask'}"
+    )
     for p, g, m in itertools.product([True, False], repeat=3)
-]  # fmt: skip
+]
 
 
 # The full grid on every backend (the Triton interpreter runs its 280 cases in about 35 s).
@@ -106,8 +119,18 @@ FLAGS = [
 @pytest.mark.parametrize("loss_type", R.LOSS_TYPES)
 def test_parity_grid(backend, device, loss_type, agg, per_token, gates, mask):
     flags = dict(per_token=per_token, gates=gates, mask=mask)
-    check_all(backend, device, torch.float64, tol64(backend, device), sample_kw=flags, loss_type=loss_type, agg=agg,
-              max_length=9, beta=0.05, dual_clip=3.0)  # fmt: skip
+    check_all(
+        backend,
+        device,
+        torch.float64,
+        tol64(backend, device),
+        sample_kw=flags,
+        loss_type=loss_type,
+        agg=agg,
+        max_length=9,
+        beta=0.05,
+        dual_clip=3.0,
+    )
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
@@ -115,8 +138,20 @@ def test_parity_grid(backend, device, loss_type, agg, per_token, gates, mask):
 @pytest.mark.parametrize("kl_type", R.KL_TYPES)
 def test_options(backend, device, loss_type, kl_type):
     """On-policy, KL types, no dual clip, temperature, explicit eps, a downstream scale on the loss."""
-    check_all(backend, device, torch.float64, tol64(backend, device), sample_kw=dict(old=False), loss_type=loss_type,
-              kl_type=kl_type, beta=0.1, temperature=0.7, eps_low=0.1, eps_high=0.3, max_length=8)  # fmt: skip
+    check_all(
+        backend,
+        device,
+        torch.float64,
+        tol64(backend, device),
+        sample_kw=dict(old=False),
+        loss_type=loss_type,
+        kl_type=kl_type,
+        beta=0.1,
+        temperature=0.7,
+        eps_low=0.1,
+        eps_high=0.3,
+        max_length=8,
+    )
     check_all(backend, device, torch.float64, tol64(backend, device), scale=-2.5, loss_type=loss_type, max_length=8)
 
 
@@ -153,8 +188,9 @@ def test_long_rows_triton(monkeypatch):
         # in place (inplace_grad, the fused LM head's chunks)
         x = logits.clone().requires_grad_(True)
         with credit_ops.use_backend("triton"):
-            loss2, _ = credit_ops.policy_loss(x * 1.0, labels, adv, loss_type=loss_type, beta=0.1, inplace_grad=True,
-                                              **kw)  # fmt: skip
+            loss2, _ = credit_ops.policy_loss(
+                x * 1.0, labels, adv, loss_type=loss_type, beta=0.1, inplace_grad=True, **kw
+            )
         (g2,) = torch.autograd.grad(loss2, x)
         close(loss2, want_loss, 1e-5)
         close(g2, want_g, 1e-5)
@@ -174,8 +210,13 @@ def test_real_vocab_cuda(rows):
     gates = torch.rand(B, T, device="cuda")
     with torch.no_grad():
         cur = credit_ops.token_logprobs(logits, labels)
-    kw = dict(old_logprobs=cur + 0.2 * torch.randn_like(cur), ref_logprobs=cur + 0.2 * torch.randn_like(cur),
-              gates=gates, beta=0.05, loss_type="dapo")  # fmt: skip
+    kw = dict(
+        old_logprobs=cur + 0.2 * torch.randn_like(cur),
+        ref_logprobs=cur + 0.2 * torch.randn_like(cur),
+        gates=gates,
+        beta=0.05,
+        loss_type="dapo",
+    )
     for backend in ("triton", "reference"):
         x = logits.clone().requires_grad_(True)
         with credit_ops.use_backend(backend):
@@ -263,8 +304,9 @@ def test_gradcheck(backend, device, loss_type):
 
     def f(z):
         with credit_ops.use_backend(backend):
-            return credit_ops.policy_loss(z, labels, adv, loss_type=loss_type, beta=0.1, max_length=5,
-                                          eps_low=0.2, eps_high=0.28, **kw)[0]  # fmt: skip
+            return credit_ops.policy_loss(
+                z, labels, adv, loss_type=loss_type, beta=0.1, max_length=5, eps_low=0.2, eps_high=0.28, **kw
+            )[0]
 
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
 
@@ -283,13 +325,24 @@ def test_bf16_error_within_2x_eager(backend, device, loss_type):
     lp = torch.log_softmax(x, -1).gather(-1, labels.cpu().clamp(min=0).unsqueeze(-1)).squeeze(-1)
     valid = ((labels.cpu() != -100) & kw["mask"].cpu()).to(torch.bfloat16)
     eager_loss, _ = R.loss_from_logprobs(
-        lp, torch.zeros_like(lp), valid, adv.cpu().to(torch.bfloat16), old_logprobs=None,
-        ref_logprobs=kw["ref_logprobs"].cpu().to(torch.bfloat16), gates=kw["gates"].cpu().to(torch.bfloat16),
-        loss_type=loss_type, eps_low=0.2, eps_high=0.28, dual_clip=None, beta=0.05, kl_type="k3",
-        agg=R.DEFAULT_AGG[loss_type], max_length=None,
-    )  # fmt: skip
+        lp,
+        torch.zeros_like(lp),
+        valid,
+        adv.cpu().to(torch.bfloat16),
+        old_logprobs=None,
+        ref_logprobs=kw["ref_logprobs"].cpu().to(torch.bfloat16),
+        gates=kw["gates"].cpu().to(torch.bfloat16),
+        loss_type=loss_type,
+        eps_low=0.2,
+        eps_high=0.28,
+        dual_clip=None,
+        beta=0.05,
+        kl_type="k3",
+        agg=R.DEFAULT_AGG[loss_type],
+        max_length=None,
+    )
     (eager_g,) = torch.autograd.grad(eager_loss, x)
-    err = lambda a, b: (a.detach().cpu().double() - b.double()).abs().max().item()  # noqa: E731
+    err = lambda a, b: (a.detach().cpu().double() - b.double()).abs().max().item()
     # The eager loss is one bf16 scalar: its rounding (up to half a bf16 ulp, 2^-9 relative) is part of its error
     # even where it happens to land next to the float64 value.
     assert err(loss, want_loss) <= 2 * max(err(eager_loss, want_loss), 2**-9 * abs(want_loss.item())) + 1e-6
@@ -321,8 +374,22 @@ def test_inplace_grad_detects_reuse():
 
 
 # ---- TRL's documented GRPO loss (GRPOTrainer._compute_loss), reimplemented independently.
-def trl_loss(logits, labels, advantages, completion_mask, old, ref, *, loss_type, importance_sampling_level, beta,
-             epsilon_low, epsilon_high, max_completion_length, temperature):  # fmt: skip
+def trl_loss(
+    logits,
+    labels,
+    advantages,
+    completion_mask,
+    old,
+    ref,
+    *,
+    loss_type,
+    importance_sampling_level,
+    beta,
+    epsilon_low,
+    epsilon_high,
+    max_completion_length,
+    temperature,
+):
     logps = torch.log_softmax(logits / temperature, dim=-1)
     per_token_logps = torch.gather(logps, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     if beta != 0.0:
@@ -354,18 +421,42 @@ def trl_loss(logits, labels, advantages, completion_mask, old, ref, *, loss_type
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_seq", "per_token"])
 @pytest.mark.parametrize("on_policy", [False, True], ids=["off_policy", "on_policy"])
 def test_matches_trl_formulas(backend, device, loss_type, per_token, on_policy):
-    logits, labels, adv, kw = sample(3, 7, 29, torch.float64, device, per_token=per_token, gates=False, old=True,
-                                     ignore=False)  # fmt: skip
+    logits, labels, adv, kw = sample(
+        3, 7, 29, torch.float64, device, per_token=per_token, gates=False, old=True, ignore=False
+    )
     old = None if on_policy else kw["old_logprobs"].double()
     ref, mask = kw["ref_logprobs"].double(), kw["mask"]
     eps = (0.2, 0.28) if loss_type != "gspo" else (3e-4, 4e-4)
-    loss, g, _ = loss_and_grad(backend, logits, labels, adv, loss_type=loss_type, old_logprobs=old,
-                               ref_logprobs=ref, mask=mask, beta=0.04, max_length=11, temperature=0.9)  # fmt: skip
+    loss, g, _ = loss_and_grad(
+        backend,
+        logits,
+        labels,
+        adv,
+        loss_type=loss_type,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        mask=mask,
+        beta=0.04,
+        max_length=11,
+        temperature=0.9,
+    )
     x = logits.detach().cpu().requires_grad_(True)
     trl_type, level = ("grpo", "sequence") if loss_type == "gspo" else (loss_type, "token")
-    want = trl_loss(x, labels.cpu(), adv.cpu(), mask.cpu().double(), None if old is None else old.cpu(), ref.cpu(),
-                    loss_type=trl_type, importance_sampling_level=level, beta=0.04, epsilon_low=eps[0],
-                    epsilon_high=eps[1], max_completion_length=11, temperature=0.9)  # fmt: skip
+    want = trl_loss(
+        x,
+        labels.cpu(),
+        adv.cpu(),
+        mask.cpu().double(),
+        None if old is None else old.cpu(),
+        ref.cpu(),
+        loss_type=trl_type,
+        importance_sampling_level=level,
+        beta=0.04,
+        epsilon_low=eps[0],
+        epsilon_high=eps[1],
+        max_completion_length=11,
+        temperature=0.9,
+    )
     (want_g,) = torch.autograd.grad(want, x)
     close(loss, want.detach(), tol64(backend, device))
     close(g, want_g, tol64(backend, device))
@@ -466,8 +557,21 @@ def test_full_model_output(backend, device, loss_type, inplace):
 def _op_args(device, dtype=torch.float32, V=13):
     logits, labels, adv, kw = sample(2, 4, V, dtype, device)
     w = R.aggregation_weights(((labels != -100) & kw["mask"]).float(), "token_mean") * kw["gates"]
-    return (logits.requires_grad_(True), labels, adv.float(), w, kw["old_logprobs"], kw["ref_logprobs"], 1.0, -100,
-            0.2, 0.28, 3.0, 0.1, 3)  # fmt: skip
+    return (
+        logits.requires_grad_(True),
+        labels,
+        adv.float(),
+        w,
+        kw["old_logprobs"],
+        kw["ref_logprobs"],
+        1.0,
+        -100,
+        0.2,
+        0.28,
+        3.0,
+        0.1,
+        3,
+    )
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=KERNEL_IDS)
@@ -506,8 +610,9 @@ def test_compile_fullgraph(backend, device, loss_type):
     logits, labels, adv, kw = sample(2, 5, 23, torch.float32, device)
 
     def f(x, labels, adv, old, ref, mask, gates):
-        loss, stats = credit_ops.policy_loss(x, labels, adv, old_logprobs=old, ref_logprobs=ref, mask=mask,
-                                             gates=gates, loss_type=loss_type, beta=0.1)  # fmt: skip
+        loss, stats = credit_ops.policy_loss(
+            x, labels, adv, old_logprobs=old, ref_logprobs=ref, mask=mask, gates=gates, loss_type=loss_type, beta=0.1
+        )
         return loss * 2.0, stats["clip_frac"]
 
     torch._dynamo.reset()

@@ -35,9 +35,23 @@ def tol(backend, device):
 
 
 # ---- the statistics, written from the definitions above
-def trl_stats(logits, labels, adv, *, old_logprobs=None, ref_logprobs=None, mask=None, gates=None, loss_type,
-              eps_low=None, eps_high=None, kl_type="k3", temperature=1.0, ignore_index=-100,
-              **_loss_options):  # fmt: skip
+def trl_stats(
+    logits,
+    labels,
+    adv,
+    *,
+    old_logprobs=None,
+    ref_logprobs=None,
+    mask=None,
+    gates=None,
+    loss_type,
+    eps_low=None,
+    eps_high=None,
+    kl_type="k3",
+    temperature=1.0,
+    ignore_index=-100,
+    **_loss_options,
+):
     """The statistics of float64 logits (B, T, V), one sequence at a time: Python loops over tokens. eps default
     to TRL's (token ratios) and GSPO's (sequence ratios); the options that shape only the loss are ignored."""
     eps_low = EPS[loss_type][0] if eps_low is None else eps_low
@@ -67,7 +81,7 @@ def trl_stats(logits, labels, adv, *, old_logprobs=None, ref_logprobs=None, mask
             entropy = -(p * logp_all[b, t]).sum().item()
             rows.append((ratio, a, kl, entropy))
     n = len(rows)
-    mean = lambda xs: sum(xs) / n if n else 0.0  # noqa: E731
+    mean = lambda xs: sum(xs) / n if n else 0.0
     low = [r < 1 - eps_low and a < 0 for r, a, _, _ in rows]
     high = [r > 1 + eps_high and a > 0 for r, a, _, _ in rows]
     return dict(
@@ -99,8 +113,12 @@ ENTRIES = LOGITS_ENTRIES + HEAD_ENTRIES + ("from_logprobs",)
 def cases(entries):
     """(entry, backend, device) for each entry on each backend; the loss from log-probs has no Triton kernels (the
     triton backend runs the native code), so it runs once on the native backend."""
-    return [pytest.param(e, b, d, id=f"{e}-{b}-{d}") for e in entries for b, d in BACKENDS
-            if not (e == "from_logprobs" and b == "triton")]  # fmt: skip
+    return [
+        pytest.param(e, b, d, id=f"{e}-{b}-{d}")
+        for e in entries
+        for b, d in BACKENDS
+        if not (e == "from_logprobs" and b == "triton")
+    ]
 
 
 def head_of(logits, H=8):
@@ -116,7 +134,7 @@ def head_of(logits, H=8):
 
 def call(entry, backend, device, logits, labels, adv, **kw):
     """(loss, stats) of one entry point; every tensor moved to device."""
-    to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
     labels, adv, kw = to(labels), to(adv), {k: to(v) for k, v in kw.items()}
     with credit_ops.use_backend(backend):
         if entry in LOGITS_ENTRIES:
@@ -147,15 +165,15 @@ def call(entry, backend, device, logits, labels, adv, **kw):
         chunk = 4 if entry == "fused_head-chunks_cut_sequences" else None  # T = 6: a chunk cuts a sequence
         with torch.set_grad_enabled(grad):
             leaves = [t.requires_grad_(grad) for t in (hidden, weight, bias)]
-            loss, stats = credit_ops.fused_linear_policy_loss(leaves[0], leaves[1], labels, adv, bias=leaves[2],
-                                                              chunk_size=chunk, **kw)  # fmt: skip
+            loss, stats = credit_ops.fused_linear_policy_loss(
+                leaves[0], leaves[1], labels, adv, bias=leaves[2], chunk_size=chunk, **kw
+            )
         if grad:
             loss.backward()
         return loss, stats
 
 
-def sample(B=3, T=6, V=29, *, old=True, ref=True, mask=True, gates=True, per_token=True, ignore=True,
-           all_masked=False):  # fmt: skip
+def sample(B=3, T=6, V=29, *, old=True, ref=True, mask=True, gates=True, per_token=True, ignore=True, all_masked=False):
     logits = torch.randn(B, T, V, dtype=torch.float64) * 2
     labels = torch.randint(0, V, (B, T))
     if ignore:
@@ -190,13 +208,17 @@ def test_stats_match_trl_definitions(backend, device, loss_type, entry):
 
 
 OPTIONS = [
-    pytest.param(dict(kl_type="k1", temperature=0.7, eps_low=0.1, eps_high=0.3), dict(per_token=False, gates=False),
-                 id="k1-temperature-eps-per_seq-no_gates"),
-    pytest.param(dict(kl_type="k2", eps_low=0.05, eps_high=0.05), dict(old=False, mask=False),
-                 id="k2-on_policy-no_mask"),
+    pytest.param(
+        dict(kl_type="k1", temperature=0.7, eps_low=0.1, eps_high=0.3),
+        dict(per_token=False, gates=False),
+        id="k1-temperature-eps-per_seq-no_gates",
+    ),
+    pytest.param(
+        dict(kl_type="k2", eps_low=0.05, eps_high=0.05), dict(old=False, mask=False), id="k2-on_policy-no_mask"
+    ),
     pytest.param(dict(beta=0.0), dict(ref=False, ignore=False), id="no_ref-nothing_ignored"),
     pytest.param(dict(), dict(all_masked=True), id="no_valid_token"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("entry,backend,device", cases(["logits", "fused_head", "from_logprobs"]))
@@ -227,9 +249,12 @@ def hand_inputs(ratios, adv, d, gates, excluded_by):
         mask[1, 2] = False
     else:
         labels[1, 2] = -100
-    kw = dict(old_logprobs=-LN4 - torch.tensor(ratios, dtype=torch.float64).log(),
-              ref_logprobs=-LN4 + torch.tensor(d, dtype=torch.float64), mask=mask,
-              gates=torch.tensor(gates, dtype=torch.float64))  # fmt: skip
+    kw = dict(
+        old_logprobs=-LN4 - torch.tensor(ratios, dtype=torch.float64).log(),
+        ref_logprobs=-LN4 + torch.tensor(d, dtype=torch.float64),
+        mask=mask,
+        gates=torch.tensor(gates, dtype=torch.float64),
+    )
     return torch.zeros(2, 3, 4, dtype=torch.float64), labels, torch.tensor(adv, dtype=torch.float64), kw
 
 
@@ -238,14 +263,22 @@ D = [[LN2, LN2, 0.0], [-LN2, LN2, LN2]]
 KL = {"k1": -2 * LN2 / 5, "k2": 0.5 * 4 * LN2**2 / 5, "k3": (3 * (1 - LN2) + (LN2 - 0.5)) / 5}
 # Token ratios (eps 0.2 / 0.28): low clips where r < 0.8 and A < 0 (only (0, 0): (0, 1) has A > 0); high clips
 # where r > 1.28 and A > 0 (only (0, 2): (1, 0) has A < 0, (1, 1) lies inside).
-TOKEN_CASE = dict(ratios=[[0.5, 0.7, 1.5], [1.4, 1.25, 0.5]], adv=[[-1.0, 1.0, 1.0], [-1.0, 1.0, -1.0]], d=D,
-                  gates=[[1.0, 0.5, 1.0], [0.0, 1.0, 1.0]])  # fmt: skip
+TOKEN_CASE = dict(
+    ratios=[[0.5, 0.7, 1.5], [1.4, 1.25, 0.5]],
+    adv=[[-1.0, 1.0, 1.0], [-1.0, 1.0, -1.0]],
+    d=D,
+    gates=[[1.0, 0.5, 1.0], [0.0, 1.0, 1.0]],
+)
 TOKEN_WANT = dict(clip_frac_low=1 / 5, clip_frac_high=1 / 5, clip_frac=2 / 5, ratio_mean=5.35 / 5)
 # Sequence ratios (eps 3e-4 / 4e-4): gspo s_0 = (2 * 8 * 0.5)^(1/3) = 2, s_1 = (0.5 * 0.125)^(1/2) = 0.25 (the
 # excluded token's ratio 4 would make it 0.63); gated_gspo weighs by the gates: s_0 = (2 * 0.5)^(1/2) = 1 (the
 # gate-0 token's ratio 8 is out), s_1 = 0.25 (equal gates 0.5, 0.5: normalised by their sum).
-SEQ_CASE = dict(ratios=[[2.0, 8.0, 0.5], [0.5, 0.125, 4.0]], adv=[[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]], d=D,
-                gates=[[1.0, 0.0, 1.0], [0.5, 0.5, 1.0]])  # fmt: skip
+SEQ_CASE = dict(
+    ratios=[[2.0, 8.0, 0.5], [0.5, 0.125, 4.0]],
+    adv=[[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]],
+    d=D,
+    gates=[[1.0, 0.0, 1.0], [0.5, 0.5, 1.0]],
+)
 SEQ_WANT = {
     # low: (1, 0) only ((1, 1) has A > 0); high: (0, 0), (0, 2) ((0, 1) has A < 0)
     "gspo": dict(clip_frac_low=1 / 5, clip_frac_high=2 / 5, clip_frac=3 / 5, ratio_mean=(3 * 2 + 2 * 0.25) / 5),
@@ -259,13 +292,17 @@ HAND = [pytest.param(t, TOKEN_CASE, TOKEN_WANT, id=t) for t in R.TOKEN_LOSSES] +
 
 
 @pytest.mark.parametrize("entry,backend,device", cases(["logits", "fused_head", "from_logprobs"]))
-@pytest.mark.parametrize("excluded_by,kl_type", [("mask", "k3"), ("ignore_index", "k1"), ("mask", "k2")],
-                         ids=["masked-k3", "ignored-k1", "masked-k2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "excluded_by,kl_type",
+    [("mask", "k3"), ("ignore_index", "k1"), ("mask", "k2")],
+    ids=["masked-k3", "ignored-k1", "masked-k2"],
+)
 @pytest.mark.parametrize("loss_type,case,want", HAND)
 def test_stats_hand_computed(backend, device, loss_type, case, want, excluded_by, kl_type, entry):
     logits, labels, adv, kw = hand_inputs(**case, excluded_by=excluded_by)
-    _, stats = call(entry, backend, device, logits, labels, adv, loss_type=loss_type, kl_type=kl_type, beta=0.04,
-                    max_length=3, **kw)  # fmt: skip
+    _, stats = call(
+        entry, backend, device, logits, labels, adv, loss_type=loss_type, kl_type=kl_type, beta=0.04, max_length=3, **kw
+    )
     full = dict(want, kl_mean=KL[kl_type], entropy_mean=LN4, num_tokens=5.0)
     check_stats(stats, full, tol(backend, device))
     # the test's formulas give the hand values too
@@ -274,9 +311,11 @@ def test_stats_hand_computed(backend, device, loss_type, case, want, excluded_by
 
 
 # ---- gated_gspo: a token with gate 0 takes no part in the loss
-GATE_ENTRIES = ["reference_module", "from_logprobs-native-cpu",
-                *[f"{e}-{b}-{d}" for e in ("logits", "inplace_grad", "fused_head") for b, d in BACKENDS
-                  if b != "reference"]]  # fmt: skip
+GATE_ENTRIES = [
+    "reference_module",
+    "from_logprobs-native-cpu",
+    *[f"{e}-{b}-{d}" for e in ("logits", "inplace_grad", "fused_head") for b, d in BACKENDS if b != "reference"],
+]
 
 
 @pytest.mark.parametrize("case", GATE_ENTRIES)
@@ -298,7 +337,7 @@ def test_gated_gspo_gate_zero_token_changes_nothing(case):
             loss, _ = R.policy_loss(x, labels, adv, **args)
             return loss, torch.autograd.grad(loss, x)[0], None
         entry, backend, device = case.rsplit("-", 2)
-        to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t
         args = {k: to(v) for k, v in args.items()}
         with credit_ops.use_backend(backend):
             if entry == "from_logprobs":  # log-probs of the logits, differentiated through to them
@@ -314,8 +353,9 @@ def test_gated_gspo_gate_zero_token_changes_nothing(case):
                 return loss, gh[..., : logits.shape[-1]].cpu(), (gw.cpu(), gb.cpu())
             base = logits.clone().to(device).requires_grad_(True)
             x = base * 1.0 if entry == "inplace_grad" else base
-            loss, _ = credit_ops.policy_loss(x, labels.to(device), adv.to(device), inplace_grad=entry == "inplace_grad",
-                                             **args)  # fmt: skip
+            loss, _ = credit_ops.policy_loss(
+                x, labels.to(device), adv.to(device), inplace_grad=entry == "inplace_grad", **args
+            )
             return loss, torch.autograd.grad(loss, base)[0].cpu(), None
 
     loss, g, head = loss_and_grads(logits, kw["old_logprobs"], kw["ref_logprobs"], adv)

@@ -64,9 +64,11 @@ def assert_close(got, want, tol):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize(
     "shape,V",
-    [pytest.param(s, V, id=(f"B{s[0]}-T{s[1]}" if len(s) == 2 else f"N{s[0]}") + f"-V{V}")
-     for s, V in (((3, 7), 37), ((5,), 1), ((0,), 11), ((2, 3), 1000), ((4,), 5003))],
-)  # fmt: skip
+    [
+        pytest.param(s, V, id=(f"B{s[0]}-T{s[1]}" if len(s) == 2 else f"N{s[0]}") + f"-V{V}")
+        for s, V in (((3, 7), 37), ((5,), 1), ((0,), 11), ((2, 3), 1000), ((4,), 5003))
+    ],
+)
 def test_parity(backend, device, dtype, shape, V):
     logits, labels = sample_inputs(shape, V, dtype, device, ignore_frac=0.2)
     for temperature in (1.0, 0.7):
@@ -191,8 +193,9 @@ def test_opcheck(backend, device, return_entropy):
         torch.library.opcheck(fwd, (x, labels, 0.9, -100, return_entropy))
     lp, ent, lse = fwd(logits, labels, 0.9, -100, True)
     g = torch.randn_like(lp)
-    torch.library.opcheck(bwd, (g, g if return_entropy else None, logits, labels, lse, ent if return_entropy else None,
-                                0.9, -100))  # fmt: skip
+    torch.library.opcheck(
+        bwd, (g, g if return_entropy else None, logits, labels, lse, ent if return_entropy else None, 0.9, -100)
+    )
 
 
 @pytest.mark.parametrize("backend,device", KERNELS)
@@ -218,8 +221,10 @@ def test_torch_compile_fullgraph(backend, device):
 def test_no_grad_allocates_nothing_of_vocab_size():
     N, V = 64, 8192
     logits, labels = sample_inputs((N,), V, torch.bfloat16)
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                  profile_memory=True) as prof:  # fmt: skip
+    with (
+        torch.no_grad(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         credit_ops.token_logprobs(logits, labels, return_entropy=True)
     biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
     assert 0 < biggest < N * V  # outputs only: O(N) floats, nothing O(N * V)
@@ -250,11 +255,20 @@ BAD = [
     pytest.param("labels must have dtype", lambda x, y: (x, y.float()), {}, id="float_labels"),
     pytest.param("logits must be a torch.Tensor", lambda x, y: (x.tolist(), y), {}, id="logits_a_list"),
     pytest.param("non-empty vocabulary", lambda x, y: (torch.randn(4, 0), y), {}, id="empty_vocabulary"),
-    pytest.param("labels must lie in", lambda x, y: (x, torch.tensor([0, -100, 3, 2])), dict(ignore_index=-1),
-                 id="minus_100_with_other_ignore_index"),
-    pytest.param("one device", lambda x, y: (x.cuda(), y), {}, id="logits_on_cuda_labels_on_cpu",
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
-]  # fmt: skip
+    pytest.param(
+        "labels must lie in",
+        lambda x, y: (x, torch.tensor([0, -100, 3, 2])),
+        dict(ignore_index=-1),
+        id="minus_100_with_other_ignore_index",
+    ),
+    pytest.param(
+        "one device",
+        lambda x, y: (x.cuda(), y),
+        {},
+        id="logits_on_cuda_labels_on_cpu",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ),
+]
 
 
 @pytest.mark.parametrize("match,make,kw", BAD)
