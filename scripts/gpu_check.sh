@@ -9,8 +9,10 @@
 #
 # The tests stage runs the CUDA cases (-k "cuda or long_rows or layout": the tests that take CUDA tensors when a GPU is
 # there; TESTS_K="" runs everything) file by file (TESTS overrides the list).
-# Pure-Python peers missing on the GPU image (liger-kernel, rapidfuzz) are installed from wheels/ when present
-# (`pip download --no-deps liger-kernel rapidfuzz -d wheels/` on a machine with the package index).
+# Peers missing on the GPU image (liger-kernel, rapidfuzz; trl and datasets for bench_trl_loss.py, the TRL adapter's
+# bf16 parity and time against TRL's own loss) are installed from wheels/ when present (on a machine with the
+# package index: `pip download --no-deps --python-version 3.12 --only-binary=:all: liger-kernel rapidfuzz trl==1.16.0
+# datasets dill multiprocess xxhash pyarrow pandas -d wheels/`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
