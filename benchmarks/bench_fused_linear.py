@@ -110,3 +110,24 @@ def test_fused_linear_fwd_bwd(benchmark, inputs, impl):
 
     rounds = (5 if impl in ("eager", "torch_compile", "liger") else None) if DEVICE == "cuda" else 3
     measure(benchmark, fn, impl=impl, rounds=rounds)
+
+
+@pytest.mark.parametrize("active", [1.0, 0.5, 0.25, 0.1], ids=lambda f: f"active{f}")
+@pytest.mark.parametrize("impl", ["dense", "active_only"])
+def test_fused_linear_active_fraction(benchmark, inputs, impl, active):
+    """IBPO / Difference Feedback / IOP batches: only a fraction of the tokens carries gradient (the gates are 0
+    elsewhere, beta = 0). Dense and active_only side by side for each fraction; target at 0.1: <= 0.25x dense."""
+    hidden, weight, labels, old, _, mask, _ = inputs
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    gates = (torch.rand(B, T, device=DEVICE, generator=g) < active).float()
+    adv = torch.randn(B, T, device=DEVICE)
+    x = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+
+    def run():
+        loss, _ = credit_ops.fused_linear_policy_loss(
+            x, w, labels, adv, old_logprobs=old, mask=mask, gates=gates, active_only=impl == "active_only"
+        )
+        torch.autograd.grad(loss, (x, w))
+
+    measure(benchmark, run, rounds=10 if DEVICE == "cuda" else 3, impl=impl, active=active, tokens=B * T)

@@ -25,6 +25,7 @@ from torch import Tensor
 from credit_ops import _checks, reference
 from credit_ops._backend import resolve
 from credit_ops.ops.policy_loss import (
+    TokenInputs,
     loss_from_logprobs,
     prepare,
     reference_options,
@@ -432,14 +433,21 @@ def fused_linear_policy_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    active_only: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """credit_ops.policy_loss of the LM head's logits hidden @ weight.T + bias, never materialising them.
 
     Same semantics and options as :func:`credit_ops.policy_loss` (hidden row t scores labels[..., t]), gates and
-    weights included. Token-level
-    loss types compute, per chunk of tokens, the logits (one matmul), the loss and d loss / d logits in place (one
-    fused row kernel) and the gradient matmuls, all in the forward: three matmuls in total, one (chunk, V) buffer,
-    and the backward only scales the stored gradients. The GSPO family needs a whole sequence's log-probs before any
+    weights included. Token-level loss types compute, per chunk of tokens, the logits (one matmul), the loss and
+    d loss / d logits in place (one fused row kernel) and the gradient matmuls, all in the forward: three matmuls in
+    total, one (chunk, V) buffer, and the backward only scales the stored gradients.
+
+    ``active_only=True`` (token-level types) leaves the tokens that carry neither loss nor gradient out of all three
+    matmuls: those whose aggregation weight x gate x weight is 0, and, with beta = 0, those whose advantage is 0
+    (outside the edits of repaired samples, IOP's dropped correct samples, groups with equal rewards). The active
+    rows are gathered once (one host synchronisation, for their count); loss and gradients are the dense ones up to
+    summation order, and the statistics cover the active tokens only (``num_tokens`` counts them; leave it off for
+    whole-batch entropy and clip fractions). The GSPO family needs a whole sequence's log-probs before any
     of its gradients: chunks of whole sequences get the logits, the log-probs, the sequences' d loss / d logp from
     the scalar graph, then the gradient (three matmuls, in the forward); when one sequence exceeds a chunk, or under
     torch.compile or no_grad, a log-prob pass now and a backward that recomputes the logits (four matmuls).
@@ -507,21 +515,22 @@ def fused_linear_policy_loss(
             h, weight, bias, flat_labels, options.temperature, options.ignore_index, int(chunk_size or 0)
         )
         return loss_from_logprobs(logp.view(labels.shape), entropy.detach().view(labels.shape), inputs, options)
-    flat = lambda t: None if t is None else t.reshape(-1).contiguous()
+    w = token_weights(inputs, options)
+    flat = lambda t: None if t is None else t.reshape(-1)
+    rows = (h, flat_labels, *map(flat, (inputs.valid, inputs.adv, w, inputs.old, inputs.ref)))
+    stats_shape = labels.shape
+    if active_only:
+        carries = (w != 0) if options.beta else (w != 0) & (inputs.adv != 0)
+        index = carries.reshape(-1).nonzero().squeeze(1)
+        if index.numel() < carries.numel():
+            rows = tuple(None if t is None else t.index_select(0, index) for t in rows)
+            stats_shape = (1, index.numel())
+    hh, lab, valid, adv, ww, old, ref = (None if t is None else t.contiguous() for t in rows)
     loss, logp, entropy, _, _, _ = _op("fused_linear_policy_loss_fwd", use_triton)(
-        h,
-        weight,
-        bias,
-        flat_labels,
-        flat(inputs.adv),
-        flat(token_weights(inputs, options)),
-        flat(inputs.old),
-        flat(inputs.ref),
-        *options.kernel_params().values(),
-        int(chunk_size or 0),
-        needs_grad,
+        hh, weight, bias, lab, adv, ww, old, ref, *options.kernel_params().values(), int(chunk_size or 0), needs_grad
     )
-    return loss, token_loss_stats(logp.view(labels.shape), entropy.view(labels.shape), inputs, options)
+    scored = TokenInputs(*(None if t is None else t.view(stats_shape) for t in (lab, valid, adv, old, ref)), None, None)
+    return loss, token_loss_stats(logp.view(stats_shape), entropy.view(stats_shape), scored, options)
 
 
 # The CPU kernels of the credit::fused_linear_* ops (their schemas are in csrc/registration.cpp): the chunk loops
