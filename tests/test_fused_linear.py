@@ -452,3 +452,26 @@ def test_active_only_matches_dense(backend, device, loss_type, beta):
     valid = mask & (labels.cpu() != -100)
     carries = valid & (gates > 0) & ((adv != 0) | (beta > 0))
     assert sparse_stats["num_tokens"].item() == carries.sum().item() < dense_stats["num_tokens"].item()
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [("reference", "cpu")], ids=lambda x: str(x))
+def test_logprobs_select(backend, device):
+    """select computes the selected tokens only: their log-probs, entropies and gradients are the full call's,
+    the others are 0 and get no gradient."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 7, 6, generator=g, dtype=torch.float64).to(device)
+    weight = torch.randn(19, 6, generator=g, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 19, (3, 7), generator=g).to(device)
+    select = (torch.rand(3, 7, generator=g) > 0.6).to(device)
+    with credit_ops.use_backend(backend):
+        x = hidden.clone().requires_grad_(True)
+        full, full_ent = credit_ops.fused_linear_logprobs(x, weight, labels, return_entropy=True)
+        (full_g,) = torch.autograd.grad((full * select).sum(), x)
+        y = hidden.clone().requires_grad_(True)
+        part, part_ent = credit_ops.fused_linear_logprobs(y, weight, labels, return_entropy=True, select=select)
+        (part_g,) = torch.autograd.grad(part.sum(), y)
+    torch.testing.assert_close(part, torch.where(select, full, 0.0).detach(), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(part_ent, torch.where(select, full_ent, 0.0), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(part_g, full_g, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="select"):
+        credit_ops.fused_linear_logprobs(hidden, weight, labels, select=select.float())

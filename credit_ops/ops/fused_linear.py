@@ -375,21 +375,42 @@ def fused_linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    select: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """token_logprobs of the LM head's logits, hidden @ weight.T + bias, without materialising them.
 
     For the old-policy and reference passes (under ``torch.no_grad()`` it keeps one (chunk, V) logits buffer);
     differentiable w.r.t. hidden, weight and bias through the log-probs (the backward recomputes each chunk; the
     entropy is returned detached). ``chunk_size`` tokens per chunk (default: ~1 GiB of logits per chunk).
+    ``select`` (bool, labels' shape) computes only the selected tokens (gathered once: one host synchronisation),
+    e.g. the active tokens of ``fused_linear_policy_loss(active_only=True)``; the others get 0.
 
     Shapes:
         hidden: (N, H) or labels.shape + (H,), same dtype as weight; weight: (V, H); bias: (V,) or None
         labels: (N,) or any shape with N elements, int32 / int64 in [0, V) or ``ignore_index``
+        select: labels.shape bool, or None (every token)
         returns: logprobs of labels.shape, float32 (float64 for float64 input); with return_entropy also entropy
     """
     h = _head_args(hidden, weight, labels, bias)
     _checks.check(temperature > 0, f"temperature must be > 0, got {temperature}")
     _checks.ids_in_range("labels", labels, weight.shape[0], ignore_index=ignore_index)
+    if select is not None:
+        _checks.tensor("select", select, dtypes=(torch.bool,))
+        _checks.shape("select", select, labels.shape, "(that of labels)")
+        _checks.same_device(select=select, labels=labels)
+        index = select.reshape(-1).nonzero().squeeze(1)
+        logp, entropy = fused_linear_logprobs(
+            h.index_select(0, index),
+            weight,
+            labels.reshape(-1).index_select(0, index),
+            bias=bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=True,
+            chunk_size=chunk_size,
+        )
+        scatter = lambda t: t.new_zeros(labels.numel()).index_copy(0, index, t).view(labels.shape)
+        return (scatter(logp), scatter(entropy)) if return_entropy else scatter(logp)
     backend = resolve(hidden.device, triton=True)
     if backend == "reference":
         out = reference.fused_linear_logprobs(
