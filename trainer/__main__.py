@@ -21,9 +21,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"credit-train: config error: {e}", file=sys.stderr)
         return 2
-    from .train import train  # heavy imports only after the config is known to be valid
+    from .train import NonFiniteError, train  # heavy imports only after the config is known to be valid
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except NonFiniteError as e:  # too many non-finite steps in a row: the checkpoint it names is usable
+        print(f"credit-train: {e}", file=sys.stderr)
+        return 3
     print(json.dumps(summary, indent=1, default=str))
     return 0
 

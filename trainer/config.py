@@ -7,6 +7,7 @@ Precedence: dataclass defaults < the YAML file < command-line overrides. `valida
 """
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -133,7 +134,14 @@ class Config:
     out_dir: str = "runs"
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
-    resume: str = ""  # a checkpoint directory, or "auto" = the latest in out_dir/name
+    # checkpoints are written to a temporary directory and renamed when complete; keep the newest N (0 = all)
+    keep_checkpoints: int = 0
+    # "auto" = the newest complete checkpoint in out_dir/name (partial or corrupt ones are skipped with a
+    # warning), or a checkpoint directory
+    resume: str = ""
+    # a step with a non-finite loss or gradient is skipped (no update, counted as skipped_steps in the metrics);
+    # after this many in a row the run checkpoints and stops with an error (0 = never stop)
+    max_skipped_steps: int = 5
     stop_after: int = 0  # stop (and checkpoint) after this many steps, e.g. to test resume; 0 = off
     log_samples_every: int = 20  # store sample groups for the report every N steps
     eval_every: int = 20  # greedy accuracy on held-out prompts every N steps (0 = off)
@@ -244,6 +252,41 @@ def load_config(argv: list[str] | None = None, **overrides) -> Config:
     return cfg
 
 
+def read_dataset(path: str) -> list[dict]:
+    """The rows of a JSONL dataset (task.name=jsonl), each checked: a JSON object with "prompt" (a string),
+    "answer" (a string or number), optionally "steps" (a list of strings, or null) and "meta" (an object).
+    Raises ConfigError naming the file, the line and the field."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"task.path: {path}:{i}"
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for key in ("prompt", "answer"):
+                if key not in row:
+                    raise ConfigError(f"{where}: missing field {key!r} (each row needs 'prompt' and 'answer')")
+            if not isinstance(row["prompt"], str):
+                raise ConfigError(f"{where}: field 'prompt' must be a string, got {type(row['prompt']).__name__}")
+            a = row["answer"]
+            if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+                raise ConfigError(f"{where}: field 'answer' must be a string or number, got {type(a).__name__}")
+            st = row.get("steps")
+            if st is not None and not (isinstance(st, list) and all(isinstance(x, str) for x in st)):
+                raise ConfigError(f"{where}: field 'steps' must be a list of strings, got {json.dumps(st)[:60]}")
+            if not isinstance(row.get("meta", {}), dict):
+                raise ConfigError(f"{where}: field 'meta' must be an object, got {type(row['meta']).__name__}")
+            rows.append(row)
+    if not rows:
+        raise ConfigError(f"task.path: {path!r} holds no rows")
+    return rows
+
+
 def validate(cfg: Config) -> None:
     """Fail fast, with the offending key in the message, before any model or data is loaded."""
 
@@ -275,6 +318,7 @@ def validate(cfg: Config) -> None:
     need(t.name in ("arith", "jsonl", "gsm8k"), f"unknown task.name {t.name!r}; expected arith, jsonl or gsm8k")
     if t.name == "jsonl":
         need(t.path and os.path.exists(t.path), f"task.path: JSONL dataset {t.path!r} does not exist")
+        read_dataset(t.path)  # every line parsed and its fields checked, before anything heavy
     need(t.verifier in ("task", "exact", "numeric", "math_verify"), f"unknown task.verifier {t.verifier!r}")
     if t.name == "arith":
         need(t.n_terms >= 2 and t.max_value >= 1, "task.n_terms must be >= 2 and task.max_value >= 1")
@@ -304,6 +348,8 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.micro_batch_size >= 0, "optim.micro_batch_size must be >= 0")
     need(cfg.optim.ppo_epochs >= 1, "optim.ppo_epochs must be >= 1")
+    need(cfg.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {cfg.keep_checkpoints}")
+    need(cfg.max_skipped_steps >= 0, f"max_skipped_steps must be >= 0, got {cfg.max_skipped_steps}")
     need(cfg.mixed_precision in ("auto", "no", "bf16", "fp16"), f"unknown mixed_precision {cfg.mixed_precision!r}")
     if cfg.resume and cfg.resume != "auto":
         need(os.path.isdir(cfg.resume), f"resume: checkpoint directory {cfg.resume!r} does not exist")

@@ -25,10 +25,44 @@ PLOTS = [
 
 
 def read_jsonl(path):
+    """The rows of a JSONL log. A torn last line (the process was killed while writing it) is dropped with a
+    warning; an unparseable line elsewhere is an error naming the file and line."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1:
+                import warnings
+
+                warnings.warn(f"{path}:{i + 1}: dropping a torn last line", stacklevel=2)
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from e
+    return rows
+
+
+def append_jsonl(path, row) -> None:
+    """Append one whole line and make it durable (flush + fsync), so a kill leaves at most one torn last line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_jsonl(path, rows) -> None:
+    """Replace a JSONL file atomically: a temporary file, fsynced, then renamed over it."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def smooth(ys, w):
@@ -207,5 +241,18 @@ train the repair's inserted tokens positively.</p>
     return path
 
 
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run_dir = argv[0] if argv else "runs/default"
+    if not os.path.isdir(run_dir):
+        print(f"credit-ops report: run directory {run_dir!r} does not exist", file=sys.stderr)
+        return 2
+    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        print(f"credit-ops report: {run_dir!r} holds no metrics.jsonl (not a run directory?)", file=sys.stderr)
+        return 2
+    print(write_report(run_dir))
+    return 0
+
+
 if __name__ == "__main__":
-    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "runs/default"))
+    sys.exit(main())

@@ -10,7 +10,6 @@ repairs a wrong completion minimally (the task oracle of docs/method.md §1.3): 
 replace everything from the first wrong step on.
 """
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -155,19 +154,12 @@ class JsonlTask(Task):
         if not path or not os.path.exists(path):
             raise ValueError(f"task.path: JSONL dataset {path!r} does not exist")
         self.delimiter = delimiter
-        self.rows = []
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if "prompt" not in row or "answer" not in row:
-                    raise ValueError(f"{path}:{i + 1}: each row needs 'prompt' and 'answer'")
-                self.rows.append(
-                    Problem(str(row["prompt"]), str(row["answer"]), row.get("steps"), delimiter, row.get("meta", {}))
-                )
-        if not self.rows:
-            raise ValueError(f"task.path: {path!r} holds no rows")
+        from .config import read_dataset  # checks every row (ConfigError, a ValueError, names file/line/field)
+
+        self.rows = [
+            Problem(str(row["prompt"]), str(row["answer"]), row.get("steps"), delimiter, row.get("meta", {}))
+            for row in read_dataset(path)
+        ]
         self.checkable = all(r.steps is not None for r in self.rows)
 
     def sample(self, n, gen):

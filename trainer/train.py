@@ -13,8 +13,12 @@ The data position and the sampling RNG are functions of (seed, step, rank), so a
 import contextlib
 import copy
 import json
+import math
 import os
+import shutil
+import signal
 import time
+import warnings
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -24,11 +28,15 @@ from . import credit as credit_mod
 from .config import to_dict
 from .loss import loss_settings, normaliser, policy_loss
 from .modeling import char_tokenizer, encode_prompt, load_pretrained, tiny_model, warm_seed, warm_start
-from .report import read_jsonl
+from .report import append_jsonl, read_jsonl, write_jsonl
 from .revise import build_reviser, verified_truncation
 from .rewards import Verifier, is_correct
 from .rollout import generate, pack, rollout, sequence_logprobs
 from .tasks import build_task
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient (cfg.max_skipped_steps)."""
 
 
 def _trackers():
@@ -85,12 +93,120 @@ def _accuracy(verifier, problems, texts) -> float:
     return sum(is_correct(verifier(p, t)) for p, t in zip(problems, texts, strict=True)) / len(texts)
 
 
-def _latest_checkpoint(run_dir):
+def _kill_point(phase: str, step: int) -> None:
+    """Test-only fault injection: CREDIT_OPS_TEST_KILL_AT=<phase>:<step> SIGKILLs this process when it reaches
+    `phase` (rollout | revise | update | metrics | checkpoint) of step `step` (1-based, the step being made)."""
+    at = os.environ.get("CREDIT_OPS_TEST_KILL_AT")
+    if at and at == f"{phase}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint directory `path` cannot be loaded (None: complete). A complete checkpoint has a
+    trainer_state.json (written last, with the size of every other file) whose sizes match, and safetensors files
+    whose headers cover them; a partial or truncated one fails one of these."""
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "no trainer_state.json (partially written)"
+    try:
+        with open(state) as f:
+            st = json.load(f)
+        st["step"], st["history"]  # noqa: B018
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable trainer_state.json ({e!r})"
+    # checkpoints from before the size manifest: only their safetensors headers are checked
+    files = st.get("files") or {n: None for n in os.listdir(path) if n.endswith(".safetensors")}
+    for name, size in files.items():
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            return f"{name} is missing"
+        if size is not None and os.path.getsize(p) != size:
+            return f"{name} has {os.path.getsize(p)} bytes, expected {size} (truncated or corrupt)"
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(p, "pt"):
+                    pass
+            except Exception as e:  # SafetensorError: incomplete metadata, ...
+                return f"{name}: {e}"
+    return None
+
+
+def _checkpoints(run_dir) -> list[tuple[int, str]]:
+    """(step, path) of the run's step_N checkpoint directories, oldest first (temporary ones excluded)."""
     ck = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ck):
-        return None
-    steps = sorted(int(d.split("_")[1]) for d in os.listdir(ck) if d.startswith("step_"))
-    return os.path.join(ck, f"step_{steps[-1]}") if steps else None
+        return []
+    out = []
+    for d in os.listdir(ck):
+        if d.startswith("step_") and d[5:].isdigit() and os.path.isdir(os.path.join(ck, d)):
+            out.append((int(d[5:]), os.path.join(ck, d)))
+    return sorted(out)
+
+
+def _latest_checkpoint(run_dir):
+    """The newest complete checkpoint; partial or corrupt ones are skipped with a warning, never loaded."""
+    for _, path in reversed(_checkpoints(run_dir)):
+        why = checkpoint_problem(path)
+        if why is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {why}", stacklevel=2)
+    return None
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def finish_checkpoint(tmp: str, final: str, state: dict) -> None:
+    """Seal the checkpoint written to `tmp` and move it to `final` atomically: trainer_state.json (with every
+    file's size) is written last and fsynced, then the directory is renamed. A kill at any point leaves either
+    the old `final` or the new one, never a partial one under a step_N name."""
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        p = os.path.join(tmp, name)
+        if os.path.isfile(p):
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+            files[name] = os.path.getsize(p)
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump({**state, "files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # re-saving a step (e.g. after a resume): move the old one aside first
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(final))
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (0 = all); drop older ones and leftover temporary dirs."""
+    ck = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ck):
+        return
+    for d in os.listdir(ck):
+        if d.startswith(".tmp_") or d.endswith(".old"):
+            shutil.rmtree(os.path.join(ck, d), ignore_errors=True)
+    if keep > 0:
+        good = [p for _, p in _checkpoints(run_dir) if checkpoint_problem(p) is None]
+        for p in good[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def rollout_seeds(seed: int, step: int, rank: int, world: int) -> tuple[int, int]:
@@ -115,18 +231,16 @@ def reset_logs(run_dir: str, start: int, history: list[dict]) -> None:
     """metrics.jsonl rewritten to `history`, samples.jsonl cut after step `start` (deleted for a fresh run), so
     that a resumed run's files equal an uninterrupted run's even when the interrupted one logged steps past its
     last checkpoint."""
-    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
+    write_jsonl(os.path.join(run_dir, "metrics.jsonl"), history)  # atomically (temporary file, then rename)
     path = os.path.join(run_dir, "samples.jsonl")
-    kept = [row for row in read_jsonl(path) if row["step"] <= start]
+    kept = [row for row in read_jsonl(path) if row["step"] <= start]  # a torn last line is dropped
     if kept:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
+        write_jsonl(path, kept)
     elif os.path.exists(path):
         os.remove(path)
 
 
-def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, cfg) -> tuple[dict, float]:
+def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, cfg, step=0) -> tuple[dict, float]:
     """cfg.optim.ppo_epochs optimizer steps on one step's training rows.
 
     Each epoch runs forward and backward over micro-batches of cfg.optim.micro_batch_size rows (0 = all), each
@@ -135,6 +249,10 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
     ratio is against `old_lp`, the sampling policy's log-probs.
 
     Shapes: batch N rows of C completion columns; adv, gates, old_lp, ref_lp (N, C) (gates, ref_lp may be None).
+    A non-finite loss or gradient norm (on any process) skips the optimizer and scheduler step: the gradient is
+    dropped, weights and optimizer state are untouched, and the remaining epochs are not run (earlier epochs'
+    updates stay). The stats then hold step_skipped = 1.
+
     Returns the op's statistics (means over micro-batches and epochs) and the last epoch's gradient norm
     (before clipping).
     """
@@ -142,9 +260,10 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
     mb = cfg.optim.micro_batch_size or len(batch)
     chunks = [slice(s, s + mb) for s in range(0, len(batch), mb)]
     total = acc.reduce(normaliser(batch, agg), "sum")  # across processes
-    stats_acc, grad_norm = {}, torch.tensor(0.0)
+    stats_acc, grad_norm, skipped = {}, torch.tensor(0.0), False
     model.train()
     for _ in range(cfg.optim.ppo_epochs):
+        bad = torch.zeros((), device=acc.device)
         for k, sl in enumerate(chunks):
             part = batch.rows(sl)
             # DDP all-reduces the gradients once, on the last micro-batch
@@ -162,13 +281,22 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
                     scale=normaliser(part, agg) * world / total,
                 )
                 acc.backward(loss)
+            bad += (~torch.isfinite(loss.detach())).float().sum()
             for key, v in stats.items():
                 stats_acc.setdefault(key, []).append(float(v.float().mean()))
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        bad += 0.0 if math.isfinite(float(grad_norm)) else 1.0
+        if float(acc.reduce(bad, "sum")) > 0:  # every process agrees: the gradient norm is already all-reduced
+            opt.zero_grad(set_to_none=True)
+            skipped = True
+            break
         opt.step()
+        _kill_point("update", step)
         sched.step()
         opt.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in stats_acc.items()}, float(grad_norm)
+    out = {k: sum(v) / len(v) for k, v in stats_acc.items()}
+    out["step_skipped"] = float(skipped)
+    return out, float(grad_norm)
 
 
 def log_metrics(acc, step, local, history, path, *, grad_norm, generated_tokens, **extra) -> dict:
@@ -179,7 +307,7 @@ def log_metrics(acc, step, local, history, path, *, grad_norm, generated_tokens,
     keys = sorted(local)
     vec = acc.reduce(torch.tensor([float(local[k]) for k in keys], device=acc.device), "mean")
     m = dict(zip(keys, vec.tolist(), strict=True))
-    recent = [h["grad_norm"] for h in history[-9:]] + [grad_norm]
+    recent = [g for g in [h["grad_norm"] for h in history[-9:]] + [grad_norm] if math.isfinite(g)]
     m.update(
         step=step,
         grad_norm=grad_norm,
@@ -190,8 +318,11 @@ def log_metrics(acc, step, local, history, path, *, grad_norm, generated_tokens,
     )
     history.append(m)
     if acc.is_main_process:
-        with open(path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        if os.environ.get("CREDIT_OPS_TEST_KILL_AT") == f"metrics:{step}":  # test only: a torn last line
+            with open(path, "a") as f:
+                f.write(json.dumps(m)[:20])
+            _kill_point("metrics", step)
+        append_jsonl(path, m)
         acc.log({k: v for k, v in m.items() if k != "step"}, step=step)
     return m
 
@@ -245,24 +376,43 @@ def train(cfg) -> dict:
     # ---- resume
     start, generated, history = 0, 0, []
     ckpt = _latest_checkpoint(cfg.run_dir) if cfg.resume == "auto" else (cfg.resume or None)
+    if ckpt and cfg.resume != "auto" and (why := checkpoint_problem(ckpt)):
+        raise RuntimeError(f"resume: checkpoint {ckpt} cannot be loaded: {why}")
     if ckpt:
         acc.load_state(ckpt)
         with open(os.path.join(ckpt, "trainer_state.json")) as f:
             state = json.load(f)
         start, generated, history = state["step"], state["generated_tokens"], state["history"]
         log(f"resumed from {ckpt} at step {start}")
+    elif cfg.resume == "auto":
+        log(f"resume=auto: no complete checkpoint in {cfg.run_dir}; starting from scratch")
     metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     samples_path = os.path.join(cfg.run_dir, "samples.jsonl")
     if main:
         reset_logs(cfg.run_dir, start, history)
 
     def save(step):
-        path = os.path.join(cfg.run_dir, "checkpoints", f"step_{step}")
-        acc.save_state(path)
+        """Atomically: written to checkpoints/.tmp_step_N, sealed with trainer_state.json, renamed to step_N;
+        then only the newest cfg.keep_checkpoints are kept."""
+        ck = os.path.join(cfg.run_dir, "checkpoints")
+        tmp, path = os.path.join(ck, f".tmp_step_{step}"), os.path.join(ck, f"step_{step}")
         if main:
-            with open(os.path.join(path, "trainer_state.json"), "w") as f:
-                json.dump({"step": step, "generated_tokens": generated, "history": history}, f)
+            shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
+        acc.save_state(tmp)
+        acc.wait_for_everyone()
+        _kill_point("checkpoint", step)
+        if main:
+            finish_checkpoint(tmp, path, {"step": step, "generated_tokens": generated, "history": history})
+            prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    # consecutive skipped (non-finite) steps so far, carried over a resume through the history
+    consecutive = 0
+    for h in reversed(history):
+        if not h.get("step_skipped"):
+            break
+        consecutive += 1
 
     initial = {}
     if start == 0:  # the warm-started policy on held-out prompts, for the summary (every rank: FSDP gathers)
@@ -290,12 +440,14 @@ def train(cfg) -> dict:
         policy().eval()
         with full_params(), acc.autocast():
             samples = rollout(policy(), tok, problems, cfg, device)
+            _kill_point("rollout", step + 1)
             per_sample = [problems[g] for g in samples.group_ids.tolist()]
             rewards = verifier.batch(per_sample, samples.texts)  # N floats
             n_gen = samples.n_generated
 
             # -- revise: repairs of the wrong samples (credit methods only), verified; IOP shortens them
             repairs = reviser(per_sample, samples, rewards) if reviser is not None else []
+            _kill_point("revise", step + 1)
             n_gen += sum(r.n_generated for r in repairs)
             if repairs and cfg.revise.verified_truncation:
                 n_gen += verified_truncation(policy(), tok, per_sample, samples, repairs, verifier, cfg, device)
@@ -312,7 +464,16 @@ def train(cfg) -> dict:
             ref_lp = sequence_logprobs(ref_model, batch, **lp) if ref_model else None
 
         # -- update: ppo_epochs optimizer steps, micro-batches accumulated over the whole batch
-        stats, grad_norm = update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, cfg)
+        stats, grad_norm = update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, cfg, step + 1)
+        if stats["step_skipped"]:
+            consecutive += 1
+            warnings.warn(
+                f"step {step + 1}: non-finite loss or gradient (grad_norm={grad_norm}); step skipped, weights and "
+                f"optimizer state unchanged ({consecutive} in a row)",
+                stacklevel=1,
+            )
+        else:
+            consecutive = 0
 
         # -- metrics (means over processes), held-out accuracy, a sample group for the report
         valid = batch.valid[: len(samples.texts)]
@@ -325,7 +486,8 @@ def train(cfg) -> dict:
             **stats,
         }
         generated += int(acc.reduce(torch.tensor(n_gen, device=device), "sum"))
-        extra = dict(lr=sched.get_last_lr()[0], time=time.time() - t0)
+        skipped_total = sum(int(h.get("step_skipped", 0)) for h in history) + int(stats["step_skipped"])
+        extra = dict(lr=sched.get_last_lr()[0], skipped_steps=skipped_total, time=time.time() - t0)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == 0):
             policy().eval()
             with full_params(), acc.autocast():
@@ -335,8 +497,7 @@ def train(cfg) -> dict:
         )
         if main and cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == cfg.steps - 1):
             view = credit_mod.sample_view(step + 1, tok, samples, rewards, repairs, credit, per_sample)
-            with open(samples_path, "a") as f:
-                f.write(json.dumps(view) + "\n")
+            append_jsonl(samples_path, view)
 
         # -- checkpoint
         done = step + 1
@@ -345,6 +506,17 @@ def train(cfg) -> dict:
             bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", tok=generated)
         if cfg.save_every and done % cfg.save_every == 0:
             save(done)
+        if cfg.max_skipped_steps and consecutive >= cfg.max_skipped_steps:
+            if not (cfg.save_every and done % cfg.save_every == 0):
+                save(done)
+            if bar is not None:
+                bar.close()
+            acc.end_training()
+            raise NonFiniteError(
+                f"stopping after {consecutive} consecutive steps with a non-finite loss or gradient (steps "
+                f"{done - consecutive + 1}..{done}; max_skipped_steps={cfg.max_skipped_steps}); the weights are the "
+                f"last good step's, saved in {os.path.join(cfg.run_dir, 'checkpoints', f'step_{done}')}"
+            )
         if cfg.stop_after and done - start >= cfg.stop_after:
             break
     if bar is not None:

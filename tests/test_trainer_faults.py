@@ -1,0 +1,201 @@
+"""Fault tolerance of credit_ops.trainer (issue 16): atomic, verified checkpoints with retention; non-finite steps
+skipped and bounded; whole-line JSONL logs; a run SIGKILLed at any phase resumes to the uninterrupted run's
+result; dataset and report errors as one clear message."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from credit_ops.trainer.config import ConfigError, load_config
+from credit_ops.trainer.report import append_jsonl, read_jsonl
+
+from tests.test_trainer import ROOT, TINY, read_metrics, run, weights
+
+ARGS = ["algo=ibpo", "steps=4", "save_every=1", "eval_every=2", "log_samples_every=1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("warm"))
+
+
+def drop_time(rows):
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+
+def assert_same_run(got_dir, want_dir, step=4):
+    assert drop_time(read_metrics(got_dir)) == drop_time(read_metrics(want_dir))
+    assert read_jsonl(os.path.join(got_dir, "samples.jsonl")) == read_jsonl(os.path.join(want_dir, "samples.jsonl"))
+    got, want = weights(got_dir, step), weights(want_dir, step)
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+# ---- logs
+def test_jsonl_logs_drop_a_torn_last_line(tmp_path):
+    path = str(tmp_path / "m.jsonl")
+    for s in (1, 2):
+        append_jsonl(path, {"step": s})
+    with open(path, "a") as f:
+        f.write('{"step": 3, "rew')  # killed mid-write
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    with open(path, "a") as f:
+        f.write("\n" + json.dumps({"step": 4}) + "\n")
+    with pytest.raises(ValueError, match=r"m\.jsonl:3"):  # a bad line in the middle is an error, not dropped
+        read_jsonl(path)
+
+
+# ---- checkpoints
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path, cache):
+    """A truncated newest checkpoint (the SafetensorError of issue 16) and a half-written one (no
+    trainer_state.json) are skipped with a warning; resume=auto falls back to the previous good one and the
+    run ends as the uninterrupted one did. An explicitly named bad checkpoint is a clear error."""
+    run(tmp_path, cache, *ARGS, name="full")
+    shutil.copytree(tmp_path / "full", tmp_path / "bad")
+    ck = tmp_path / "bad" / "checkpoints"
+    st = ck / "step_4" / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    os.remove(ck / "step_3" / "trainer_state.json")
+    with pytest.warns(UserWarning, match="skipping checkpoint") as rec:
+        run(tmp_path, cache, *ARGS, "resume=auto", name="bad")
+    msgs = " ".join(str(w.message) for w in rec)
+    assert "step_4" in msgs and "step_3" in msgs
+    assert_same_run(tmp_path / "bad", tmp_path / "full")
+    st.write_bytes(data[:100])
+    with pytest.raises(RuntimeError, match="cannot be loaded"):
+        run(tmp_path, cache, *ARGS, f"resume={ck / 'step_4'}", name="bad")
+
+
+def test_keep_checkpoints_retains_the_newest(tmp_path, cache):
+    run(tmp_path, cache, *ARGS, "keep_checkpoints=2", name="keep")
+    assert sorted(os.listdir(tmp_path / "keep" / "checkpoints")) == ["step_3", "step_4"]
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        load_config(["keep_checkpoints=-1"])
+
+
+# ---- non-finite steps
+def _nan_at(monkeypatch, steps):
+    """policy_loss returns a NaN loss on the given (1-based) steps: one call per step (one epoch, no micro-batches)."""
+    import credit_ops.trainer.train as train_mod
+
+    real, calls = train_mod.policy_loss, [0]
+
+    def fake(*a, **kw):
+        calls[0] += 1
+        loss, stats = real(*a, **kw)
+        return (loss * float("nan") if calls[0] in steps else loss), stats
+
+    monkeypatch.setattr(train_mod, "policy_loss", fake)
+
+
+def _optimizer_state(run_dir, step):
+    return torch.load(os.path.join(run_dir, "checkpoints", f"step_{step}", "optimizer.bin"), weights_only=True)
+
+
+def test_nonfinite_step_is_skipped(tmp_path, cache, monkeypatch):
+    _nan_at(monkeypatch, {2})
+    with pytest.warns(UserWarning, match="step 2: non-finite"):
+        _, _, rows = run(tmp_path, cache, *ARGS, "steps=3", name="nan")
+    d = tmp_path / "nan"
+    assert [r["step_skipped"] for r in rows] == [0, 1, 0] and [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    assert all(v == v for v in (rows[2]["grad_norm"], rows[2]["grad_norm_var"]))  # NaN does not leak into later steps
+    w1, w2, w3 = (weights(d, s) for s in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # no update at step 2
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trained
+    o1, o2 = _optimizer_state(d, 1), _optimizer_state(d, 2)
+    for i, s in o1["state"].items():  # optimizer state untouched (no AdamW step, moments unchanged)
+        for key, v in s.items():
+            assert torch.equal(v, o2["state"][i][key]), key
+
+
+def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(tmp_path, cache, monkeypatch):
+    from credit_ops.trainer.train import NonFiniteError
+
+    _nan_at(monkeypatch, {2, 3, 4, 5, 6})
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(NonFiniteError, match="2 consecutive steps"):
+        run(tmp_path, cache, "algo=ibpo", "steps=6", "save_every=2", "max_skipped_steps=2", name="stop")
+    d = tmp_path / "stop"
+    assert [r["step_skipped"] for r in read_metrics(d)] == [0, 1, 1]
+    w2, w3 = weights(d, 2), weights(d, 3)  # the stop's checkpoint: the last good step's weights
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    with open(d / "metrics.jsonl", "rb") as f:
+        assert f.read().endswith(b"\n")
+    monkeypatch.undo()  # the cause fixed, the run resumes from the stop's checkpoint
+    _, summary, rows = run(tmp_path, cache, "algo=ibpo", "steps=6", "save_every=2", "resume=auto", name="stop")
+    assert summary["steps"] == 6 and [r["step_skipped"] for r in rows] == [0, 1, 1, 0, 0, 0]
+
+
+# ---- SIGKILL at every phase, then resume=auto
+KILLS = ["rollout:1", "rollout:3", "revise:2", "update:4", "metrics:3", "checkpoint:2", "checkpoint:4"]
+
+
+def test_killed_runs_resume_exactly(tmp_path, cache):
+    """SIGKILLed during the rollout, the revision, the optimizer step, while writing a metrics line or a
+    checkpoint, then restarted with resume=auto: the metrics, samples and final weights are the uninterrupted
+    run's."""
+    run(tmp_path, cache, *ARGS, "keep_checkpoints=2", name="full")  # also fills the warm-start cache
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    base = [*TINY, f"out_dir={tmp_path}", f"warm_start.cache_dir={cache}", *ARGS, "keep_checkpoints=2"]
+    procs = {}
+    for at in KILLS:  # concurrently: each is mostly interpreter start-up
+        name = "k_" + at.replace(":", "_")
+        cmd = [sys.executable, "-m", "credit_ops.trainer", *base, f"name={name}"]
+        procs[at] = (
+            name,
+            subprocess.Popen(
+                cmd,
+                env=dict(env, CREDIT_OPS_TEST_KILL_AT=at),
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+    for at, (_, p) in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == -signal.SIGKILL, f"{at}: rc {p.returncode}\n{err[-2000:]}"
+    with pytest.warns(UserWarning, match="torn"):  # the killed metrics line is torn: dropped on read
+        assert [r["step"] for r in read_jsonl(tmp_path / "k_metrics_3" / "metrics.jsonl")] == [1, 2]
+    assert any(d.startswith(".tmp_") for d in os.listdir(tmp_path / "k_checkpoint_2" / "checkpoints"))
+    assert not os.path.exists(tmp_path / "k_rollout_1" / "checkpoints")  # killed before any checkpoint
+    for at, (name, _) in procs.items():
+        run(tmp_path, cache, *ARGS, "keep_checkpoints=2", "resume=auto", name=name)
+        assert_same_run(tmp_path / name, tmp_path / "full")
+        assert sorted(os.listdir(tmp_path / name / "checkpoints")) == ["step_3", "step_4"], at
+
+
+# ---- dataset and report errors
+BAD_ROWS = {
+    "not-json": ('{"prompt": "1+1=", "answer": ', "not valid JSON"),
+    "no-answer": ('{"prompt": "1+1="}', "missing field 'answer'"),
+    "steps-a-string": ('{"prompt": "1+1=", "answer": "2", "steps": "1+1=2"}', "field 'steps'"),
+    "prompt-a-number": ('{"prompt": 3, "answer": "2"}', "field 'prompt'"),
+}
+
+
+@pytest.mark.parametrize("line, message", BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_bad_dataset_rows_are_config_errors(tmp_path, capsys, line, message):
+    from credit_ops.trainer.__main__ import main
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "1+2=", "answer": "3", "steps": ["1+2=3"]}\n\n' + line + "\n")
+    with pytest.raises(ConfigError, match=f"{path}:3: {message}"):
+        load_config(["task.name=jsonl", f"task.path={path}", "algo=grpo"])
+    assert main(["task.name=jsonl", f"task.path={path}", "algo=grpo"]) == 2  # before any model is built
+    assert f"data.jsonl:3: {message}" in capsys.readouterr().err
+
+
+def test_report_of_a_missing_run_is_one_line(capsys):
+    from credit_ops.trainer.report import main
+
+    assert main(["runs/does_not_exist"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
