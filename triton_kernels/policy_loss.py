@@ -81,6 +81,11 @@ def _token_coef(
                 dkl = 1.0 - ed
             pg = pg + beta * kl
             dpg = dpg + beta * dkl
+        # A NaN log-prob (NaN / +inf logits) stays NaN: the clip's minimum / maximum (and the on-policy ratio 1)
+        # would otherwise turn it into a finite loss.
+        bad = logp != logp
+        pg = tl.where(bad, logp, pg)
+        dpg = tl.where(bad, logp, dpg)
         if store_loss:
             tl.store(loss_ptr + row, (w * pg).to(ACC))
         c = w * dpg

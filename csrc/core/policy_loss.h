@@ -28,6 +28,11 @@ CREDIT_HD inline double exp_of(double x) { return exp(x); }
 template <typename acc_t>
 CREDIT_HD inline void token_loss(acc_t logp, acc_t old, acc_t ref, acc_t A, const LossParams& p, acc_t* loss,
                                  acc_t* dloss) {
+  if (logp != logp) {  // a NaN log-prob (NaN / +inf logits) must not be clipped into a finite loss
+    *loss = logp;
+    *dloss = logp;
+    return;
+  }
   const acc_t r = p.on_policy ? acc_t(1) : exp_of(logp - old);
   const acc_t lo = static_cast<acc_t>(p.lo), hi = static_cast<acc_t>(p.hi);
   const acc_t u = r * A;

@@ -20,8 +20,10 @@ CREDIT_INLINE void row_exp_f32(const float* z, float* e, int64_t V, float inv_t,
 
   vfloat s = {}, t = {};
   for (int64_t i = 0; i < body; i += kVec) {
-    // -inf logits: clamping the shifted value keeps e * d finite (~0) instead of 0 * -inf.
-    vfloat d = vmax(loadv(z + i) * inv_t - m, splat(-87.0f));
+    // -inf logits: clamping the shifted value keeps e * d finite (~0) instead of 0 * -inf. A NaN logit (or
+    // +inf: m = +inf, d = inf - inf) passes the clamp as NaN, so S, lse and the entropy become NaN, as in
+    // torch.log_softmax; the max pass above need not see it.
+    vfloat d = vclamp_lo(loadv(z + i) * inv_t - m, -87.0f);
     vfloat ex = vexp(d);
     s += ex;
     t += ex * d;
@@ -29,7 +31,7 @@ CREDIT_INLINE void row_exp_f32(const float* z, float* e, int64_t V, float inv_t,
   }
   float S = hsum(s), Tt = hsum(t);
   for (int64_t i = body; i < V; ++i) {
-    float d = std::max(z[i] * inv_t - m, -87.0f);
+    float d = std::max(z[i] * inv_t - m, -87.0f);  // std::max(NaN, lo) is NaN, as above
     float ex = std::exp(d);
     S += ex;
     Tt += ex * d;

@@ -30,7 +30,7 @@ CREDIT_INLINE void row_grad_impl(const float* z, int64_t V, float inv_t, float l
                                  float* out) {
   const int64_t body = V - V % kVec;
   for (int64_t i = 0; i < body; i += kVec) {
-    vfloat logp = vmax(loadv(z + i) * inv_t - lse, splat(-87.0f));
+    vfloat logp = vclamp_lo(loadv(z + i) * inv_t - lse, -87.0f);  // a NaN lse / logit gives a NaN gradient
     vfloat p = vexp(logp);
     storev(out + i, (-g * p - ge * p * (logp + H)) * inv_t);
   }

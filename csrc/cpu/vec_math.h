@@ -65,10 +65,15 @@ CREDIT_INLINE float hmax(vfloat v) {
   return m;
 }
 
+// max(lo, x) that keeps a NaN x (vmax(x, lo) would return lo for it, silently masking a NaN logit; this is the
+// same single max instruction with the operands swapped). -inf still clamps to lo.
+CREDIT_INLINE vfloat vclamp_lo(vfloat x, float lo) { return vmax(splat(lo), x); }
+
 // exp(x), Cephes-style range reduction + degree-6 polynomial (~1 ulp on the softmax range). Inputs are
 // clamped to [-87, 88]: below, the result is ~1e-38 instead of a denormal (callers clamp -inf logits there).
+// NaN in, NaN out (both clamps keep it).
 CREDIT_INLINE vfloat vexp(vfloat x) {
-  x = vmax(x, splat(-87.0f));
+  x = vclamp_lo(x, -87.0f);
   x = x > 88.0f ? splat(88.0f) : x;
   vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest without a branch
   vfloat r = x - n * 0.693359375f + n * 2.12194440e-4f;

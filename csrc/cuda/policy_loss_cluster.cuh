@@ -62,8 +62,9 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 __device__ __forceinline__ RowPartial combine(RowPartial a, RowPartial b) {
   const float zl = a.zl > b.zl ? a.zl : b.zl;
-  if (a.m == -INFINITY) return {b.m, b.s, b.t, zl};
-  if (b.m == -INFINITY) return {a.m, a.s, a.t, zl};
+  // An all -inf partial has s = t = 0, unless it met a NaN logit: adding its s / t keeps that NaN.
+  if (a.m == -INFINITY) return {b.m, b.s + a.s, b.t + a.t, zl};
+  if (b.m == -INFINITY) return {a.m, a.s + b.s, a.t + b.t, zl};
   const float m = a.m > b.m ? a.m : b.m;
   const float ea = fast_exp2(a.m - m), eb = fast_exp2(b.m - m);
   // t' = sum e' (z - m) = e_a (t_a + (m_a - m) s_a) + e_b (...): the old terms re-centred on the new max
@@ -82,10 +83,12 @@ __device__ __forceinline__ void accumulate(const float (&z)[n], RowPartial& p) {
     p.s *= alpha;
     p.m = mx;
   }
-  if (p.m == -INFINITY) return;  // every logit so far is -inf
+  // m = -inf: every logit so far is -inf or NaN; centring on 0 then adds 2^-inf = 0 for the -inf ones and
+  // keeps a NaN one (NaN logits must give NaN, not be skipped).
+  const float m = p.m == -INFINITY ? 0.f : p.m;
 #pragma unroll
   for (int j = 0; j < n; ++j) {
-    const float d = z[j] - p.m;
+    const float d = z[j] - m;
     const float e = fast_exp2(d);
     p.s += e;
     p.t += e > 0.f ? e * d : 0.f;  // e == 0 where z == -inf: 0 * -inf would be NaN

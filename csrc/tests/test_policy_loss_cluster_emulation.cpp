@@ -258,6 +258,58 @@ void check(const Case& k, uint32_t seed) {
   if (!k.in_place) assert(std::memcmp(before.data(), logits.data(), before.size() * sizeof(S)) == 0);
 }
 
+// One NaN or +inf logit (anywhere, also behind a run of -inf logits that fills whole slices) must make the row's
+// log-prob, entropy, loss and gradient NaN, never a finite number. Returns 1 on failure.
+template <typename S>
+int nonfinite_case(int64_t V, int C, int64_t pos, float bad, bool on_policy, int64_t neginf_prefix, bool coef) {
+  constexpr int64_t vec = 16 / sizeof(S);
+  std::vector<S> logits(V + vec);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  for (int64_t j = 0; j < V; ++j) logits[j] = from_f<S>(j < neginf_prefix ? -INFINITY : 2.f * normal(rng));
+  logits[pos] = from_f<S>(bad);
+  const int64_t slice = ((V + C - 1) / C + vec - 1) / vec * vec;
+  std::vector<int64_t> labels{V - 1};
+  std::vector<float> adv{0.7f}, w{0.5f}, old{-3.f}, ref{-4.f}, loss{7.f}, logp{7.f}, ent{7.f};
+  std::vector<S> grad(V + vec);
+  ck::RowArgs a{};
+  a.logits = logits.data();
+  a.grad = grad.data();
+  a.labels = labels.data();
+  a.labels64 = true;
+  a.adv = adv.data();
+  a.weights = w.data();
+  a.old = on_policy ? nullptr : old.data();
+  a.ref = ref.data();
+  a.loss = loss.data();
+  a.logp = logp.data();
+  a.entropy = ent.data();
+  a.T = 1;
+  a.V = V;
+  a.stride_b = V;
+  a.stride_t = V;
+  a.slice = slice;
+  a.ignore_index = -100;
+  a.scale = ck::kLog2e;
+  a.inv_t = 1.f;
+  a.params = credit::core::LossParams{0.8, 1.28, 3.0, 0.05, 3, on_policy, coef, true};
+  run<S>(a, 1, C);
+  int bad_out = 0;
+  if (!std::isnan(logp[0])) ++bad_out;
+  if (!std::isnan(ent[0])) ++bad_out;
+  if (!coef && !std::isnan(loss[0])) ++bad_out;
+  for (int64_t j = 0; j < V; ++j) {
+    if (!std::isnan(to_f(grad[j]))) {
+      ++bad_out;
+      break;
+    }
+  }
+  if (bad_out)
+    std::printf("FAIL non-finite V=%ld C=%d pos=%ld bad=%g on_policy=%d prefix=%ld coef=%d: logp %g ent %g loss %g\n",
+                (long)V, C, (long)pos, bad, on_policy, (long)neginf_prefix, coef, logp[0], ent[0], loss[0]);
+  return bad_out != 0;
+}
+
 int main() {
   //        rows  V     stride C  temp coef   grad   inplace on_pol kl
   check<float>({7, 1000, 1000, 4, 1.0, false, true, false, false, 3}, 1);
@@ -267,6 +319,16 @@ int main() {
   check<float>({5, 332, 332, 4, 1.3, false, false, false, false, 3}, 5);   // no gradient: log-probs + loss only
   check<__nv_bfloat16>({6, 776, 784, 4, 1.0, false, true, false, false, 3}, 6);  // short last slice
   check<__nv_bfloat16>({5, 4096, 4096, 8, 1.0, false, true, true, false, 3}, 7);  // in place, bf16
+  int fails = 0;
+  for (float bad : {NAN, INFINITY})
+    for (int64_t pos : {0L, 1L, 3L, 4L, 5L, 63L, 64L, 200L, 255L, 256L, 511L, 999L})
+      for (int64_t prefix : {0L, 4L, 256L, 600L})
+        for (bool on_policy : {false, true})
+          for (bool coef : {false, true}) {
+            fails += nonfinite_case<float>(1000, 4, pos, bad, on_policy, prefix, coef);
+            fails += nonfinite_case<__nv_bfloat16>(1024, 2, pos, bad, on_policy, prefix, coef);
+          }
+  if (fails) return 1;
   std::printf("policy_loss cluster kernel emulation: ok\n");
   return 0;
 }
