@@ -199,3 +199,24 @@ def test_report_of_a_missing_run_is_one_line(capsys):
     assert main(["runs/does_not_exist"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["seeds=abc"], "seeds must be int"),
+        (["workers=0"], "workers must be >= 1"),
+        (["--bogus"], "cannot parse argument"),
+        (["algo=nope"], "unknown algo"),
+    ],
+    ids=["bad_int", "zero_workers", "not_key_value", "unknown_algo"],
+)
+def test_experiment_bad_arguments_are_one_line(capsys, tmp_path, argv, match):
+    """Bad experiment options and bad trainer keys fail with one line before any run starts (nothing written)."""
+    from credit_ops.trainer.experiment import main
+
+    out = tmp_path / "exp"
+    assert main([*argv, f"out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert not out.exists()

@@ -18,6 +18,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .config import ConfigError, load_config
+
 METHODS = {
     "GRPO": ["algo=grpo"],
     "IBPO": ["algo=ibpo"],
@@ -27,12 +29,19 @@ METHODS = {
 COMMON = ["loss.loss_type=grpo", "warm_start.seed=0", "steps=100000", "progress=false", "report=false", "threads=1"]
 
 
+class RunFailed(RuntimeError):
+    pass
+
+
 def _run(name, args, out_dir, log_dir):
     cmd = [sys.executable, "-m", "credit_ops.trainer", f"name={name}", f"out_dir={out_dir}", *args]
-    with open(os.path.join(log_dir, f"{name}.log"), "w") as log:
+    path = os.path.join(log_dir, f"{name}.log")
+    with open(path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
-        raise RuntimeError(f"run {name} failed; see {log_dir}/{name}.log")
+        with open(path) as log:
+            last = ([line.strip() for line in log if line.strip()] or ["(no output)"])[-1]
+        raise RunFailed(f"run {name} failed (exit {proc.returncode}): {last}; see {path}")
     with open(os.path.join(out_dir, name, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     with open(os.path.join(out_dir, name, "summary.json")) as f:
@@ -66,14 +75,42 @@ def _ms(xs, fmt="{:.3f}"):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    try:
+        opts, extra = _options(argv)
+        # the trainer's own check of the extra keys, before any run starts
+        load_config([*COMMON, *extra])
+    except ConfigError as e:
+        print(f"experiment: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _experiment(opts, extra)
+    except RunFailed as e:
+        print(f"experiment: {e}", file=sys.stderr)
+        return 1
+
+
+def _options(argv):
+    """The experiment's own options (seeds, budget, workers, target, out) and the key=value pairs for every run."""
     opts = {"seeds": 3, "budget": 150_000, "workers": 2, "target": 0.45, "out": "runs/experiment"}
     extra = []
     for a in argv:
         k, _, v = a.lstrip("-").partition("=")
-        if k in opts:
-            opts[k] = type(opts[k])(v)
-        else:
+        if k not in opts:
             extra.append(a)
+            continue
+        try:
+            opts[k] = type(opts[k])(v)
+        except ValueError:
+            raise ConfigError(f"{k} must be {type(opts[k]).__name__}, got {v!r}") from None
+        if k in ("seeds", "budget", "workers") and opts[k] < 1:
+            raise ConfigError(f"{k} must be >= 1, got {v!r}")
+    return opts, extra
+
+
+def _experiment(opts, extra):
     out = opts["out"]
     log_dir = os.path.join(out, "logs")
     os.makedirs(log_dir, exist_ok=True)
