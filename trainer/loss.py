@@ -47,7 +47,7 @@ def policy_loss(
     batch: Packed,
     advantages: Tensor,
     gates: Tensor | None,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     ref_logprobs: Tensor | None,
     settings: dict,
     *,
@@ -56,7 +56,8 @@ def policy_loss(
 ):
     """Loss of one micro-batch, scaled by its share of the accumulated batch, and the op's stats.
 
-    Shapes: advantages (n, C) fp32, gates (n, C) or None, old/ref logprobs (n, C) fp32; batch.labels (n, C).
+    Shapes: advantages (n, C) fp32, gates (n, C) or None, old/ref logprobs (n, C) fp32 or None (old None: on-policy,
+    ratio 1); batch.labels (n, C).
     """
     kw = dict(settings, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, gates=gates)
     if fused:

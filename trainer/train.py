@@ -5,7 +5,7 @@ One step, per process (docs/method.md §1):
     rewards                             rewards.Verifier           (N,)
     repairs of the wrong samples        revise.*                   M repairs (credit methods only)
     advantages, gates, repair rows      credit.assign              (N + R, C)
-    old-policy log-probs                the sampling model         (N + R, C), no gradient
+    old-policy log-probs                the sampling model         (N + R, C), no gradient; ppo_epochs > 1 only
     policy update                       loss.policy_loss           micro-batches, token-normalised
 The data position and the sampling RNG are functions of (seed, step, rank), so a resumed run replays exactly.
 """
@@ -25,14 +25,17 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import set_seed
 
 from . import credit as credit_mod
-from .config import to_dict
+from .config import to_dict, to_yaml
+from .launch import process_count_problem
 from .loss import loss_settings, normaliser, policy_loss
-from .modeling import char_tokenizer, encode_prompt, load_pretrained, tiny_model, warm_seed, warm_start
-from .report import append_jsonl, read_jsonl, write_jsonl
-from .revise import build_reviser, verified_truncation
+from .modeling import char_tokenizer, load_pretrained, tiny_model, warm_seed, warm_start
+from .report import append_jsonl, read_jsonl, write_atomic, write_jsonl
+from .revise import REFERENCE_LINE, REVISION_PROMPT, build_reviser, revision_examples, verified_truncation
 from .rewards import Verifier, is_correct
 from .rollout import generate, pack, rollout, sequence_logprobs
 from .tasks import build_task
+from .vision import build_vlm, is_vlm, prompt_inputs
+from .visual_task import VISUAL_TASKS, build_visual_task
 
 
 class NonFiniteError(RuntimeError):
@@ -50,26 +53,40 @@ def _trackers():
 
 def build_model(cfg, task, log):
     """(model, tokenizer): a local HF model, or the embedded tiny model after its warm start."""
+    if is_vlm(cfg):  # a vision-language model (trainer/vision.py): its own loader and warm start
+        return build_vlm(cfg, task, log)
     if cfg.model.path:
         return load_pretrained(cfg.model.path, cfg.model.gguf_file or None)
     tok = char_tokenizer()
     set_seed(warm_seed(cfg))  # the initial weights
     model = tiny_model(cfg, tok)
-    warm_start(model, tok, task, cfg, log=log)
+    # the warm start also teaches the revision mode (every method starts from the same model), where the task
+    # can make wrong attempts to repair
+    revisions = (lambda gen, n: revision_examples(task, n, gen)) if task.checkable else None
+    if revisions is None and cfg.uses_repairs and cfg.revise.reviser == "policy":
+        warnings.warn(
+            f"task {task.name!r} has no checkable steps: the warm start cannot teach the revision mode, so the "
+            "embedded policy's revisions will rarely verify (revise.reviser=policy)",
+            stacklevel=2,
+        )
+    warm_start(model, tok, task, cfg, log=log, revisions=revisions, revision_format=REVISION_PROMPT + REFERENCE_LINE)
     return model, tok
 
 
 @torch.no_grad()
 def evaluate(model, tok, task, verifier, cfg, device, samples_per_prompt: int = 0) -> dict:
-    """Accuracy on a fixed held-out set of prompts (its own seed, never trained on): greedy, and, with
+    """Accuracy on a fixed held-out set of prompts (the task's eval split, which training never samples: up to
+    cfg.eval_prompts distinct problems drawn with a generator seeded by the run's seed): greedy, and, with
     samples_per_prompt > 0, sampled at the rollout temperature. Leaves the training RNG untouched."""
-    probs = task.sample(cfg.eval_prompts, torch.Generator().manual_seed(10**6 + cfg.seed))
-    prompts = [encode_prompt(tok, p.prompt) for p in probs]
+    probs = task.sample(cfg.eval_prompts, torch.Generator().manual_seed(10**6 + cfg.seed), split="eval")
+    prompts, images = prompt_inputs(tok, probs)  # images: None for text problems
     r = cfg.rollout
-    _, texts = generate(
-        model, tok, prompts, n=1, max_new_tokens=r.max_new_tokens, temperature=1.0, do_sample=False, device=device
-    )
+    greedy = dict(n=1, max_new_tokens=r.max_new_tokens, temperature=1.0, do_sample=False, device=device)
+    _, texts = generate(model, tok, prompts, images=images, **greedy)
     out = {"eval_accuracy": _accuracy(verifier, probs, texts)}
+    if images is not None:  # the guard that the policy reads the image: each prompt with the next one's image
+        _, texts = generate(model, tok, prompts, images=images[1:] + images[:1], **greedy)
+        out["eval_shuffled_accuracy"] = _accuracy(verifier, probs, texts)
     if samples_per_prompt:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(10**6 + cfg.seed)
@@ -83,6 +100,7 @@ def evaluate(model, tok, task, verifier, cfg, device, samples_per_prompt: int = 
                 top_p=r.top_p,
                 top_k=r.top_k,
                 device=device,
+                images=images,
             )
         per = [probs[i // samples_per_prompt] for i in range(len(texts))]
         out["eval_sampled_accuracy"] = _accuracy(verifier, per, texts)
@@ -195,6 +213,24 @@ def finish_checkpoint(tmp: str, final: str, state: dict) -> None:
     _fsync_dir(os.path.dirname(final))
 
 
+def drop_tied_duplicates(models, weights, output_dir) -> None:
+    """accelerate save_state pre-hook: drop the second name of each tensor stored twice in a state dict (the tiny
+    model's lm_head.weight is its tied embedding). safetensors cannot store shared tensors, so accelerate would
+    drop the same names itself, with a warning at every checkpoint; the file is identical either way, and loading
+    (safetensors' load_model) re-ties them."""
+    from accelerate.utils import id_tensor_storage
+
+    for state in weights:
+        seen = set()
+        for name in list(state):
+            t = state[name]
+            if isinstance(t, torch.Tensor):
+                key = id_tensor_storage(t)  # what accelerate groups by
+                if key in seen:
+                    del state[name]
+                seen.add(key)
+
+
 def prune_checkpoints(run_dir: str, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints (0 = all); drop older ones and leftover temporary dirs."""
     ck = os.path.join(run_dir, "checkpoints")
@@ -221,7 +257,10 @@ def training_rows(samples, repairs, credit, pad_id, device):
     its sample's prompt), packed (N + R, P + C); their advantages and gates (N + R, C) (gates may be None)."""
     prompts = samples.prompts + [samples.prompts[repairs[j].sample] for j in credit.repair_rows]
     completions = samples.completions + [repairs[j].ids for j in credit.repair_rows]
-    batch = pack(prompts, completions, pad_id, device)
+    images = None  # VLM rows: a repair is trained in its sample's prompt, so with its sample's image
+    if samples.images is not None:
+        images = samples.images + [samples.images[repairs[j].sample] for j in credit.repair_rows]
+    batch = pack(prompts, completions, pad_id, device, images=images)
     adv = credit.advantages[:, : batch.C].to(device)
     gates = credit.gates[:, : batch.C].to(device) if credit.gates is not None else None
     return batch, adv, gates
@@ -246,23 +285,31 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
     Each epoch runs forward and backward over micro-batches of cfg.optim.micro_batch_size rows (0 = all), each
     loss scaled by its share of the normaliser of the whole batch over all processes (see loss.py): the
     accumulated gradient is the gradient of the loss over the full batch, however it is split. Every epoch's
-    ratio is against `old_lp`, the sampling policy's log-probs.
+    ratio is against `old_lp`, the sampling policy's log-probs; old_lp None (one epoch: the first epoch's policy
+    is the sampling policy) is the op's on-policy ratio, exactly 1, with the same gradient.
 
-    Shapes: batch N rows of C completion columns; adv, gates, old_lp, ref_lp (N, C) (gates, ref_lp may be None).
+    Shapes: batch N rows of C completion columns; adv, gates, old_lp, ref_lp (N, C) (gates, old_lp, ref_lp may be
+    None).
     A non-finite loss or gradient norm (on any process) skips the optimizer and scheduler step: the gradient is
     dropped, weights and optimizer state are untouched, and the remaining epochs are not run (earlier epochs'
     updates stay). The stats then hold step_skipped = 1.
 
-    Returns the op's statistics (means over micro-batches and epochs) and the last epoch's gradient norm
-    (before clipping).
+    Returns the op's statistics over the whole step and the last epoch's gradient norm (before clipping). The
+    statistics are the same on every process: each mean (clip fractions, ratio, KL, entropy) is weighted by the
+    tokens it was taken over, across micro-batches, epochs and processes (not a mean of per-micro-batch means),
+    and num_tokens is the total over the micro-batches and processes of one epoch (the training rows' tokens),
+    so micro-batching changes none of them.
     """
     agg, world = settings["agg"], acc.num_processes
     mb = cfg.optim.micro_batch_size or len(batch)
     chunks = [slice(s, s + mb) for s in range(0, len(batch), mb)]
     total = acc.reduce(normaliser(batch, agg), "sum")  # across processes
-    stats_acc, grad_norm, skipped = {}, torch.tensor(0.0), False
+    # token-weighted sums of the op's means, and the tokens they cover, summed over micro-batches and epochs
+    weighted, tokens, epochs_run = {}, torch.zeros((), device=acc.device), 0
+    grad_norm, skipped = torch.tensor(0.0), False
     model.train()
     for _ in range(cfg.optim.ppo_epochs):
+        epochs_run += 1
         bad = torch.zeros((), device=acc.device)
         for k, sl in enumerate(chunks):
             part = batch.rows(sl)
@@ -274,7 +321,7 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
                     part,
                     adv[sl],
                     None if gates is None else gates[sl],
-                    old_lp[sl],
+                    None if old_lp is None else old_lp[sl],
                     None if ref_lp is None else ref_lp[sl],
                     settings,
                     fused=cfg.loss.fused,
@@ -282,8 +329,11 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
                 )
                 acc.backward(loss)
             bad += (~torch.isfinite(loss.detach())).float().sum()
+            n = stats["num_tokens"].detach().float().to(acc.device)  # the tokens the op's means are over
+            tokens += n
             for key, v in stats.items():
-                stats_acc.setdefault(key, []).append(float(v.float().mean()))
+                if key != "num_tokens":
+                    weighted[key] = weighted.get(key, 0.0) + v.detach().float().mean().to(acc.device) * n
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
         bad += 0.0 if math.isfinite(float(grad_norm)) else 1.0
         if float(acc.reduce(bad, "sum")) > 0:  # every process agrees: the gradient norm is already all-reduced
@@ -294,7 +344,10 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
         _kill_point("update", step)
         sched.step()
         opt.zero_grad(set_to_none=True)
-    out = {k: sum(v) / len(v) for k, v in stats_acc.items()}
+    keys = sorted(weighted)
+    sums = acc.reduce(torch.stack([*(weighted[k] for k in keys), tokens]).double(), "sum")  # over processes
+    out = {k: float(sums[i] / sums[-1].clamp(min=1.0)) for i, k in enumerate(keys)}
+    out["num_tokens"] = float(sums[-1]) / max(epochs_run, 1)
     out["step_skipped"] = float(skipped)
     return out, float(grad_norm)
 
@@ -303,10 +356,14 @@ def log_metrics(acc, step, local, history, path, *, grad_norm, generated_tokens,
     """One step's row of metrics.jsonl: this process's `local` metrics averaged over the processes, the step's
     gradient norm and its variance over the last 10 steps, the generated tokens so far, the process count, then
     `extra` (the same on every process). Appended to `history` and, on the main process, to `path` and the
-    trackers."""
+    trackers.
+
+    The plain mean over processes is right for means over the same number of samples on every process (reward,
+    accuracy, completion_len) and exact for values already the same on every process: update()'s statistics,
+    token-weighted over all processes, with num_tokens their total. In float64, so counts stay exact."""
     keys = sorted(local)
-    vec = acc.reduce(torch.tensor([float(local[k]) for k in keys], device=acc.device), "mean")
-    m = dict(zip(keys, vec.tolist(), strict=True))
+    vec = torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=acc.device)
+    m = dict(zip(keys, acc.reduce(vec, "mean").tolist(), strict=True))
     recent = [g for g in [h["grad_norm"] for h in history[-9:]] + [grad_norm] if math.isfinite(g)]
     m.update(
         step=step,
@@ -344,9 +401,11 @@ def train(cfg) -> dict:
     device, rank, world = acc.device, acc.process_index, acc.num_processes
     main = acc.is_main_process
     log = acc.print
+    if main and (why := process_count_problem(world)):  # e.g. `accelerate launch --num_processes 2` on a CPU
+        warnings.warn(why, stacklevel=1)
     os.makedirs(cfg.run_dir, exist_ok=True)
 
-    task = build_task(cfg)
+    task = build_visual_task(cfg) if cfg.task.name in VISUAL_TASKS else build_task(cfg)
     verifier = Verifier(cfg.task.verifier, task)
     with acc.main_process_first():  # the warm start is cached: the main process pays, the others load it
         model, tok = build_model(cfg, task, log)
@@ -355,6 +414,7 @@ def train(cfg) -> dict:
     warm = max(1, cfg.optim.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     model, opt, sched = acc.prepare(model, opt, sched)
+    acc.register_save_state_pre_hook(drop_tied_duplicates)
     policy = lambda: acc.unwrap_model(model)  # generation runs on the unwrapped module
 
     def full_params():
@@ -370,11 +430,14 @@ def train(cfg) -> dict:
     delimiter = credit_mod.delimiter_ids(tok, task.delimiter)  # step ends, for step-level masks
     if main:
         acc.init_trackers("credit-ops", config={k: str(v) for k, v in to_dict(cfg).items()})
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=1)
+        # the resolved configuration; config.yaml reads back with `credit-train --config RUN_DIR/config.yaml`
+        write_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(to_dict(cfg), indent=1))
+        write_atomic(os.path.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
 
     # ---- resume
-    start, generated, history = 0, 0, []
+    # the held-out evaluation before RL, the RL time so far and the steps resumed at travel in every checkpoint,
+    # so that a resumed run's summary covers the whole run
+    start, generated, history, initial, elapsed, resumed_at = 0, 0, [], {}, 0.0, []
     ckpt = _latest_checkpoint(cfg.run_dir) if cfg.resume == "auto" else (cfg.resume or None)
     if ckpt and cfg.resume != "auto" and (why := checkpoint_problem(ckpt)):
         raise RuntimeError(f"resume: checkpoint {ckpt} cannot be loaded: {why}")
@@ -383,6 +446,8 @@ def train(cfg) -> dict:
         with open(os.path.join(ckpt, "trainer_state.json")) as f:
             state = json.load(f)
         start, generated, history = state["step"], state["generated_tokens"], state["history"]
+        initial, elapsed = state.get("initial", {}), state.get("elapsed", 0.0)
+        resumed_at = [*state.get("resumed_at", []), start]
         log(f"resumed from {ckpt} at step {start}")
     elif cfg.resume == "auto":
         log(f"resume=auto: no complete checkpoint in {cfg.run_dir}; starting from scratch")
@@ -403,7 +468,8 @@ def train(cfg) -> dict:
         acc.wait_for_everyone()
         _kill_point("checkpoint", step)
         if main:
-            finish_checkpoint(tmp, path, {"step": step, "generated_tokens": generated, "history": history})
+            run = dict(initial=initial, elapsed=elapsed + time.time() - t0, resumed_at=resumed_at)
+            finish_checkpoint(tmp, path, {"step": step, "generated_tokens": generated, "history": history, **run})
             prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
         acc.wait_for_everyone()
 
@@ -414,7 +480,6 @@ def train(cfg) -> dict:
             break
         consecutive += 1
 
-    initial = {}
     if start == 0:  # the warm-started policy on held-out prompts, for the summary (every rank: FSDP gathers)
         policy().eval()
         with full_params(), acc.autocast():
@@ -436,7 +501,7 @@ def train(cfg) -> dict:
         # -- rollout: data and sampling randomness are functions of (seed, step, rank)
         sampling_seed, data_seed = rollout_seeds(cfg.seed, step, rank, world)
         torch.manual_seed(sampling_seed)
-        problems = task.sample(cfg.rollout.prompts_per_step, torch.Generator().manual_seed(data_seed))
+        problems = task.sample(cfg.rollout.prompts_per_step, torch.Generator().manual_seed(data_seed), split="train")
         policy().eval()
         with full_params(), acc.autocast():
             samples = rollout(policy(), tok, problems, cfg, device)
@@ -457,10 +522,12 @@ def train(cfg) -> dict:
         batch, adv, gates = training_rows(samples, repairs, credit, tok.pad_token_id, device)
 
         # -- old-policy log-probs: the sampling model's, in the training forward's precision (the first ratio
-        # is exactly 1); the wrapped module, so FSDP shards stay sharded. (N + R, C) each.
+        # is exactly 1); the wrapped module, so FSDP shards stay sharded. (N + R, C) each. With one PPO epoch the
+        # old policy is the one being trained, unchanged until the update: its forward would repeat the training
+        # forward's, so it is skipped and the op takes old_logprobs=None (ratio 1, the same loss and gradient).
         with acc.autocast():
             lp = dict(temperature=cfg.rollout.temperature, micro_batch=cfg.optim.micro_batch_size)
-            old_lp, entropy = sequence_logprobs(model, batch, entropy=True, **lp)
+            old_lp = sequence_logprobs(model, batch, **lp) if cfg.optim.ppo_epochs > 1 else None
             ref_lp = sequence_logprobs(ref_model, batch, **lp) if ref_model else None
 
         # -- update: ppo_epochs optimizer steps, micro-batches accumulated over the whole batch
@@ -480,14 +547,16 @@ def train(cfg) -> dict:
         local = {
             "reward": sum(rewards) / len(rewards),
             "accuracy": sum(map(is_correct, rewards)) / len(rewards),
-            "entropy": float((entropy[: len(rewards)] * valid).sum() / valid.sum()),
+            # the policy's mean token entropy over the training rows (samples and repairs), from the update's
+            # forward (the op's statistic; with one epoch the sampling policy's)
+            "entropy": stats["entropy_mean"],
             "completion_len": float(valid.sum(-1).float().mean()),
             **credit.metrics,
             **stats,
         }
         generated += int(acc.reduce(torch.tensor(n_gen, device=device), "sum"))
         skipped_total = sum(int(h.get("step_skipped", 0)) for h in history) + int(stats["step_skipped"])
-        extra = dict(lr=sched.get_last_lr()[0], skipped_steps=skipped_total, time=time.time() - t0)
+        extra = dict(lr=sched.get_last_lr()[0], skipped_steps=skipped_total, time=elapsed + time.time() - t0)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == 0):
             policy().eval()
             with full_params(), acc.autocast():
@@ -523,16 +592,18 @@ def train(cfg) -> dict:
         bar.close()
     if not (cfg.save_every and done % cfg.save_every == 0):
         save(done)
-    summary = {"steps": done, "generated_tokens": generated, "time": time.time() - t0}
+    # time: the RL steps' wall time over every session of the run (the initial and final evaluations excluded)
+    summary = {"steps": done, "generated_tokens": generated, "time": elapsed + time.time() - t0}
+    if resumed_at:
+        summary["resumed_at"] = resumed_at
     if history:
-        summary.update({k: v for k, v in history[-1].items() if isinstance(v, float)})
+        summary.update({k: v for k, v in history[-1].items() if isinstance(v, float) and k != "time"})
     summary.update({f"initial_{k}": v for k, v in initial.items()})
     policy().eval()
     with full_params(), acc.autocast():  # every rank: under FSDP gathering the weights is collective
         summary.update(evaluate(policy(), tok, task, verifier, cfg, device, samples_per_prompt=4))
     if main:
-        with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_atomic(os.path.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=1))
         if cfg.report:
             from .report import write_report
 
