@@ -143,7 +143,7 @@ def render(results: dict) -> str:
     first = next(iter(table.values()))
     lines = [
         f"{n} seeds per method, {o['budget']:,} generated tokens per run (rollouts and revisions), held-out greedy "
-        f"and sampled (T = 1, 4 per prompt) accuracy on {o.get('eval_prompts', 256)} prompts disjoint from "
+        f"and sampled (T = {o['temperature']:g}, 4 per prompt) accuracy on {o['eval_prompts']} prompts disjoint from "
         f"training; start: greedy {statistics.fmean(first['initial_greedy']):.3f}, sampled "
         f"{statistics.fmean(first['initial_sampled']):.3f}. Mean [95% bootstrap interval] over seeds; Δ: paired by "
         f"seed against GRPO. Target: training accuracy {o['target']:.2f} (10-step moving average).",
@@ -270,7 +270,7 @@ def _experiment(opts, extra):
     table = summarise(runs, opts["target"])
     cfg = load_config(base)
     record = {
-        "options": {**opts, "eval_prompts": cfg.eval_prompts},
+        "options": {**opts, "eval_prompts": cfg.eval_prompts, "temperature": cfg.rollout.temperature},
         "extra": extra,
         "wall_time_s": round(time.time() - t0),
         "table": table,

@@ -34,12 +34,11 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_model(cfg, tokenizer):
-    """A small decoder (cfg.model.arch in {"qwen2", "llama"}) sized by cfg.model.{n_layer, d_model, n_head}."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
+def decoder_config(cfg, tokenizer) -> dict:
+    """The tiny decoder's sizes (cfg.model.{n_layer, d_model, n_head, max_positions}) and the tokenizer's ids: the
+    keyword arguments of a transformers text config (the text model and the tiny VLM's text tower)."""
     m = cfg.model
-    common = dict(
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=m.d_model,
         intermediate_size=4 * m.d_model,
@@ -50,8 +49,15 @@ def tiny_model(cfg, tokenizer):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
     )
+
+
+def tiny_model(cfg, tokenizer):
+    """A small decoder (cfg.model.arch in {"qwen2", "llama"}) sized by cfg.model.{n_layer, d_model, n_head}."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    m = cfg.model
+    common = dict(decoder_config(cfg, tokenizer), tie_word_embeddings=True)
     if m.arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .modeling import _warm_key, char_tokenizer, encode_prompt, warm_seed
+from .modeling import _warm_key, char_tokenizer, decoder_config, encode_prompt, warm_seed
 
 SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 TINY_ARCH = "qwen2_vl"
@@ -208,16 +208,7 @@ def tiny_vlm(cfg, tokenizer):
         raise ValueError(f"model.d_model / model.n_head = {head_dim} must be divisible by 6 (3 mrope sections)")
     sec = head_dim // 6
     text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=m.d_model,
-        intermediate_size=4 * m.d_model,
-        num_hidden_layers=m.n_layer,
-        num_attention_heads=m.n_head,
-        num_key_value_heads=m.n_head,
-        max_position_embeddings=m.max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        decoder_config(cfg, tokenizer),
         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [sec, sec, sec]},
     )
     vision = dict(
