@@ -85,6 +85,7 @@ class TaskConfig:
     dataset: str = opt("gsm_symbolic", "gsm8k: the reasoning-gym dataset")
     size: int = opt(2000, "gsm8k: problems generated")
     verifier: str = opt("task", "answer check: task (the task's own) | exact | numeric | math_verify")
+    verify_timeout: int = opt(5, "math_verify: seconds per parse / verify call before it counts as wrong")
 
 
 @dataclass
@@ -403,6 +404,7 @@ def validate(cfg: Config) -> None:
             read_dataset(t.eval_path)
     need(0 < t.eval_fraction < 1, f"task.eval_fraction must be in (0, 1), got {t.eval_fraction}")
     need(t.verifier in ("task", "exact", "numeric", "math_verify"), f"unknown task.verifier {t.verifier!r}")
+    need(t.verify_timeout >= 1, f"task.verify_timeout must be >= 1 second, got {t.verify_timeout}")
     if t.name == "arith":
         need(t.n_terms >= 2 and t.max_value >= 1, "task.n_terms must be >= 2 and task.max_value >= 1")
         need(0 <= t.slip_prob < 1, f"task.slip_prob must be in [0, 1), got {t.slip_prob}")

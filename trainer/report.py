@@ -60,6 +60,7 @@ METRICS = {
     ),
     "entropy_mean": ("loss entropy (nats/token)", "the loss statistic that entropy repeats (the same number)"),
     "completion_len": ("completion length", "mean tokens per sampled completion"),
+    "verifier_errors": ("verifier errors", "completions whose scorer raised or returned no reward in [0, 1]: scored 0"),
     "clip_frac": ("clip fraction", "share of loss tokens whose ratio was clipped (low or high)"),
     "clip_frac_low": ("clip fraction (low)", "share of loss tokens clipped below 1 - eps_low with A < 0"),
     "clip_frac_high": ("clip fraction (high)", "share of loss tokens clipped above 1 + eps_high with A > 0"),

@@ -406,7 +406,7 @@ def train(cfg) -> dict:
     os.makedirs(cfg.run_dir, exist_ok=True)
 
     task = build_visual_task(cfg) if cfg.task.name in VISUAL_TASKS else build_task(cfg)
-    verifier = Verifier(cfg.task.verifier, task)
+    verifier = Verifier(cfg.task.verifier, task, cfg.task.verify_timeout)
     with acc.main_process_first():  # the warm start is cached: the main process pays, the others load it
         model, tok = build_model(cfg, task, log)
     ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False) if cfg.loss.beta > 0 else None
@@ -507,6 +507,7 @@ def train(cfg) -> dict:
             samples = rollout(policy(), tok, problems, cfg, device)
             _kill_point("rollout", step + 1)
             per_sample = [problems[g] for g in samples.group_ids.tolist()]
+            errors_before = verifier.errors
             rewards = verifier.batch(per_sample, samples.texts)  # N floats
             n_gen = samples.n_generated
 
@@ -551,6 +552,7 @@ def train(cfg) -> dict:
             # forward (the op's statistic; with one epoch the sampling policy's)
             "entropy": stats["entropy_mean"],
             "completion_len": float(valid.sum(-1).float().mean()),
+            "verifier_errors": verifier.errors - errors_before,  # scorer faults this step (scored 0)
             **credit.metrics,
             **stats,
         }
