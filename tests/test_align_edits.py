@@ -352,6 +352,18 @@ def test_long_pair_many_edits_checkpointed(device):
     check_valid_script(out, 0, a, b)
 
 
+@pytest.mark.parametrize("device", NATIVE)
+def test_worst_case_32k_two_token_vocabulary(device):
+    """The worst case for the traceback: 32k x 32k tokens over a 2-token vocabulary, independent strings (edits
+    everywhere, ties everywhere), and lengths that differ: a valid minimal edit script, distance equal to
+    rapidfuzz's."""
+    rng = random.Random(9)
+    a = [rng.randrange(2) for _ in range(32_768)]
+    b = [rng.randrange(2) for _ in range(32_000)]
+    out = run([(a, b)], device=device, insert_anchor="none")
+    check_valid_script(out, 0, a, b)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_matches_cpu_batches():
     rng = random.Random(9)
