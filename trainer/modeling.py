@@ -150,19 +150,14 @@ def warm_start(model, tokenizer, task, cfg, log=print, revisions=None, revision_
     w = cfg.warm_start
     if w.steps <= 0:
         return model
-    key = _warm_key(cfg, revision_format if revisions else "")
-    path = os.path.join(w.cache_dir, f"warm_{key}.pt") if w.cache_dir else None
-    if path and os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        log(f"warm start: loaded {path}")
+    path = warm_cache_path(cfg, "warm", revision_format if revisions else "")
+    if load_cached(model, path, log):
         return model
     gen = torch.Generator().manual_seed(warm_seed(cfg) + 7919)
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
     model.train()
     for step in range(w.steps):
-        lr = w.lr * min(1.0, (step + 1) / max(1, w.steps // 10)) * 0.5 * (1 + math.cos(math.pi * step / w.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_warm_lr(opt, w, step)
         probs = task.sample(w.batch_size, gen)
         parts = [[(p.prompt, task.demonstration(p, gen)) for p in probs]]
         if revisions is not None and w.revision_batch_size > 0:
@@ -182,12 +177,39 @@ def warm_start(model, tokenizer, task, cfg, log=print, revisions=None, revision_
         if step % max(1, w.steps // 5) == 0 or step == w.steps - 1:
             log(f"warm start {step + 1}/{w.steps}: loss {loss:.3f}")
     model.eval()
+    save_cached(model, path)
+    return model
+
+
+def warm_cache_path(cfg, prefix: str, revision_format: str = "") -> str | None:
+    """Where the warm start of this config is cached (None: cfg.warm_start.cache_dir is empty)."""
+    w = cfg.warm_start
+    return os.path.join(w.cache_dir, f"{prefix}_{_warm_key(cfg, revision_format)}.pt") if w.cache_dir else None
+
+
+def load_cached(model, path: str | None, log) -> bool:
+    """Load a cached warm start into `model`; False when there is none."""
+    if not path or not os.path.exists(path):
+        return False
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    log(f"warm start: loaded {path}")
+    return True
+
+
+def save_cached(model, path: str | None) -> None:
+    """Cache a warm start atomically (a temporary file, then a rename: concurrent runs never read half a file)."""
     if path:
-        os.makedirs(w.cache_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, path)
-    return model
+
+
+def set_warm_lr(opt, w, step: int) -> None:
+    """The warm start's schedule: linear warmup over the first 10% of w.steps, then cosine decay to 0."""
+    lr = w.lr * min(1.0, (step + 1) / max(1, w.steps // 10)) * 0.5 * (1 + math.cos(math.pi * step / w.steps))
+    for g in opt.param_groups:
+        g["lr"] = lr
 
 
 def sft_batch(tokenizer, pairs):

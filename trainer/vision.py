@@ -24,14 +24,22 @@ import base64
 import copy
 import io
 import json
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .modeling import _warm_key, char_tokenizer, decoder_config, encode_prompt, warm_seed
+from .modeling import (
+    char_tokenizer,
+    decoder_config,
+    encode_prompt,
+    load_cached,
+    save_cached,
+    set_warm_lr,
+    warm_cache_path,
+    warm_seed,
+)
 
 SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 TINY_ARCH = "qwen2_vl"
@@ -344,20 +352,15 @@ def vlm_warm_start(model, tokenizer, task, cfg, log=print):
     revise = cfg.uses_repairs and cfg.revise.reviser == "policy" and task.checkable and w.revision_batch_size > 0
     key_cfg = copy.deepcopy(cfg)
     key_cfg.model.freeze_vision = False  # the warm start trains the whole model either way: one cache entry
-    key = _warm_key(key_cfg, REVISION_PROMPT + REFERENCE_LINE if revise else "")
-    path = os.path.join(w.cache_dir, f"vlm_warm_{key}.pt") if w.cache_dir else None
-    if path and os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        log(f"warm start: loaded {path}")
+    path = warm_cache_path(key_cfg, "vlm_warm", REVISION_PROMPT + REFERENCE_LINE if revise else "")
+    if load_cached(model, path, log):
         return model
     gen = torch.Generator().manual_seed(warm_seed(cfg) + 7919)
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
     align = hasattr(task, "image_token_text")
     model.train()
     for step in range(w.steps):
-        lr = w.lr * min(1.0, (step + 1) / max(1, w.steps // 10)) * 0.5 * (1 + math.cos(math.pi * step / w.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_warm_lr(opt, w, step)
         probs = task.sample(w.batch_size, gen)
         batch = sft_batch(tokenizer, probs, [task.demonstration(p, gen) for p in probs])
         loss = model(**batch, use_cache=False).loss
@@ -377,11 +380,7 @@ def vlm_warm_start(model, tokenizer, task, cfg, log=print):
         if step % max(1, w.steps // 5) == 0 or step == w.steps - 1:
             log(f"warm start {step + 1}/{w.steps}: loss {loss.item():.3f}")
     model.eval()
-    if path:
-        os.makedirs(w.cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+    save_cached(model, path)
     return model
 
 
