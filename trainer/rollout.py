@@ -191,21 +191,18 @@ def generate(
     return completions, texts
 
 
+def sampling(r) -> dict:
+    """The rollout's sampling settings (cfg.rollout) as `generate` keywords: the rollout and the sampled
+    evaluation draw from the same distribution."""
+    return dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+
+
 def rollout(model, tokenizer, problems, cfg, device) -> Samples:
     """G samples for each of the B problems from the current (sampling) policy."""
     r = cfg.rollout
     prompts, images = prompt_inputs(tokenizer, problems)  # images: None for text problems
     completions, texts = generate(
-        model,
-        tokenizer,
-        prompts,
-        n=r.group_size,
-        max_new_tokens=r.max_new_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        device=device,
-        images=images,
+        model, tokenizer, prompts, n=r.group_size, device=device, images=images, **sampling(r)
     )
     G = r.group_size
     return Samples(

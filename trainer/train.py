@@ -32,7 +32,7 @@ from .modeling import char_tokenizer, load_pretrained, tiny_model, warm_seed, wa
 from .report import append_jsonl, read_jsonl, write_atomic, write_jsonl
 from .revise import REFERENCE_LINE, REVISION_PROMPT, build_reviser, revision_examples, verified_truncation
 from .rewards import Verifier, is_correct
-from .rollout import generate, pack, rollout, sequence_logprobs
+from .rollout import generate, pack, rollout, sampling, sequence_logprobs
 from .tasks import build_task
 from .vision import build_vlm, is_vlm, prompt_inputs
 from .visual_task import VISUAL_TASKS, build_visual_task
@@ -90,18 +90,7 @@ def evaluate(model, tok, task, verifier, cfg, device, samples_per_prompt: int = 
     if samples_per_prompt:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(10**6 + cfg.seed)
-            _, texts = generate(
-                model,
-                tok,
-                prompts,
-                n=samples_per_prompt,
-                max_new_tokens=r.max_new_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                top_k=r.top_k,
-                device=device,
-                images=images,
-            )
+            _, texts = generate(model, tok, prompts, n=samples_per_prompt, device=device, images=images, **sampling(r))
         per = [probs[i // samples_per_prompt] for i in range(len(texts))]
         out["eval_sampled_accuracy"] = _accuracy(verifier, per, texts)
     return out
