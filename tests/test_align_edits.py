@@ -1,6 +1,7 @@
 """align_edits / segment_steps / step_masks / truncate_regions: every backend against the reference DP,
 distances against rapidfuzz, hand-worked examples of the canonical script, anchors, regions, steps, errors."""
 
+import os
 import random
 
 import pytest
@@ -362,6 +363,42 @@ def test_worst_case_32k_two_token_vocabulary(device):
     b = [rng.randrange(2) for _ in range(32_000)]
     out = run([(a, b)], device=device, insert_anchor="none")
     check_valid_script(out, 0, a, b)
+
+
+MEMORY_PROBE = """
+import random, resource, sys, torch, credit_ops
+from tests.test_align_edits import mutate
+rng = random.Random(10)
+vocab = int(sys.argv[1])
+a = [rng.randrange(vocab) for _ in range(32_768)]
+b = mutate(rng, a, 0.3, vocab)
+A, B, la, lb = torch.tensor([a]), torch.tensor([b]), torch.tensor([len(a)]), torch.tensor([len(b)])
+credit_ops.align_edits(A[:, :8], torch.tensor([8]), B[:, :8], torch.tensor([8]))  # allocator and thread pool up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = credit_ops.align_edits(A, la, B, lb)
+print(int(out.distance), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("vocab", [2, 150_000])
+def test_memory_bound_32k_30_percent_edits(vocab):
+    """32k tokens with 30% edits stay within the documented bound (README: at most 48 MiB per pair in flight —
+    32 MiB of traceback bits, then checkpointed row blocks). Peak RSS of a fresh process, so earlier tests'
+    allocations cannot hide the growth; the distance is rapidfuzz's."""
+    import subprocess
+    import sys
+
+    root = __file__.rsplit("/tests/", 1)[0]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(vocab)], capture_output=True, text=True, env=env, cwd=root
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    distance, grown = map(int, out.stdout.split())
+    rng = random.Random(10)
+    a = [rng.randrange(vocab) for _ in range(32_768)]
+    assert distance == lev(a, mutate(rng, a, 0.3, vocab))
+    assert grown <= 48 << 20, f"align_edits grew the peak RSS by {grown / 2**20:.1f} MiB for one 32k pair"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -81,6 +81,47 @@ def test_keep_checkpoints_retains_the_newest(tmp_path, cache):
         load_config(["keep_checkpoints=-1"])
 
 
+# ---- run directories
+def _tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_an_existing_run_is_never_mixed_into(tmp_path, cache, capsys):
+    """Without resume, a run directory that holds files is refused (one line, exit 2, nothing touched);
+    overwrite=true replaces it as a whole; resume=auto continues it."""
+    from credit_ops.trainer.__main__ import main
+
+    args = ["algo=grpo", "steps=2", "report=false", "eval_every=0"]
+    run(tmp_path, cache, *args, name="r")
+    d = tmp_path / "r"
+    (d / "notes.txt").write_text("mine")
+    before = _tree(d)
+    with pytest.raises(ConfigError, match="already holds a run.*resume=auto.*overwrite=true"):
+        run(tmp_path, cache, *args, "seed=1", name="r")
+    cli = [*TINY, f"out_dir={tmp_path}", f"warm_start.cache_dir={cache}", "name=r", *args]
+    assert main(cli) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "overwrite=true" in err and "Traceback" not in err
+    assert _tree(d) == before  # nothing written, nothing lost
+    run(tmp_path, cache, *args, "resume=auto", name="r")  # continuing is not mixing: allowed
+    _, _, rows = run(tmp_path, cache, *args, "seed=1", "overwrite=true", name="r")
+    assert not (d / "notes.txt").exists() and [r["step"] for r in rows] == [1, 2]
+    (tmp_path / "empty").mkdir()  # an empty directory holds no run
+    run(tmp_path, cache, *args, name="empty")
+
+
+def test_experiment_refuses_an_earlier_experiment(tmp_path, capsys):
+    from credit_ops.trainer.experiment import main
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert main([f"out={out}", "seeds=1"]) == 2
+    assert "overwrite=true" in capsys.readouterr().err
+    assert main([f"out={out}", "overwrite=maybe"]) == 2
+    assert (out / "results.json").read_text() == "{}"
+
+
 # ---- non-finite steps
 def _nan_at(monkeypatch, steps):
     """policy_loss returns a NaN loss on the given (1-based) steps: one call per step (one epoch, no micro-batches)."""
@@ -170,6 +211,46 @@ def test_killed_runs_resume_exactly(tmp_path, cache):
         run(tmp_path, cache, *ARGS, "keep_checkpoints=2", "resume=auto", name=name)
         assert_same_run(tmp_path / name, tmp_path / "full")
         assert sorted(os.listdir(tmp_path / name / "checkpoints")) == ["step_3", "step_4"], at
+
+
+def test_runs_killed_at_random_times_resume_exactly(tmp_path, cache):
+    """SIGKILLed from outside at random moments (seeded; uniform over the run's training time, two kills per run,
+    each resumed with resume=auto and then killed again) and finally run to the end: the uninterrupted run's
+    metrics, samples and weights. Kills that land after the run ended are no kill; most must land inside."""
+    import random
+    import time
+
+    run(tmp_path, cache, *ARGS, name="full")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    base = [*TINY, f"out_dir={tmp_path}", f"warm_start.cache_dir={cache}", *ARGS, "resume=auto"]
+
+    def start(name):
+        cmd = [sys.executable, "-m", "credit_ops.trainer", *base, f"name={name}"]
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    # the training time of one process: from its run directory's config.json to its exit
+    p = start("timing")
+    while not os.path.exists(tmp_path / "timing" / "config.json") and p.poll() is None:
+        time.sleep(0.02)
+    began = time.monotonic()
+    p.communicate(timeout=300)
+    assert p.returncode == 0
+    span = time.monotonic() - began
+    rng, landed = random.Random(16), 0
+    for r in range(3):
+        name = f"rand_{r}"
+        for _ in range(2):
+            p = start(name)
+            while not os.path.exists(tmp_path / name / "config.json") and p.poll() is None:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, span))
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                landed += 1
+            p.communicate(timeout=300)
+        run(tmp_path, cache, *ARGS, "resume=auto", name=name)
+        assert_same_run(tmp_path / name, tmp_path / "full")
+    assert landed >= 4, f"only {landed} of 6 kills landed inside a run ({span:.1f} s of training)"
 
 
 # ---- dataset and report errors

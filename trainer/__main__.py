@@ -59,6 +59,9 @@ def main(argv=None) -> int:
 
     try:
         summary = train(cfg)
+    except ConfigError as e:  # found only once the run starts (an existing run directory)
+        print(f"credit-train: config error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:  # too many non-finite steps in a row: the checkpoint it names is usable
         print(f"credit-train: {e}", file=sys.stderr)
         return 3

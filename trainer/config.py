@@ -167,6 +167,7 @@ class Config:
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(0, "keep the newest N checkpoints (0 = all); each is written aside, renamed when whole")
     resume: str = opt("", "auto (newest complete checkpoint in the run dir; broken ones skipped) or a checkpoint dir")
+    overwrite: bool = opt(False, "without resume, delete an existing run directory first (else such a run is refused)")
     max_skipped_steps: int = opt(5, "stop (checkpoint, error) after this many non-finite steps in a row; 0 = never")
     stop_after: int = opt(0, "stop (and checkpoint) after this many steps, e.g. to test resume; 0 = off")
     log_samples_every: int = opt(20, "store sample groups for the report every N steps")

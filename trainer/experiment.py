@@ -15,7 +15,8 @@ Reported per method: the mean over seeds and its 95% bootstrap interval of held-
 the difference to GRPO paired by seed (with its interval), steps and tokens until the training accuracy (10-step
 moving average) reaches a target, the across-step variance of the gradient norm, and the active-token ratio at
 the start and the end of training. Writes runs/experiment/{results.json, results.md, experiment.png}; extra
-key=value pairs go to every run. `--render` rebuilds the table from a results file and, with `--readme`, writes it
+key=value pairs go to every run. An `out` folder that holds an earlier experiment's results is refused unless
+`overwrite=true` (its runs are then replaced). `--render` rebuilds the table from a results file and, with `--readme`, writes it
 between the README's experiment markers (tests/test_experiment.py checks the README against the committed file).
 """
 
@@ -58,7 +59,8 @@ class RunFailed(RuntimeError):
 
 
 def _run(name, args, out_dir, log_dir):
-    cmd = [sys.executable, "-m", "credit_ops.trainer", f"name={name}", f"out_dir={out_dir}", *args]
+    # the experiment's folder is regenerated as a whole (main() refused it if it held results, unless asked)
+    cmd = [sys.executable, "-m", "credit_ops.trainer", f"name={name}", f"out_dir={out_dir}", "overwrite=true", *args]
     path = os.path.join(log_dir, f"{name}.log")
     with open(path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -222,6 +224,7 @@ def _options(argv):
         "out": "runs/experiment",
         "methods": "",
         "reviser": "policy",
+        "overwrite": False,
     }
     extra = []
     for a in argv:
@@ -230,7 +233,7 @@ def _options(argv):
             extra.append(a)
             continue
         try:
-            opts[k] = type(opts[k])(v)
+            opts[k] = _parse(v, type(opts[k]))
         except ValueError:
             raise ConfigError(f"{k} must be {type(opts[k]).__name__}, got {v!r}") from None
         if k in ("seeds", "budget", "workers") and opts[k] < 1:
@@ -242,7 +245,17 @@ def _options(argv):
     opts["methods"] = names
     if opts["reviser"] not in ("policy", "oracle"):
         raise ConfigError(f"reviser must be policy or oracle, got {opts['reviser']!r}")
+    if os.path.exists(os.path.join(opts["out"], "results.json")) and not opts["overwrite"]:
+        raise ConfigError(f"{opts['out']} holds an earlier experiment; overwrite=true replaces it, or choose out=")
     return opts, extra
+
+
+def _parse(v: str, kind: type):
+    if kind is bool:
+        if v.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(v)
+        return v.lower() in ("true", "1")
+    return kind(v)
 
 
 def method_args(method: str, opts: dict) -> list[str]:

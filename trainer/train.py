@@ -25,9 +25,9 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import set_seed
 
 from . import credit as credit_mod
-from .config import to_dict, to_yaml
+from .config import ConfigError, to_dict, to_yaml
 from .launch import process_count_problem
-from .loss import loss_settings, normaliser, policy_loss
+from .loss import loss_settings, normaliser, pass_logprobs, policy_loss
 from .modeling import char_tokenizer, load_pretrained, tiny_model, warm_seed, warm_start
 from .report import append_jsonl, read_jsonl, write_atomic, write_jsonl
 from .revise import REFERENCE_LINE, REVISION_PROMPT, build_reviser, revision_examples, verified_truncation
@@ -373,6 +373,17 @@ def log_metrics(acc, step, local, history, path, *, grad_norm, generated_tokens,
     return m
 
 
+def existing_run_problem(cfg) -> str | None:
+    """Why this run may not start in cfg.run_dir: without resume, a directory that already holds files is an
+    earlier run, which a new one would mix into (its metrics, checkpoints, report) or destroy."""
+    if cfg.resume or cfg.overwrite or not os.path.isdir(cfg.run_dir) or not os.listdir(cfg.run_dir):
+        return None
+    return (
+        f"run directory {cfg.run_dir} already holds a run; continue it with resume=auto, replace it with "
+        f"overwrite=true (its files are deleted), or choose another name= / out_dir="
+    )
+
+
 def train(cfg) -> dict:
     """Train for cfg.steps steps (fewer with cfg.token_budget or cfg.stop_after) and return the summary.
 
@@ -381,6 +392,9 @@ def train(cfg) -> dict:
     each step  rollout -> rewards -> repairs -> credit -> old log-probs -> update -> metrics -> checkpoint
     the end    checkpoint, held-out accuracy, summary.json, report.html
     """
+    # every process looks before any writes: the Accelerator's start is a rendezvous of all of them
+    if why := existing_run_problem(cfg):
+        raise ConfigError(why)
     on_gpu = torch.cuda.is_available()
     if cfg.threads > 0 or not (on_gpu or cfg.model.path):
         torch.set_num_threads(cfg.threads or 1)
@@ -392,6 +406,8 @@ def train(cfg) -> dict:
     log = acc.print
     if main and (why := process_count_problem(world)):  # e.g. `accelerate launch --num_processes 2` on a CPU
         warnings.warn(why, stacklevel=1)
+    if main and cfg.overwrite and not cfg.resume:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
     os.makedirs(cfg.run_dir, exist_ok=True)
 
     task = build_visual_task(cfg) if cfg.task.name in VISUAL_TASKS else build_task(cfg)

@@ -354,7 +354,7 @@ def _lm_head_autocast(fn):
     @functools.wraps(fn)
     def wrapper(hidden, weight, labels, *args, bias=None, **kwargs):
         device = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
-        if not torch.is_autocast_enabled(device):
+        if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):  # meta: none
             return fn(hidden, weight, labels, *args, bias=bias, **kwargs)
         dtype = torch.get_autocast_dtype(device)
         cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)
