@@ -274,6 +274,20 @@ def test_bad_dataset_rows_are_config_errors(tmp_path, capsys, line, message):
     assert f"data.jsonl:3: {message}" in capsys.readouterr().err
 
 
+def test_oracle_without_steps_is_refused(tmp_path, capsys):
+    """A JSONL dataset whose rows lack steps cannot give oracle repairs: refused up front, never trained as GRPO."""
+    from credit_ops.trainer.__main__ import main
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "1+2=", "answer": "3", "steps": ["1+2=3"]}\n{"prompt": "2+2=", "answer": "4"}\n')
+    args = ["task.name=jsonl", f"task.path={path}", "algo=diff_feedback", "revise.reviser=oracle"]
+    with pytest.raises(ConfigError, match="1 of the 2 rows .* have none .*plain GRPO"):
+        load_config(args)
+    assert main(args) == 2 and "revise.reviser=policy" in capsys.readouterr().err
+    load_config([*args[:2], "algo=grpo", "revise.reviser=oracle"])  # a baseline makes no repairs: fine
+    load_config([*args[:3], "revise.reviser=policy"])
+
+
 def test_report_of_a_missing_run_is_one_line(capsys):
     from credit_ops.trainer.report import main
 

@@ -399,7 +399,7 @@ def validate(cfg: Config) -> None:
     need(t.name in tasks, f"unknown task.name {t.name!r}; expected one of {', '.join(tasks)}")
     if t.name == "jsonl":
         need(t.path and os.path.exists(t.path), f"task.path: JSONL dataset {t.path!r} does not exist")
-        read_dataset(t.path)  # every line parsed and its fields checked, before anything heavy
+        _need_steps_for_oracle(cfg, read_dataset(t.path), need)  # every line parsed and checked, before anything heavy
         if t.eval_path:
             need(os.path.exists(t.eval_path), f"task.eval_path: JSONL dataset {t.eval_path!r} does not exist")
             read_dataset(t.eval_path)
@@ -460,6 +460,19 @@ def validate(cfg: Config) -> None:
         need(os.path.isdir(cfg.resume), f"resume: checkpoint directory {cfg.resume!r} does not exist")
 
 
+def _need_steps_for_oracle(cfg: Config, rows: list[dict], need) -> None:
+    """The oracle reviser repairs from each row's reference steps: without them it makes no repairs, and a credit
+    method would silently train plain GRPO."""
+    if cfg.uses_repairs and cfg.revise.reviser == "oracle":
+        missing = sum(row.get("steps") is None for row in rows)
+        need(
+            missing == 0,
+            f"revise.reviser=oracle repairs from each row's 'steps', and {missing} of the {len(rows)} rows of "
+            f"{cfg.task.path} have none (algo={cfg.algo} would train as plain GRPO): add steps or use "
+            "revise.reviser=policy",
+        )
+
+
 def _validate_vision(cfg: Config, need) -> None:
     """Visual tasks and VLMs (trainer/vision.py, trainer/visual_task.py): the task needs a VLM, its images exist
     and open, the tiny VLM's sizes fit mrope."""
@@ -481,7 +494,7 @@ def _validate_vision(cfg: Config, need) -> None:
         )
     if t.name == "vjsonl":
         need(t.path and os.path.exists(t.path), f"task.path: JSONL dataset {t.path!r} does not exist")
-        check_dataset(t.path)  # every row's fields, and every image found and readable
+        _need_steps_for_oracle(cfg, [row for row, _ in check_dataset(t.path)], need)  # rows, images found and read
     if not m.path and m.arch == "qwen2_vl":
         need(t.name in VISUAL_TASKS, f"model.arch=qwen2_vl is warm-started on a visual task; task.name={t.name}")
         head = m.d_model // max(1, m.n_head)
