@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from . import credit as credit_mod
 from .config import ConfigError, to_dict, to_yaml
 from .launch import process_count_problem
-from .loss import loss_settings, normaliser, pass_logprobs, policy_loss
+from .loss import loss_settings, normaliser, policy_loss
 from .modeling import char_tokenizer, load_pretrained, tiny_model, warm_seed, warm_start
 from .report import append_jsonl, read_jsonl, write_atomic, write_jsonl
 from .revise import REFERENCE_LINE, REVISION_PROMPT, build_reviser, revision_examples, verified_truncation
