@@ -24,6 +24,14 @@ per wrong sample (its prompt, its completion text, the texts of its sibling refe
 its row), each a repair string, a list of repair strings, or None (no repair). Built-ins: ``PolicyReviser`` (the
 policy itself in a revision prompt, through the trainer's own generation backend), ``OracleReviser`` (a task
 oracle ``fn(prompt, completion, **row) -> str | None``) and ``ExternalReviser`` (a frozen local model).
+
+Vision-language models (processing_class a ProcessorMixin, the dataset's "image" / "images" column): the prompts a
+reviser gets hold the images (TRL's multimodal messages) and the columns include them; a repair row reuses its
+sample's images (regathered with TRL's own ``split_pixel_values_by_grid``), so its old / reference log-probs and its
+loss are taken with them in context; ``PolicyReviser`` puts the sample's images in its revision prompt and generates
+through TRL's image path; ``use_credit_ops_loss=True`` feeds the image inputs to the backbone as TRL's fused head
+does. ``ExternalReviser`` is text-only and refused for VLMs. Checked with Qwen2-VL (tests/test_integrations_trl_vlm.py);
+other VLM families go through the same TRL helpers, untested.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from torch import Tensor
 
 import credit_ops
 from credit_ops.reference import ADVANTAGE_MODES, ALGORITHMS
-from credit_ops.trainer.revise import REVISION_PROMPT  # the project trainer's revision prompt, for model revisers
+from credit_ops.trainer.revise import REFERENCE_LINE, REVISION_PROMPT  # the project trainer's revision prompt
 
 try:
     import trl
@@ -48,7 +56,7 @@ try:
     from packaging.version import Version
     from trl import GRPOTrainer
     from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
-    from trl.trainer.utils import use_adapter
+    from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid, use_adapter
 except ImportError as e:  # pragma: no cover - only without TRL
     raise ImportError(
         "credit_ops.integrations.trl needs TRL 1.16.x: pip install 'trl>=1.16,<1.17' "
@@ -79,6 +87,21 @@ CREDIT_LOSS_AGG = {
     "luspo": "seq_mean_token_sum",
 }
 SCALE_REWARDS_MODE = {"group": "grpo", "batch": "grpo_batch_std", "none": "dr_grpo"}
+# The multimodal model inputs TRL's _generate_and_score_completions returns and _compute_loss feeds the model
+# (pixel_values / image_grid_thw / ... indexed by image, patch or tile; the token-type ids per row and token).
+MM_MODEL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "image_position_ids",
+    "token_type_ids",
+    "mm_token_type_ids",
+)
+MM_IMAGE_KEYS = MM_MODEL_KEYS[:6]
+MM_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")  # (B, P + C): prompt columns, then zeros over the completion
+MM_COUNT_KEYS = ("num_images", "num_tiles")  # python lists, one count per row
 TRL_EPS = 1e-4  # TRL's advantage epsilon: (r - mean) / (std + 1e-4)
 
 
@@ -181,9 +204,10 @@ def _prompt_text(prompt) -> str:
 
 
 def _revision_jobs(template, prompts, completions, references):
-    """(sample index, revision prompt text) per (wrong sample, reference)."""
+    """(sample index, revision prompt text) per (wrong sample, reference). The template's {reference} slot takes the
+    whole reference line (REFERENCE_LINE: "Reference: <text>" and a newline), as in the project trainer's prompt."""
     return [
-        (i, template.format(prompt=_prompt_text(p), attempt=c, reference=r))
+        (i, template.format(prompt=_prompt_text(p), attempt=c, reference=REFERENCE_LINE.format(reference=r)))
         for i, (p, c, refs) in enumerate(zip(prompts, completions, references, strict=True))
         for r in refs
     ]
@@ -196,11 +220,27 @@ def _collect(jobs, texts, n) -> list[list[str]]:
     return out
 
 
+def _prompt_images(prompt) -> list[dict]:
+    """The image blocks ({"type": "image", "image": <PIL image>}) of a conversational prompt, in order; TRL puts a
+    row's "image" / "images" there (prepare_multimodal_messages) before generating and scoring."""
+    if isinstance(prompt, str):
+        return []
+    return [
+        part
+        for message in prompt
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if part.get("type") == "image"
+    ]
+
+
 class PolicyReviser:
     """The policy itself in a revision prompt holding the wrong attempt and one sibling reference (one revision per
     reference), generated through the trainer's own backend (transformers, continuous batching or vLLM) with its
     generation settings (temperature, ``max_completion_length``, ...). Every process generates the same number of
-    prompts (padded), as that backend's collectives require."""
+    prompts (padded), as that backend's collectives require. With a vision-language model the revision prompt is a
+    user turn holding the sample's images, then the revision text: TRL's own tokenisation and generation with
+    images (``_tokenize_prompts`` -> ``_generate_single_turn``), as for the samples."""
 
     def __init__(self, template: str = REVISION_PROMPT):
         self.template = template
@@ -211,10 +251,18 @@ class PolicyReviser:
         counts = gather_object([len(jobs)])
         n = max(max(counts), 1)
         texts = [text for _, text in jobs]
+        images = [_prompt_images(prompts[i]) for i, _ in jobs]
         texts += [texts[-1] if texts else self.template.format(prompt="", attempt="", reference="")] * (n - len(texts))
-        gen_prompts = [[{"role": "user", "content": t}] for t in texts] if conversational else texts
-        prompt_ids, _, _ = trainer._tokenize_prompts(gen_prompts)
-        completion_ids, _ = trainer._generate_single_turn(prompt_ids, None, {}, 1)
+        images += [images[-1] if images else []] * (n - len(images))
+        if conversational:
+            gen_prompts = [
+                [{"role": "user", "content": [*ims, {"type": "text", "text": t}] if ims else t}]
+                for t, ims in zip(texts, images, strict=True)
+            ]
+        else:
+            gen_prompts = texts
+        prompt_ids, prompt_images, multimodal_fields = trainer._tokenize_prompts(gen_prompts)
+        completion_ids, _ = trainer._generate_single_turn(prompt_ids, prompt_images, multimodal_fields, 1)
         decoded = trainer._tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return _collect(jobs, decoded[: len(jobs)], len(prompts))
 
@@ -378,7 +426,13 @@ class CreditGRPOTrainer(GRPOTrainer):
                 f"algorithm={c.algorithm!r} with tools or environment_factory is not supported: tool outputs inside "
                 "a completion cannot be revised",
             )
-            need(not self._is_vlm, f"algorithm={c.algorithm!r} is text-only in CreditGRPOTrainer (no image revisions)")
+            need(
+                not (self._is_vlm and isinstance(self.reviser, ExternalReviser)),
+                "ExternalReviser is text-only (its model and tokenizer never see the image), so with a "
+                "vision-language model its repairs of an image task would be blind: use PolicyReviser() (the policy "
+                "with the sample's image in the revision prompt), OracleReviser(fn), or a reviser of your own (the "
+                "prompts it gets hold the images)",
+            )
             if c.train_on_repair:
                 need(
                     self.loss_type in TOKEN_MEAN_LOSSES,
@@ -431,8 +485,6 @@ class CreditGRPOTrainer(GRPOTrainer):
             1,
         ):
             bad.append("a model that scales its logits (logit_scale, lm_head_multiplier, logits_scaling)")
-        if self._is_vlm:
-            bad.append("a vision-language model (processing_class is a processor)")
         if bad:
             raise ValueError(
                 "use_credit_ops_loss=True cannot reproduce these TRL options exactly: "
@@ -549,7 +601,8 @@ class CreditGRPOTrainer(GRPOTrainer):
         acc, c = self.accelerator, self.credit
         rank, world = acc.process_index, acc.num_processes
         gather = gather_object if world > 1 else (lambda x: x)
-        prompts, rows = gather(list(batch["prompts"])), gather([_row(x) for x in batch["inputs"]])
+        # the rows whole, images included: the repairs' reward call passes TRL's dataset columns, as its own does
+        prompts, rows = gather(list(batch["prompts"])), gather([dict(x) for x in batch["inputs"]])
         completions = [_completion_text(x) for x in gather(list(batch["completions"]))]
         N, G = tokens.shape[0], self.num_generations
         r = rewards.tolist()
@@ -652,6 +705,7 @@ class CreditGRPOTrainer(GRPOTrainer):
         rep_gates[:n] = ca.repair_gates[sel].to(rep_gates.dtype)
 
         prompt_ids, prompt_mask = out["prompt_ids"][src], out["prompt_mask"][src]
+        mm = _multimodal_rows(out, src, width)  # VLMs: each repair row sees its sample's images
         new = {"completion_ids": rep_ids, "completion_mask": rep_mask, "advantages": rep_adv, "credit_gates": rep_gates}
         if "old_per_token_logps" in out or "ref_per_token_logps" in out or "sampling_per_token_logps" in out:
             ids = torch.cat([prompt_ids, rep_ids], 1)
@@ -660,7 +714,9 @@ class CreditGRPOTrainer(GRPOTrainer):
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 old = None
                 if "old_per_token_logps" in out or "sampling_per_token_logps" in out:
-                    old, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attn, width, batch_size=bs)
+                    old, _, _ = self._get_per_token_logps_and_entropies(
+                        self.model, ids, attn, width, batch_size=bs, **mm
+                    )
                     if "old_per_token_logps" in out:
                         new["old_per_token_logps"] = old
                     if "sampling_per_token_logps" in out:
@@ -668,13 +724,13 @@ class CreditGRPOTrainer(GRPOTrainer):
                 if "ref_per_token_logps" in out:
                     if self.ref_model is not None:
                         ref, _, _ = self._get_per_token_logps_and_entropies(
-                            self.ref_model, ids, attn, width, batch_size=bs
+                            self.ref_model, ids, attn, width, batch_size=bs, **mm
                         )
                     else:
                         model = self.accelerator.unwrap_model(self.model)
                         with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
                             ref, _, _ = self._get_per_token_logps_and_entropies(
-                                self.model, ids, attn, width, batch_size=bs
+                                self.model, ids, attn, width, batch_size=bs, **mm
                             )
                     new["ref_per_token_logps"] = ref
         if "importance_sampling_ratio" in out:
@@ -687,9 +743,17 @@ class CreditGRPOTrainer(GRPOTrainer):
             if a.dim() == 2 and a.shape[1] != 1:
                 a, b = _fit(a, W, pads.get(key, 0)), _fit(b, W, pads.get(key, 0))
             out[key] = torch.cat([a, b.to(a.dtype)], 0)
+        P = out["prompt_ids"].shape[1]
+        for key, value in mm.items():  # the repair rows' images (flat: after the samples') and token types
+            a = out[key]
+            if key in MM_TOKEN_KEYS:  # (rows, P + completion width): the completion part cut or padded to W
+                a, value = (torch.cat([x[:, :P], _fit(x[:, P:], W)], 1) for x in (a, value))
+            out[key] = a + value if isinstance(a, list) else torch.cat([a, value.to(a.dtype)], 0)
         out["prompt_ids"] = torch.cat([out["prompt_ids"], prompt_ids], 0)
         out["prompt_mask"] = torch.cat([out["prompt_mask"], prompt_mask], 0)
         for key, value in out.items():  # a per-row field this adapter does not know would be misaligned
+            if key in MM_IMAGE_KEYS and key in mm:  # indexed by image / patch / tile, extended above
+                continue
             if isinstance(value, (Tensor, list)) and (not isinstance(value, Tensor) or value.dim() > 0):
                 if len(value) != B + R:
                     raise ValueError(f"train_on_repair: cannot extend the batch field {key!r} to the repair rows")
@@ -716,8 +780,11 @@ class CreditGRPOTrainer(GRPOTrainer):
         mask = (
             inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         )
+        # VLMs: the image inputs go to the backbone as TRL's fused head passes them (the whole micro-batch is one
+        # chunk there, so every field whole); no position_ids, the model computes its own (mrope for Qwen-VL)
+        mm = {k: inputs[k] for k in MM_MODEL_KEYS if inputs.get(k) is not None}
         with self.accelerator.autocast():
-            backbone = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            backbone = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **mm)
         hidden = backbone.last_hidden_state[:, -C - 1 : -1]  # (B, C, H): position t scores completion token t
         head = hf.get_output_embeddings()
         autocast = torch.autocast(hidden.device.type, enabled=False) if self.args.cast_lm_head_to_fp32 else None
@@ -801,10 +868,6 @@ def _fit(x: Tensor, width: int, fill=0) -> Tensor:
     return torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), fill)], 1)
 
 
-def _row(x: dict) -> dict:
-    return {k: v for k, v in x.items() if k not in ("image", "images")}
-
-
 def _completion_text(c) -> str:
     return c if isinstance(c, str) else c[0]["content"] if c else ""
 
@@ -821,6 +884,36 @@ def _scatter_rows(ca, keep: Tensor, N: int, repair_of: Tensor | None):
     if repair_of is not None:
         fields["repair_of"] = repair_of.long()
     return ca._replace(**fields)
+
+
+def _multimodal_rows(out: dict, src: Tensor, width: int) -> dict:
+    """The multimodal inputs of rows that reuse the images of the samples ``src`` (R,) of TRL's batch ``out`` (a
+    repair is scored in its sample's prompt, image included), in TRL's layout and ready for
+    ``_get_per_token_logps_and_entropies``: the image-indexed fields regathered per sample with TRL's own
+    ``split_pixel_values_by_grid`` (for Qwen-VL: pixel blocks by ``image_grid_thw.prod(-1)`` and ``num_images``),
+    then flat again; the token-type ids (R, P + width): the sample's prompt columns, zeros over the completion;
+    ``num_images`` / ``num_tiles`` per row. {} for a text batch."""
+    keys = [k for k in (*MM_MODEL_KEYS, *MM_COUNT_KEYS) if out.get(k) is not None]
+    if not keys:
+        return {}
+    B, P = out["prompt_ids"].shape
+    idx = src.tolist()
+    per_sample = split_pixel_values_by_grid({k: out[k] for k in keys})
+    rows = {}
+    for key in keys:
+        value = per_sample[key]
+        if key in MM_TOKEN_KEYS:
+            rows[key] = torch.cat([value[src, :P], value.new_zeros(len(idx), width)], 1)
+        elif isinstance(value, list):  # one entry per sample: a count, or the sample's block of a split field
+            rows[key] = [value[i] for i in idx]
+        elif key in ("pixel_values", "pixel_attention_mask") and value.shape[0] == B:  # padded, one row per sample
+            rows[key] = value[src]
+        else:
+            raise ValueError(
+                f"train_on_repair: cannot regather the multimodal field {key!r} (shape {tuple(value.shape)}) by "
+                "sample for the repair rows of this model; set CreditConfig(train_on_repair=False)"
+            )
+    return unsplit_pixel_values_by_grid(rows)
 
 
 def _set_num_items(out: dict, acc) -> None:
