@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Builds from several shells (or agents) at once would trample build/: serialise them.
 LOCK   := flock /tmp/credit-ops-build.lock
 
-.PHONY: all deps build build-run test test-fast test-install train experiment experiment-readme bench gpu-check lint format cmake clean
+.PHONY: all deps build build-run test test-fast test-install train experiment experiment-vlm experiment-readme bench gpu-check lint format cmake clean
 
 all: build
 
@@ -66,6 +66,13 @@ experiment: build-run
 # two disagree). After `make experiment`: cp runs/experiment/results.json docs/experiment_results.json first.
 experiment-readme: deps
 	$(PY) -m credit_ops.trainer.experiment --render docs/experiment_results.json --readme README.md
+	$(PY) -m credit_ops.trainer.experiment --render docs/experiment_vlm_results.json --readme README.md --table experiment-vlm-table
+
+# Difference Feedback (token and step masks) against GRPO on images (--config=vlm), the task oracle revising, 3 seeds
+# at matched generated tokens (repairs included); writes runs/experiment-vlm/ (then cp results.json docs/experiment_vlm_results.json).
+experiment-vlm: build-run
+	$(PY) -m credit_ops.trainer.experiment --config=vlm reviser=oracle methods=GRPO,DF-token,DF-step seeds=3 \
+		budget=800000 target=0.68 out=runs/experiment-vlm $(ARGS)
 
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,ops --benchmark-sort=name $(ARGS)

@@ -10,24 +10,29 @@ from credit_ops.trainer.experiment import (
     README_START,
     bootstrap_ci,
     main,
+    readme_markers,
     render,
     summarise,
     write_readme_table,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "docs", "experiment_results.json")
 
 
-def test_readme_table_is_the_committed_results_file():
-    """The README's experiment table is render() of docs/experiment_results.json, byte for byte: a table edited by
-    hand, or a results file replaced without regenerating the README (`make experiment-readme`), fails here."""
-    with open(RESULTS) as f:
+@pytest.mark.parametrize(
+    "results, table",
+    [("experiment_results.json", "experiment-table"), ("experiment_vlm_results.json", "experiment-vlm-table")],
+)
+def test_readme_table_is_the_committed_results_file(results, table):
+    """The README's experiment tables are render() of the committed docs/*results.json, byte for byte: a table
+    edited by hand, or a results file replaced without regenerating the README (`make experiment-readme`), fails."""
+    with open(os.path.join(ROOT, "docs", results)) as f:
         expected = render(json.load(f))
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    assert README_START in readme and README_END in readme
-    got = readme.split(README_START, 1)[1].split(README_END, 1)[0]
+    start, end = readme_markers(table)
+    assert start in readme and end in readme
+    got = readme.split(start, 1)[1].split(end, 1)[0]
     assert got == "\n" + expected
 
 
@@ -93,6 +98,11 @@ def test_write_readme_table(tmp_path):
     p.write_text(f"head\n{README_START}\nold\n{README_END}\ntail\n")
     write_readme_table(str(p), "| new |\n")
     assert p.read_text() == f"head\n{README_START}\n| new |\n{README_END}\ntail\n"
+    vlm_start, vlm_end = readme_markers("experiment-vlm-table")
+    p.write_text(f"{README_START}\nold\n{README_END}\n{vlm_start}\nx\n{vlm_end}\n")
+    write_readme_table(str(p), "| vlm |\n", "experiment-vlm-table")
+    assert p.read_text().endswith(f"{vlm_start}\n| vlm |\n{vlm_end}\n")
+    assert "old" in p.read_text()  # the other table untouched
     p.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         write_readme_table(str(p), "x")

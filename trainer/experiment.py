@@ -3,7 +3,8 @@
 
     python -m credit_ops.trainer.experiment [seeds=5] [budget=120000] [workers=2] [methods=GRPO,IBPO] [reviser=policy]
                                             [key=value ...]
-    python -m credit_ops.trainer.experiment --render runs/experiment/results.json [--readme README.md]
+    python -m credit_ops.trainer.experiment --render runs/experiment/results.json [--readme README.md [--table NAME]]
+    make experiment-vlm    # the same on images: --config=vlm, the oracle reviser, GRPO vs Difference Feedback
 
 Every run of a seed starts from the same warm-started model (the seed varies the RL randomness; the data of a step
 is a function of the seed and the step, so the methods of one seed see the same prompts) and, except IOP, uses
@@ -16,8 +17,9 @@ the difference to GRPO paired by seed (with its interval), steps and tokens unti
 moving average) reaches a target, the across-step variance of the gradient norm, and the active-token ratio at
 the start and the end of training. Writes runs/experiment/{results.json, results.md, experiment.png}; extra
 key=value pairs go to every run. An `out` folder that holds an earlier experiment's results is refused unless
-`overwrite=true` (its runs are then replaced). `--render` rebuilds the table from a results file and, with `--readme`, writes it
-between the README's experiment markers (tests/test_experiment.py checks the README against the committed file).
+`overwrite=true` (its runs are then replaced). `--render` rebuilds the table from a results file and, with
+`--readme`, writes it between the README's markers of table NAME (experiment-table, or experiment-vlm-table for
+the VLM experiment; tests/test_experiment.py checks the README against the committed files).
 """
 
 import json
@@ -51,7 +53,14 @@ COMMON = [
     "report=false",
     "threads=1",
 ]
-README_START, README_END = "<!-- experiment-table:start -->", "<!-- experiment-table:end -->"
+
+
+def readme_markers(table: str = "experiment-table") -> tuple[str, str]:
+    """The README's start and end markers of one rendered table (experiment-table, experiment-vlm-table)."""
+    return f"<!-- {table}:start -->", f"<!-- {table}:end -->"
+
+
+README_START, README_END = readme_markers()
 
 
 class RunFailed(RuntimeError):
@@ -168,16 +177,17 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme_table(readme: str, table_md: str) -> None:
-    """Replace the text between the README's experiment markers with `table_md`."""
+def write_readme_table(readme: str, table_md: str, table: str = "experiment-table") -> None:
+    """Replace the text between the README's markers of `table` with `table_md`."""
+    start, end = readme_markers(table)
     with open(readme) as f:
         text = f.read()
-    if README_START not in text or README_END not in text:
-        raise ConfigError(f"{readme} has no {README_START} ... {README_END} markers")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
+    if start not in text or end not in text:
+        raise ConfigError(f"{readme} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     with open(readme, "w") as f:
-        f.write(f"{head}{README_START}\n{table_md}{README_END}{tail}")
+        f.write(f"{head}{start}\n{table_md}{end}{tail}")
 
 
 def main(argv=None):
@@ -209,7 +219,12 @@ def _render_cli(argv):
     with open(argv[0]) as f:
         md = render(json.load(f))
     if argv[1:2] == ["--readme"] and len(argv) > 2:
-        write_readme_table(argv[2], md)
+        table = argv[4] if argv[3:4] == ["--table"] and len(argv) > 4 else "experiment-table"
+        try:
+            write_readme_table(argv[2], md, table)
+        except ConfigError as e:
+            print(f"experiment --render: {e}", file=sys.stderr)
+            return 2
     print(md, end="")
     return 0
 
