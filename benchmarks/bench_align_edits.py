@@ -137,11 +137,11 @@ GPU_CASES = [pytest.param(2048, r, 1024, id=f"n2048-{r}-P1024") for r in RATES] 
 def test_align_edits_gpu(benchmark, n, rate, count):
     pairs = make_pairs(n, RATES[rate], count)
     args = to_tensors(pairs, "cuda")
-    credit_ops.set_value_checks("async")
+    previous = credit_ops.set_value_checks("async")
     try:
         measure(benchmark, lambda: credit_ops.align_edits(*args), rounds=10, pairs=count, tokens=n, edits=rate)
     finally:
-        credit_ops.set_value_checks("sync")
+        credit_ops.set_value_checks(previous)
     if benchmark.stats is None:  # --benchmark-disable: nothing was timed
         return
     median = benchmark.stats.stats.median

@@ -4,7 +4,8 @@
 GPU: the reference LM-head shape, N = 8192 tokens (4 x 2048), H = 3584, V = 152064, bf16. CPU: N = 512, H = 256,
 V = 8192. credit_ops takes per-token advantages and gates; Liger per-sequence advantages (its defaults otherwise).
 Targets: time <= 1.15x the matmuls, peak extra memory <= 1/8 of eager's. Shapes, targets and the peers' earlier
-numbers: benchmarks/results/README.md, "Shapes and targets".
+numbers: benchmarks/results/README.md, "Shapes and targets". The active-fraction sweep (active-token compaction,
+f in {1, 0.5, 0.25, 0.1}): dense vs active_only; target at f = 0.1: <= 0.25x the dense time.
 """
 
 import pytest
@@ -112,22 +113,62 @@ def test_fused_linear_fwd_bwd(benchmark, inputs, impl):
     measure(benchmark, fn, impl=impl, rounds=rounds)
 
 
+def cpu_peak_extra_gb(fn) -> float:
+    """Peak extra CPU memory of one fn() call, in GB: the running sum of the allocations and frees the PyTorch
+    profiler records (what the CPU allocator hands out; glibc's caching does not hide a buffer from it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cpu = torch.autograd.DeviceType.CPU
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return round(peak / 1e9, 4)
+
+
+ACTIVE_IMPLS = ["dense", "active_only", "active_only_whole_entropy"]
+_DENSE_MEDIAN = {}  # benchmark group -> the dense row's median (the dense rows run first)
+
+
+def record_vs_dense(benchmark, impl):
+    """extra_info x_vs_dense: this row's median over its group's dense median (summarize.py prints x_ columns)."""
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    median = benchmark.stats.stats.median
+    if impl == "dense":
+        _DENSE_MEDIAN[benchmark.group] = median
+    elif benchmark.group in _DENSE_MEDIAN:
+        benchmark.extra_info["x_vs_dense"] = round(median / _DENSE_MEDIAN[benchmark.group], 3)
+
+
 @pytest.mark.parametrize("active", [1.0, 0.5, 0.25, 0.1], ids=lambda f: f"active{f}")
-@pytest.mark.parametrize("impl", ["dense", "active_only"])
+@pytest.mark.parametrize("impl", ACTIVE_IMPLS)
 def test_fused_linear_active_fraction(benchmark, inputs, impl, active):
-    """IBPO / Difference Feedback / IOP batches: only a fraction of the tokens carries gradient (the gates are 0
-    elsewhere, beta = 0). Dense and active_only side by side for each fraction; target at 0.1: <= 0.25x dense."""
+    """IBPO / Difference Feedback / IOP batches: only a fraction f of the valid tokens carries a loss coefficient
+    (gates 1 on them, 0 elsewhere; beta = 0). Dense, active_only and active_only with whole_batch_entropy (the
+    inactive tokens' logits matmul for their entropy) side by side for each f (one group per f: pytest-benchmark's
+    relative column is the ratio to the fastest); time and peak extra memory (CPU: the profiler's allocations).
+    Target at f = 0.1: active_only <= 0.25x dense."""
     hidden, weight, labels, old, _, mask, _ = inputs
+    benchmark.group = f"fused LM head + loss fwd+bwd, active fraction {active}, N={B * T} H={H} V={V} {DTYPE}"
     g = torch.Generator(device=DEVICE).manual_seed(1)
     gates = (torch.rand(B, T, device=DEVICE, generator=g) < active).float()
     adv = torch.randn(B, T, device=DEVICE)
     x = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
+    opts = dict(active_only=impl != "dense", whole_batch_entropy=impl == "active_only_whole_entropy")
 
     def run():
         loss, _ = credit_ops.fused_linear_policy_loss(
-            x, w, labels, adv, old_logprobs=old, mask=mask, gates=gates, active_only=impl == "active_only"
+            x, w, labels, adv, old_logprobs=old, mask=mask, gates=gates, **opts
         )
         torch.autograd.grad(loss, (x, w))
 
-    measure(benchmark, run, rounds=10 if DEVICE == "cuda" else 3, impl=impl, active=active, tokens=B * T)
+    info = dict(impl=impl, active=active, active_tokens=int((mask & (gates > 0)).sum()), valid_tokens=int(mask.sum()))
+    if DEVICE == "cpu" and not benchmark.disabled:
+        info["peak_extra_GB"] = cpu_peak_extra_gb(run)
+    measure(benchmark, run, rounds=10 if DEVICE == "cuda" else 5, **info)
+    record_vs_dense(benchmark, impl)

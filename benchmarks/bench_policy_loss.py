@@ -7,7 +7,8 @@ output (the last position dropped); credit_ops runs with per-token advantages an
 runs with per-sequence advantages); "credit_ops_seq_adv" is the like-for-like row, "credit_ops_aligned_view" passes
 logits[:, :-1]; "credit_ops_two_pass" / "_cluster" force the long-row layout (the Hopper cluster kernel: GPU sm_90
 only). Bytes counted = one read of the logits plus one write of the gradient (the 2-pass floor). Target: >= 1.5x
-faster than Liger's per-sequence kernel.
+faster than Liger's per-sequence kernel. The active-fraction sweep (active-token compaction, f in {1, 0.5, 0.25,
+0.1}): dense vs active_only side by side.
 """
 
 import contextlib
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import credit_ops
+from benchmarks.bench_fused_linear import ACTIVE_IMPLS, cpu_peak_extra_gb, record_vs_dense
 from benchmarks.conftest import DEVICE, measure
 from credit_ops import reference
 from credit_ops.ops.policy_loss import cluster_ok
@@ -163,3 +165,29 @@ def test_policy_loss_fwd_bwd(benchmark, inputs, impl, loss_type):
     logits_bytes = B * T * V * full.element_size()
     rounds = (5 if impl in ("eager", "torch_compile") else None) if DEVICE == "cuda" else 3
     measure(benchmark, fn, bytes_moved=2 * logits_bytes, impl=impl, loss_type=loss_type, rounds=rounds)
+
+
+@pytest.mark.parametrize("active", [1.0, 0.5, 0.25, 0.1], ids=lambda f: f"active{f}")
+@pytest.mark.parametrize("impl", ACTIVE_IMPLS)
+def test_policy_loss_active_fraction(benchmark, inputs, impl, active):
+    """Active-token compaction over logits: a fraction f of the valid tokens carries a loss coefficient (gates 1 on
+    them, 0 elsewhere; beta = 0). Dense, active_only (the kernel writes the other rows' zero gradient without
+    reading their logits) and active_only with whole_batch_entropy (one more read of the other rows) side by side
+    for each f; time and peak extra memory."""
+    full, labels, old, _, mask, _ = inputs
+    benchmark.group = f"policy_loss fwd+bwd, active fraction {active}, {(B, T, V)} {full.dtype}"
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    gates = (torch.rand(B, T, device=DEVICE, generator=g) < active).float()
+    adv = torch.randn(B, T, device=DEVICE)
+    leaf = full.detach().requires_grad_(True)
+    opts = dict(active_only=impl != "dense", whole_batch_entropy=impl == "active_only_whole_entropy")
+
+    def fn():
+        loss, _ = credit_ops.policy_loss(leaf, labels, adv, old_logprobs=old, mask=mask, gates=gates, **opts)
+        torch.autograd.grad(loss, leaf)
+
+    info = dict(impl=impl, active=active, active_tokens=int((mask & (gates > 0)).sum()), valid_tokens=int(mask.sum()))
+    if DEVICE == "cpu" and not benchmark.disabled:
+        info["peak_extra_GB"] = cpu_peak_extra_gb(fn)
+    measure(benchmark, fn, rounds=None if DEVICE == "cuda" else 5, **info)
+    record_vs_dense(benchmark, impl)

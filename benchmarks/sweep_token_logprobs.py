@@ -1,7 +1,8 @@
 """Launch-configuration sweeps on a GPU, against the copy bandwidth: the Triton token_logprobs forward (BLOCK_V x
 num_warps; the defaults in triton_kernels/token_logprobs.py), then the policy loss's long-row layouts (the two-pass
 Triton kernel's tile x num_warps, and the Hopper cluster kernel where it runs; the kernels in
-triton_kernels/policy_loss.py, the choice in credit_ops/ops/policy_loss.py), each with a separate gradient buffer
+triton_kernels/policy_loss.py, the shared tile in triton_kernels/softmax_rows.py, the rule in
+credit_ops/ops/policy_loss.py), each with a separate gradient buffer
 and in place. Run by scripts/gpu_check.sh.
 
     python benchmarks/sweep_token_logprobs.py [B T V]
@@ -12,7 +13,7 @@ import sys
 
 import torch
 import triton.testing
-from credit_ops.triton_kernels import policy_loss as pl
+from credit_ops.triton_kernels import softmax_rows as sr
 from credit_ops.triton_kernels.token_logprobs import token_logprobs_forward
 
 from credit_ops.ops.policy_loss import cluster_ok, rows_forward
@@ -51,20 +52,21 @@ def sweep_policy_loss(logits, labels, copy_bw):
     scratch = logits.clone()
     nbytes = 2 * logits.numel() * logits.element_size()
     print("policy layout tile warps inplace   ms   frac_of_copy (one read + one write)")
-    configs = [("two_pass", t, w) for t in (2048, 4096, 8192) for w in (4, 8, 16)]
+    configs = [("two_pass", sr.STREAM_BLOCK, sr.STREAM_WARPS)]  # the default, first
+    configs += [("two_pass", t, w) for t in (2048, 4096, 8192) for w in (4, 8, 16)]
     if cluster_ok(logits):
         configs.append(("cluster", 0, 0))
-    default = (pl._TILE, pl._TILE_WARPS)
+    default = (sr.STREAM_BLOCK, sr.STREAM_WARPS)  # shared with token_logprobs: its log-probs change with them
     for layout, tile, warps in configs:
         os.environ["CREDIT_OPS_ROWS_LAYOUT"] = layout
-        pl._TILE, pl._TILE_WARPS = (tile, warps) if tile else default
+        sr.STREAM_BLOCK, sr.STREAM_WARPS = (tile, warps) if tile else default
         for inplace in (False, True):
             x, g = (scratch, scratch) if inplace else (logits, grad)  # in place: later runs read gradients (same work)
             ms = triton.testing.do_bench(
                 lambda x=x, g=g: rows_forward(g, x, *args, use_triton=True, **kw), return_mode="median"
             )
             print(f"policy {layout:9} {tile:5} {warps:5} {inplace!s:7} {ms:7.3f}  {nbytes / ms / 1e6 / copy_bw:.3f}")
-    pl._TILE, pl._TILE_WARPS = default
+    sr.STREAM_BLOCK, sr.STREAM_WARPS = default
     os.environ.pop("CREDIT_OPS_ROWS_LAYOUT")
 
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The one GPU check: on a machine with a CUDA GPU, build the extension, run the test suite with CUDA inputs and
 # the GPU benchmarks against the peers, and print a short table last. Writes into $OUT (default
-# benchmarks/results/<date>-<gpu>/): env.txt, build.log, tests.log, sweep.txt, bench.log, bench.json, table.md. Budget: < 8 minutes.
+# benchmarks/results/<date>-<gpu>/): env.txt, build.log, tests.log, checks.txt, sweep.txt, bench.log, bench.json, table.md. Budget: < 8 minutes.
 #
 #   bash scripts/gpu_check.sh                  # everything
 #   STAGES="build bench" bash scripts/gpu_check.sh
 #   BENCH="benchmarks/bench_token_logprobs.py" TESTS_TIMEOUT=120 bash scripts/gpu_check.sh
 #
 # The tests stage runs the CUDA cases (-k "cuda or long_rows or layout": the tests that take CUDA tensors when a GPU is
-# there; TESTS_K="" runs everything) file by file (TESTS overrides the list).
+# there; TESTS_K="" runs everything) file by file (TESTS overrides the list); tests/test_determinism.py checks there
+# that a row's log-probs are the same bits through every op and in every batch (its GPU half: unverified elsewhere).
 # Peers missing on the GPU image (liger-kernel, rapidfuzz; trl and datasets for bench_trl_loss.py, the TRL adapter's
 # bf16 parity and time against TRL's own loss) are installed from wheels/ when present (on a machine with the
 # package index: `pip download --no-deps --python-version 3.12 --only-binary=:all: liger-kernel rapidfuzz trl==1.16.0
@@ -16,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"build tests sweep bench"}
+STAGES=${STAGES:-"build tests checks sweep bench"}
 BENCH=${BENCH:-benchmarks}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_')
 OUT=${OUT:-benchmarks/results/$(date +%Y%m%d-%H%M)-${gpu:-nogpu}}
@@ -48,7 +49,8 @@ if [[ $STAGES == *tests* ]]; then
   : >"$OUT/tests.log"
   log=$(mktemp)
   for file in ${TESTS:-tests/test_policy_loss.py tests/test_fused_linear.py tests/test_token_logprobs.py \
-                       tests/test_align_edits.py tests/test_advantages.py tests/test_credit_assign.py}; do
+                       tests/test_determinism.py tests/test_policy_loss_active.py tests/test_align_edits.py \
+                       tests/test_advantages.py tests/test_credit_assign.py}; do
     t0=$SECONDS
     timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -k "${TESTS_K:-cuda or long_rows or layout}" "$file" \
       >"$log" 2>&1
@@ -57,6 +59,14 @@ if [[ $STAGES == *tests* ]]; then
     echo "tests $(basename "$file"): rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$log")"
     grep -E "^(E  |FAILED|ERROR)" "$log" | cut -c1-200 | head -16
   done
+fi
+
+if [[ $STAGES == *checks* ]]; then
+  # The value checks on CUDA: the public token_logprobs call (default "async" checks) within 3% of its kernel, and a
+  # bad label raising at the next synchronisation, not at the call (benchmarks/bench_overhead.py cuda_checks).
+  timeout ${CHECKS_TIMEOUT:-180} $PY -m benchmarks.bench_overhead --cuda >"$OUT/checks.txt" 2>&1
+  rc=$?; [ $rc -ne 0 ] && status=1
+  echo "checks: rc=$rc"; grep -E "^(PASS|FAIL|token_logprobs)" "$OUT/checks.txt"
 fi
 
 if [[ $STAGES == *sweep* ]]; then

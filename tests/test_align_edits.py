@@ -417,13 +417,13 @@ def test_cuda_no_host_sync():
     a, la = pack([p[0] for p in pairs])
     b, lb = pack([p[1] for p in pairs])
     a, la, b, lb = (t.cuda() for t in (a, la, b, lb))
-    credit_ops.set_value_checks("async")
+    previous = credit_ops.set_value_checks("async")
     try:
         torch.cuda.set_sync_debug_mode("error")
         credit_ops.align_edits(a, la, b, lb)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        credit_ops.set_value_checks("sync")
+        credit_ops.set_value_checks(previous)
 
 
 def test_opcheck():

@@ -378,13 +378,13 @@ def test_cuda_matches_cpu_large():
 def test_cuda_no_host_sync(algorithm):
     batch = rollout_batch(n_groups=8, max_size=6, T=40, device="cuda", prompt=True, seed=11)
     credit_ops.credit_assign(**batch, algorithm=algorithm)  # warm-up: lazy initialisation may synchronise
-    credit_ops.set_value_checks("async")
+    previous = credit_ops.set_value_checks("async")
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = credit_ops.credit_assign(**batch, algorithm=algorithm, k=2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        credit_ops.set_value_checks("sync")
+        credit_ops.set_value_checks(previous)
     assert out.advantages.is_cuda
 
 

@@ -244,3 +244,205 @@ def test_group_advantages_fuzz(backend, device, data, N, G, dtype, mode):
         got = credit_ops.group_advantages(r, ids, mode=mode, num_groups=G)
     tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.cpu(), want, **tol)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS)
+@FUZZ
+@given(
+    data=st.data(),
+    N=st.integers(0, 12),
+    H=st.integers(1, 9),
+    V=st.integers(1, 40),
+    dtype=st.sampled_from(FLOATS),
+    loss_type=st.sampled_from(["dapo", "grpo", "gspo", "gated_gspo"]),
+    chunk_size=st.sampled_from([None, 1, 3, 7]),
+    active_only=st.booleans(),
+)
+def test_fused_linear_fuzz(backend, device, data, N, H, V, dtype, loss_type, chunk_size, active_only):
+    """The fused LM head (log-probs and loss, dense and active-only) against the materialised reference: hidden
+    strided or expanded, a stride-0 weight, extreme hidden values, padding, zero-valued gates."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    B = 2 if N % 2 == 0 and N else 1
+    T = N // B
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    if h.numel():
+        h.view(-1)[data.draw(st.integers(0, h.numel() - 1))] = data.draw(st.sampled_from([30.0, -30.0, 1e-40]))
+    h = h.to(dtype)
+    w = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype)
+    layout = data.draw(st.sampled_from(["contiguous", "strided", "expanded_w"]), label="layout")
+    if layout == "strided":  # every other hidden feature of a wider tensor
+        wide = torch.zeros(B, T, 2 * H, dtype=dtype)
+        wide[..., ::2] = h
+        h = wide[..., ::2]
+    elif layout == "expanded_w":  # one row of weights for every vocabulary entry (stride 0)
+        w = w[:1].expand(V, H)
+    bias = torch.randn(V, generator=g).to(dtype) if data.draw(st.booleans(), label="bias") else None
+    y = _labels(data, B, T, V)
+    adv = torch.randn(B, T, generator=g)
+    gates = (torch.rand(B, T, generator=g) > 0.6).float()  # most tokens inactive: the active-only case
+    kw = dict(loss_type=loss_type, gates=gates, mask=torch.rand(B, T, generator=g) > 0.2)
+    d = lambda t: None if t is None else t.double()
+    want, _ = R.fused_linear_policy_loss(
+        d(h).requires_grad_(), d(w), y, adv.double(), bias=d(bias), **{**kw, "gates": gates.double()}
+    )
+    want_lp = R.fused_linear_logprobs(d(h), d(w), y, bias=d(bias))
+    with credit_ops.use_backend(backend):
+        lp = credit_ops.fused_linear_logprobs(h, w, y, bias=bias, chunk_size=chunk_size)
+        loss, _ = credit_ops.fused_linear_policy_loss(
+            h, w, y, adv, bias=bias, chunk_size=chunk_size, active_only=active_only and loss_type != "gspo", **kw
+        )
+    logits = (d(h) @ d(w).T + (0 if bias is None else d(bias))).reshape(B, T, V)
+    tol = _tol(dtype, logits, base=1e-3 if dtype == torch.bfloat16 else 1e-4, backend=backend)
+    if dtype == torch.bfloat16:  # the logits themselves are rounded to bf16 by the matmul
+        tol = dict(atol=6e-2 + 8e-3 * logits.abs().max().item() if logits.numel() else 6e-2, rtol=2e-2)
+    torch.testing.assert_close(lp.double(), want_lp, **tol)
+    torch.testing.assert_close(loss.double(), want.detach(), **tol)
+
+
+@pytest.mark.parametrize("backend,device", NATIVE)
+@FUZZ
+@given(
+    data=st.data(),
+    B=st.integers(0, 4),
+    T=st.integers(0, 6),
+    dtype=st.sampled_from(FLOATS),
+    loss_type=st.sampled_from(["dapo", "grpo", "dr_grpo", "bnpo", "gspo", "gated_gspo"]),
+    beta=st.sampled_from([0.0, 0.2]),
+    reduction=st.sampled_from(["mean", "none"]),
+)
+def test_policy_loss_from_logprobs_fuzz(backend, device, data, B, T, dtype, loss_type, beta, reduction):
+    """policy_loss_from_logprobs against the reference: strided and expanded inputs, extreme log-probs (down to
+    -1e4 and subnormal), fully masked rows, both reductions, loss and gradient."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    lp = -(torch.rand(B, T, generator=g, dtype=torch.float64) * data.draw(st.sampled_from([0.1, 5.0])))
+    for _ in range(data.draw(st.integers(0, 3)) if lp.numel() else 0):
+        lp.view(-1)[data.draw(st.integers(0, lp.numel() - 1))] = data.draw(st.sampled_from([-1e4, -1e-40, 0.0]))
+    old = (lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)).clamp(max=0)
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    if B and data.draw(st.booleans(), label="empty_row"):
+        mask[0] = False
+    layout = data.draw(st.sampled_from(["contiguous", "strided", "expanded"]), label="layout")
+    if layout == "strided":
+        wide = torch.zeros(B, 2 * T, dtype=torch.float64)
+        wide[:, ::2] = adv
+        adv = wide[:, ::2]
+    elif layout == "expanded" and T:
+        adv = adv[:, :1].expand(B, T)
+    kw = dict(loss_type=loss_type, beta=beta, mask=mask, old_logprobs=old, reduction=reduction)
+    if beta:
+        kw["ref_logprobs"] = (lp - 0.3 * torch.rand(B, T, generator=g, dtype=torch.float64)).clamp(max=0)
+    if loss_type == "dr_grpo":
+        kw["max_length"] = max(T, 1)
+    cast = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    x = lp.to(dtype).requires_grad_()
+    xr = x.detach().double().requires_grad_()
+    want, _ = R.policy_loss_from_logprobs(
+        xr,
+        adv.to(dtype).double(),
+        **{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in cast.items()},
+    )
+    with credit_ops.use_backend(backend):
+        got, _ = credit_ops.policy_loss_from_logprobs(x, adv.to(dtype), **cast)
+    tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-2, rtol=2e-2)
+    if dtype == torch.float32:
+        tol = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.double(), want.detach(), **tol)
+    if want.requires_grad and want.numel():
+        go = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        (got.double() * go).sum().backward()
+        (want * go).sum().backward()
+        torch.testing.assert_close(x.grad.double(), xr.grad, **tol)
+
+
+@pytest.mark.parametrize("backend,device", NATIVE)
+@FUZZ
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_groups=st.integers(1, 6),
+    max_size=st.integers(1, 6),
+    T=st.integers(1, 24),
+    vocab=st.sampled_from([2, 3, 8]),
+    algorithm=st.sampled_from(sorted(R.ALGORITHMS)),
+    options=st.sampled_from([{}, dict(granularity="step", delimiter_ids=[1]), dict(k=1), dict(adv_mode="rloo")]),
+)
+def test_credit_assign_fuzz(backend, device, seed, n_groups, max_size, T, vocab, algorithm, options):
+    """The one-call pipeline against the reference over random group structures (groups of one, unequal sizes,
+    padded repair slots, repairs of correct samples, full rewrites), tiny vocabularies and every algorithm."""
+    from tests.test_credit_assign import assert_matches_reference, rollout_batch
+
+    batch = rollout_batch(n_groups, max_size, T, vocab, prompt=seed % 2 == 1 and T >= 8, seed=seed)  # prompts < 4
+    with credit_ops.use_backend(backend):
+        out = credit_ops.credit_assign(**batch, algorithm=algorithm, **options)
+    assert_matches_reference(out, R.credit_assign(**batch, algorithm=algorithm, **options))
+
+
+# ---- mixed devices: every tensor argument of every public op, moved to another device, is a clear error
+OTHER = "cuda" if torch.cuda.is_available() else "meta"  # meta stands in for a second device on a CPU machine
+
+
+def _op_calls():
+    from tests.test_credit_assign import rollout_batch
+
+    g = torch.Generator().manual_seed(0)
+    B, T, V, H = 2, 3, 5, 4
+    x, y = torch.randn(B, T, V, generator=g), torch.randint(0, V, (B, T), generator=g)
+    adv, lp, gates = torch.randn(B, T, generator=g), -torch.rand(B, T, generator=g), torch.rand(B, T, generator=g)
+    m = torch.rand(B, T, generator=g) > 0.3
+    h, w, bias = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g), torch.randn(V, generator=g)
+    a, la = torch.randint(0, 4, (2, 5), generator=g), torch.tensor([5, 3])
+    r, gid, steps = torch.rand(6, generator=g), torch.tensor([0, 0, 0, 1, 1, 1]), torch.zeros(2, 5, dtype=torch.long)
+    loss_args = dict(old_logprobs=lp, ref_logprobs=lp, mask=m, gates=gates, weights=gates)
+    wrong = torch.tensor([True, False])
+    return {
+        "token_logprobs": (credit_ops.token_logprobs, dict(logits=x, labels=y)),
+        "policy_loss": (credit_ops.policy_loss, dict(logits=x, labels=y, advantages=adv, **loss_args)),
+        "policy_loss_from_logprobs": (
+            credit_ops.policy_loss_from_logprobs,
+            dict(logprobs=lp, advantages=adv, entropy=-lp, **loss_args),
+        ),
+        "fused_linear_logprobs": (
+            credit_ops.fused_linear_logprobs,
+            dict(hidden=h, weight=w, labels=y, bias=bias, select=m),
+        ),
+        "fused_linear_policy_loss": (
+            credit_ops.fused_linear_policy_loss,
+            dict(hidden=h, weight=w, labels=y, advantages=adv, bias=bias, **loss_args),
+        ),
+        "align_edits": (credit_ops.align_edits, dict(a=a, a_lengths=la, b=a.clone(), b_lengths=la.clone())),
+        "segment_steps": (credit_ops.segment_steps, dict(tokens=a, lengths=la, delimiter_ids=[1])),
+        "step_masks": (credit_ops.step_masks, dict(mask=a > 1, step_ids=steps)),
+        "truncate_regions": (credit_ops.truncate_regions, dict(mask=a > 1, regions=steps, k=torch.tensor([1, 1]))),
+        "group_advantages": (credit_ops.group_advantages, dict(rewards=r, group_ids=gid)),
+        "ibpo_shaping": (
+            credit_ops.ibpo_shaping,
+            dict(
+                rewards=r,
+                group_ids=gid,
+                revision_correct=torch.zeros(6, 2, dtype=torch.bool),
+                revision_valid=torch.ones(6, 2, dtype=torch.bool),
+            ),
+        ),
+        "token_advantages": (
+            credit_ops.token_advantages,
+            dict(seq_adv=torch.randn(2), mask=a > 1, wrong=wrong, has_repair=wrong, lengths=la, prompt_lengths=la // 3),
+        ),
+        "credit_assign": (credit_ops.credit_assign, rollout_batch()),
+    }
+
+
+MIXED = [
+    pytest.param(op, arg, id=f"{op}-{arg}")
+    for op, (_, kw) in _op_calls().items()
+    for arg, v in kw.items()
+    if torch.is_tensor(v)
+]
+
+
+@pytest.mark.parametrize("op,arg", MIXED)
+def test_mixed_devices_are_rejected(op, arg):
+    """(delimiter_ids, a small id set often given as a list, is copied to the tokens' device instead.)"""
+    fn, kw = _op_calls()[op]
+    fn(**kw)  # the call itself is valid
+    with pytest.raises(ValueError, match="one device"):
+        fn(**{**kw, arg: kw[arg].to(OTHER)})

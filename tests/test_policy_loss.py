@@ -168,11 +168,10 @@ def test_long_rows_triton(monkeypatch):
     second pass backwards), -inf logits and a whole tile at -inf, in place too."""
     if "triton" not in [b for b, _ in BACKENDS]:
         pytest.skip("no triton backend")
-    from credit_ops.triton_kernels import policy_loss as pl
+    from credit_ops.triton_kernels import softmax_rows
 
-    monkeypatch.setattr(pl, "_ONE_TILE_MAX", 16)
-    for name in ("_TILE_INTERPRET", "_TILE"):
-        monkeypatch.setattr(pl, name, 16)
+    monkeypatch.setattr(softmax_rows, "ONE_TILE_MAX", 16)
+    monkeypatch.setattr(softmax_rows, "STREAM_BLOCK", 16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logits, labels, adv, kw = sample(2, 5, 71, torch.float32, device)
     logits[0, 0, ::3] = float("-inf")
@@ -199,8 +198,7 @@ def test_long_rows_triton(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: full-size vocabulary rows")
 @pytest.mark.parametrize("rows", [64, 8192], ids=["few_rows", "more_rows_than_resident"])
 def test_real_vocab_cuda(rows):
-    """V = 151936, bf16, against the reference, through the layout the first-call timing picks, for few and for
-    many rows (their choices are timed separately)."""
+    """V = 151936, bf16, against the reference, through the default long-row kernel, for few and for many rows."""
     torch.manual_seed(0)
     B, T, V = rows // 64, 64, 151936
     logits = (torch.randn(B, T, V, device="cuda") * 3).to(torch.bfloat16)
@@ -238,11 +236,11 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=["bf16", "fp32", "fp16"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace_grad"])
-@pytest.mark.parametrize("layout", ["cluster", "timed"])
+@pytest.mark.parametrize("layout", ["cluster", "default"])
 def test_long_rows_cuda(monkeypatch, layout, dtype, inplace):
     """Rows of V = 151936 against the float64 reference, ignored and masked rows, gates, KL, dual clip, in place
-    too: the Hopper thread-block-cluster kernel (csrc/cuda/policy_loss.cu, 8 CTAs per row) forced, and whatever
-    the first-call timing picks (in place: timed on a scratch copy of the first rows)."""
+    too: the Hopper thread-block-cluster kernel (csrc/cuda/policy_loss.cu, 8 CTAs per row) forced, and the default
+    rule's kernel (the Triton two-pass kernel)."""
     from credit_ops.ops import policy_loss as pl
 
     if layout == "cluster":
@@ -250,7 +248,7 @@ def test_long_rows_cuda(monkeypatch, layout, dtype, inplace):
             pytest.skip("the cluster kernel runs on Hopper (sm_90) GPUs")
         monkeypatch.setenv("CREDIT_OPS_ROWS_LAYOUT", "cluster")
     else:
-        monkeypatch.setattr(pl, "_LAYOUT_CHOICE", {})
+        monkeypatch.delenv("CREDIT_OPS_ROWS_LAYOUT", raising=False)
     logits, labels, adv, kw = sample(3, 41, 151936, dtype, "cuda")
     assert pl.cluster_ok(logits) == HOPPER
     kw.update(loss_type="dapo", beta=0.05, dual_clip=3.0)

@@ -143,6 +143,8 @@ class LossConfig:
     kl_type: str = opt("k3", "KL estimator to the reference model: k1 | k2 | k3")
     agg: str = opt("", "loss aggregation: empty = the loss type's default")
     fused: bool = opt(False, "fused LM head + loss (logits never materialised)")
+    compact: bool = opt(True, "active-token compaction: tokens whose loss coefficient is 0 skip the loss (same update)")
+    whole_batch_entropy: bool = opt(True, "with compact: the entropy metric over all valid tokens, not the active ones")
 
 
 @dataclass

@@ -6,12 +6,21 @@ micro-batch's loss, which the op aggregates over its own rows, is re-weighted by
 normaliser (valid tokens for token_mean, sequences for the seq_mean_* aggregations), times the number of
 processes because DDP averages gradients. The sum of the micro-batch gradients is then exactly the gradient
 of the loss aggregated over the full batch.
+
+Active-token compaction (loss.compact, on by default): tokens whose loss coefficient is exactly 0 (gate 0 outside
+the edits of repaired samples, IOP's dropped correct samples, and with beta = 0 the zero advantages of groups with
+equal rewards) are skipped by the loss kernel, or left out of the fused head's matmuls, and the fused head's
+old-policy and reference passes compute only the tokens the loss reads. Loss and gradients are the dense ones. The
+op's clip fractions, ratio and KL means then cover the active tokens (num_tokens, from the op, counts them); its
+entropy_mean stays over every valid token (loss.whole_batch_entropy: the other tokens' logits without gradient, one
+more read of their rows over logits, one of the three matmuls on the fused head), or covers the active ones too.
 """
 
 import torch
 from torch import Tensor
 
 import credit_ops
+from credit_ops.ops.policy_loss import active_tokens
 from credit_ops.reference import DEFAULT_AGG, DEFAULT_EPS, SEQUENCE_LOSSES  # noqa: F401  (SEQUENCE_LOSSES re-exported)
 
 from .rollout import Packed, forward_hidden, forward_logits
@@ -32,6 +41,8 @@ def loss_settings(cfg) -> dict:
         agg=cfg.loss.agg or DEFAULT_AGG[lt],
         max_length=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature,
+        active_only=cfg.loss.compact,
+        whole_batch_entropy=cfg.loss.compact and cfg.loss.whole_batch_entropy,
     )
 
 
@@ -71,6 +82,31 @@ def policy_loss(
         logits = forward_logits(model, batch)  # (n, C, V)
         loss, stats = credit_ops.policy_loss(logits, batch.labels, advantages, **kw)
     return loss * scale, stats
+
+
+def loss_tokens(batch: Packed, advantages: Tensor, gates: Tensor | None, settings: dict) -> Tensor | None:
+    """(n, C) bool: the tokens whose old-policy and reference log-probs the loss reads under compaction (a superset
+    of the op's active tokens: policy_loss.active_tokens on valid x gates); None without compaction or for the
+    GSPO family (its sequence ratio reads every valid token)."""
+    if not settings.get("active_only") or settings["loss_type"] in SEQUENCE_LOSSES:
+        return None
+    factors = batch.valid.float() if gates is None else batch.valid * gates
+    return active_tokens(factors, advantages, settings["beta"])
+
+
+@torch.no_grad()
+def head_logprobs(model, batch: Packed, select: Tensor, *, temperature: float = 1.0, micro_batch: int = 0) -> Tensor:
+    """The old-policy or reference pass through the fused head on the selected tokens only (loss_tokens):
+    per-token log-probs (n, C) fp32, 0 where not selected (the loss never reads them), no gradient."""
+    head, step, out = _lm_head(model), micro_batch or len(batch), []
+    for s in range(0, len(batch), step):
+        mb = batch.rows(slice(s, s + step))
+        hidden = forward_hidden(model, mb)  # (n, C, H)
+        lp = credit_ops.fused_linear_logprobs(
+            hidden, head.weight, mb.labels, bias=head.bias, temperature=temperature, select=select[s : s + step]
+        )
+        out.append(lp.float())
+    return torch.cat(out)
 
 
 def _lm_head(model):

@@ -56,16 +56,16 @@ METRICS = {
         "policy entropy (nats/token)",
         "mean token entropy of the policy over the training rows (samples and repair rows), token-weighted over "
         "micro-batches, PPO epochs and processes: the loss's entropy_mean under its earlier name (with one epoch, "
-        "the sampling policy's entropy)",
+        "the sampling policy's entropy; over the active tokens only with loss.whole_batch_entropy=false)",
     ),
     "entropy_mean": ("loss entropy (nats/token)", "the loss statistic that entropy repeats (the same number)"),
     "completion_len": ("completion length", "mean tokens per sampled completion"),
     "verifier_errors": ("verifier errors", "completions whose scorer raised or returned no reward in [0, 1]: scored 0"),
-    "clip_frac": ("clip fraction", "share of loss tokens whose ratio was clipped (low or high)"),
-    "clip_frac_low": ("clip fraction (low)", "share of loss tokens clipped below 1 - eps_low with A < 0"),
-    "clip_frac_high": ("clip fraction (high)", "share of loss tokens clipped above 1 + eps_high with A > 0"),
-    "ratio_mean": ("mean ratio", "mean importance ratio pi / pi_old over the loss tokens"),
-    "kl_mean": ("mean KL", "mean KL estimate to the reference model over the loss tokens (0 when loss.beta = 0)"),
+    "clip_frac": ("clip fraction", "share of active loss tokens (loss.compact) whose ratio was clipped (low or high)"),
+    "clip_frac_low": ("clip fraction (low)", "share of active loss tokens clipped below 1 - eps_low with A < 0"),
+    "clip_frac_high": ("clip fraction (high)", "share of active loss tokens clipped above 1 + eps_high with A > 0"),
+    "ratio_mean": ("mean ratio", "mean importance ratio pi / pi_old over the active loss tokens (see loss.compact)"),
+    "kl_mean": ("mean KL", "mean KL estimate to the reference model over the active loss tokens (0 if loss.beta = 0)"),
     "num_tokens": (
         "loss tokens",
         "tokens the loss was taken over in one epoch, summed over micro-batches and processes",

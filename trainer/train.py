@@ -12,6 +12,7 @@ The data position and the sampling RNG are functions of (seed, step, rank), so a
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from accelerate.utils import set_seed
 from . import credit as credit_mod
 from .config import ConfigError, to_dict, to_yaml
 from .launch import process_count_problem
-from .loss import loss_settings, normaliser, policy_loss
+from .loss import head_logprobs, loss_settings, loss_tokens, normaliser, policy_loss
 from .modeling import char_tokenizer, load_pretrained, tiny_model, warm_seed, warm_start
 from .report import append_jsonl, read_jsonl, write_atomic, write_jsonl
 from .revise import REFERENCE_LINE, REVISION_PROMPT, build_reviser, revision_examples, verified_truncation
@@ -285,7 +286,8 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
 
     Returns the op's statistics over the whole step and the last epoch's gradient norm (before clipping). The
     statistics are the same on every process: each mean (clip fractions, ratio, KL, entropy) is weighted by the
-    tokens it was taken over, across micro-batches, epochs and processes (not a mean of per-micro-batch means),
+    tokens it was taken over (under loss.compact the active ones, the entropy's every valid token with
+    loss.whole_batch_entropy), across micro-batches, epochs and processes (not a mean of per-micro-batch means),
     and num_tokens is the total over the micro-batches and processes of one epoch (the training rows' tokens),
     so micro-batching changes none of them.
     """
@@ -293,8 +295,10 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
     mb = cfg.optim.micro_batch_size or len(batch)
     chunks = [slice(s, s + mb) for s in range(0, len(batch), mb)]
     total = acc.reduce(normaliser(batch, agg), "sum")  # across processes
-    # token-weighted sums of the op's means, and the tokens they cover, summed over micro-batches and epochs
+    # token-weighted sums of the op's means, and the tokens they cover, summed over micro-batches and epochs: the op's
+    # num_tokens (the active ones under loss.compact), every valid token for entropy_mean with whole_batch_entropy
     weighted, tokens, epochs_run = {}, torch.zeros((), device=acc.device), 0
+    active, entropy_tokens = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
     grad_norm, skipped = torch.tensor(0.0), False
     model.train()
     for _ in range(cfg.optim.ppo_epochs):
@@ -319,10 +323,15 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
                 acc.backward(loss)
             bad += (~torch.isfinite(loss.detach())).float().sum()
             n = stats["num_tokens"].detach().float().to(acc.device)  # the tokens the op's means are over
-            tokens += n
+            n_valid = part.valid.sum().float().to(acc.device)  # every valid token (n without compaction)
+            n_entropy = n_valid if settings.get("whole_batch_entropy") else n  # entropy_mean's tokens
+            tokens += n_valid
+            active += n
+            entropy_tokens += n_entropy
             for key, v in stats.items():
                 if key != "num_tokens":
-                    weighted[key] = weighted.get(key, 0.0) + v.detach().float().mean().to(acc.device) * n
+                    w = n_entropy if key == "entropy_mean" else n
+                    weighted[key] = weighted.get(key, 0.0) + v.detach().float().mean().to(acc.device) * w
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
         bad += 0.0 if math.isfinite(float(grad_norm)) else 1.0
         if float(acc.reduce(bad, "sum")) > 0:  # every process agrees: the gradient norm is already all-reduced
@@ -334,8 +343,8 @@ def update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, 
         sched.step()
         opt.zero_grad(set_to_none=True)
     keys = sorted(weighted)
-    sums = acc.reduce(torch.stack([*(weighted[k] for k in keys), tokens]).double(), "sum")  # over processes
-    out = {k: float(sums[i] / sums[-1].clamp(min=1.0)) for i, k in enumerate(keys)}
+    sums = acc.reduce(torch.stack([*(weighted[k] for k in keys), active, entropy_tokens, tokens]).double(), "sum")
+    out = {k: float(sums[i] / sums[-2 if k == "entropy_mean" else -3].clamp(min=1.0)) for i, k in enumerate(keys)}
     out["num_tokens"] = float(sums[-1]) / max(epochs_run, 1)
     out["step_skipped"] = float(skipped)
     return out, float(grad_norm)
@@ -531,10 +540,13 @@ def train(cfg) -> dict:
         # is exactly 1); the wrapped module, so FSDP shards stay sharded. (N + R, C) each. With one PPO epoch the
         # old policy is the one being trained, unchanged until the update: its forward would repeat the training
         # forward's, so it is skipped and the op takes old_logprobs=None (ratio 1, the same loss and gradient).
+        # With the fused head and compaction (loss.compact) they cover only the tokens the loss reads.
         with acc.autocast():
             lp = dict(temperature=cfg.rollout.temperature, micro_batch=cfg.optim.micro_batch_size)
-            old_lp = sequence_logprobs(model, batch, **lp) if cfg.optim.ppo_epochs > 1 else None
-            ref_lp = sequence_logprobs(ref_model, batch, **lp) if ref_model else None
+            select = loss_tokens(batch, adv, gates, settings) if cfg.loss.fused else None
+            logprobs = sequence_logprobs if select is None else functools.partial(head_logprobs, select=select)
+            old_lp = logprobs(model, batch, **lp) if cfg.optim.ppo_epochs > 1 else None
+            ref_lp = logprobs(ref_model, batch, **lp) if ref_model else None
 
         # -- update: ppo_epochs optimizer steps, micro-batches accumulated over the whole batch
         stats, grad_norm = update(acc, model, opt, sched, batch, adv, gates, old_lp, ref_lp, settings, cfg, step + 1)

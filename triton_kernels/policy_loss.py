@@ -2,29 +2,26 @@
 
 One launch for loss *and* gradient: the per-token loss depends on the row only through logp_t, so once the
 row's log-sum-exp is known, the token's coefficient c_t = w_t * dloss_t/dlogp_t is known and d loss / d z =
-c_t (onehot - p) / T can be written at once. One program per row (_policy_loss_fwd_kernel):
+c_t (onehot - p) / T can be written at once. One program per row (_policy_loss_fwd_kernel), pass 1 being the row
+reduction every log-prob kernel shares (softmax_rows.py: the same bits as token_logprobs for the same row):
 - V <= 16384: the row held in registers (one read, one write);
 - longer rows: pass 1 online log-sum-exp + entropy, pass 2 the gradient, walking the row backwards so its first
   tiles are the ones pass 1 left in L2 (with thousands of rows in flight most of the second read misses L2).
 On Hopper, long rows have a second layout, a CUDA kernel (csrc/cuda/policy_loss.cu, credit::policy_loss_rows_ on
 CUDA): a thread-block cluster per row whose CTAs hold the row's slices in shared memory and combine their softmax
 partials through distributed shared memory, so each logit is read once and its gradient written once (in place
-too). credit_ops/ops/policy_loss.py (rows_forward) times the layouts that can take a call and keeps the faster.
+too). Its reduction order is its own, so credit_ops/ops/policy_loss.py (rows_forward) runs it only when
+CREDIT_OPS_ROWS_LAYOUT=cluster asks for it.
 
 The same kernel, with the coefficient given (COEF_GIVEN), is the backward of a log-prob, and with WRITE_GRAD off it
 is a plain log-prob + entropy forward: the fused LM head uses all three on its logits chunks.
 """
 
-import os
-
 import triton
 import triton.language as tl
+from credit_ops.triton_kernels.softmax_rows import _LOG2E, _row_outputs, _row_stats, one_tile, row_config
 
-_LOG2E = 1.4426950408889634
-LOG2E = tl.constexpr(_LOG2E)
-LN2 = tl.constexpr(0.6931471805599453)
-_ONE_TILE_MAX = 16384  # rows up to this many logits are held in registers (one read)
-_TILE, _TILE_INTERPRET, _TILE_WARPS = 4096, 1024, 8  # streaming tile for longer rows (benchmarks/sweep_* tunes it)
+__all__ = ["one_tile", "policy_loss_forward"]
 
 
 @triton.jit
@@ -139,38 +136,11 @@ def _policy_loss_fwd_kernel(
         return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
 
-    # Pass 1: lse and entropy. t accumulates 2^(z - m) * (z - m) so it needs no rescaling by m.
-    if ONE_TILE:
-        offs = tl.arange(0, BLOCK_V)
-        z_row = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(ACC) * scale
-        m = tl.max(z_row, 0)
-        d = z_row - m
-        e = tl.exp2(d)
-        s_sum = tl.sum(e, 0)
-        t_sum = tl.sum(tl.where(e > 0, e * d, 0.0), 0)  # e == 0 where z == -inf: 0 * -inf would be NaN
-    else:
-        m = tl.full((), float("-inf"), ACC)
-        s = tl.zeros((BLOCK_V,), ACC)
-        t = tl.zeros((BLOCK_V,), ACC)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(ACC) * scale
-            m_new = tl.maximum(m, tl.max(z, 0))
-            alpha = tl.exp2(m - m_new)
-            d = z - m_new
-            e = tl.exp2(d)
-            # t' = sum e' (z - m_new) = alpha * (t + (m - m_new) * s) over the old terms
-            t = alpha * (t + tl.where(s > 0, (m - m_new) * s, 0.0)) + tl.where(e > 0, e * d, 0.0)
-            s = s * alpha + e
-            m = m_new
-        s_sum = tl.sum(s, 0)
-        t_sum = tl.sum(t, 0)
-    log2_s = tl.log2(s_sum)
-    lse2 = m + log2_s
-    z_label = tl.load(base + label).to(ACC) * scale
-    logp = (z_label - lse2) * LN2
+    # Pass 1: lse and entropy, by the row reduction every log-prob kernel shares (softmax_rows.py)
+    m, s_sum, t_sum, z_row = _row_stats(base, V, scale, ACC, True, ONE_TILE, BLOCK_V)
+    lse2, logp, entropy = _row_outputs(base, label, m, s_sum, t_sum, scale, ACC)
     tl.store(logp_ptr + row, logp.to(ACC))
-    tl.store(entropy_ptr + row, ((log2_s - t_sum / s_sum) * LN2).to(ACC))
+    tl.store(entropy_ptr + row, entropy.to(ACC))
 
     c = _token_coef(
         logp,
@@ -196,6 +166,7 @@ def _policy_loss_fwd_kernel(
     if WRITE_GRAD:
         c = c * inv_t
         if ONE_TILE:
+            offs = tl.arange(0, BLOCK_V)
             p = tl.exp2(z_row - lse2)
             g = tl.where(offs == label, c - c * p, -c * p)
             tl.store(out + offs, g.to(out.dtype.element_ty), mask=offs < V)
@@ -207,18 +178,6 @@ def _policy_loss_fwd_kernel(
                 p = tl.exp2(z - lse2)
                 g = tl.where(offs == label, c - c * p, -c * p)
                 tl.store(out + offs, g.to(out.dtype.element_ty), mask=offs < V)
-
-
-def one_tile(V: int) -> bool:
-    """Whether a row of V logits is held in registers (one read) rather than streamed in two passes."""
-    return triton.next_power_of_2(max(V, 1)) <= _ONE_TILE_MAX
-
-
-def _config(V: int, interpret: bool) -> tuple[bool, int, int]:
-    if one_tile(V):
-        block = triton.next_power_of_2(max(V, 1))
-        return True, block, max(1, min(16, block // 512))
-    return False, _TILE_INTERPRET if interpret else _TILE, _TILE_WARPS
 
 
 def policy_loss_forward(
@@ -260,9 +219,8 @@ def policy_loss_forward(
         grad = torch.empty(B, T, V, device=logits.device, dtype=logits.dtype)
     if N == 0:
         return logp.new_zeros(()), logp, entropy, grad
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    one_tile, block, warps = _config(V, interpret)
+    one_tile, block, warps = row_config(V)
     ptrs = (
         logp if advantages is None else advantages,
         logp if weights is None else weights,

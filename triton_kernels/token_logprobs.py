@@ -1,17 +1,14 @@
 """Triton kernels for token log-probabilities and entropy over (N, V) logits.
 
-One program per row streams the row once in BLOCK_V chunks, in base 2 (exp2/log2 are the native units):
-a reference point m (within 2^RESCALE of the running max) and vector accumulators s = sum 2^(z2 - m),
-t = sum 2^(z2 - m) * (z2 - m) with z2 = z * log2(e) / T. Then lse = ln2 * (m + log2 s), H = ln2 * (log2 s - t / s).
+The forward reduces each row with the shared row reduction of softmax_rows.py (one program per row; the row in one
+register tile up to 16384 logits, else streamed once with an online log-sum-exp in base 2), so its log-probs are
+bitwise those of the policy-loss kernel and the fused LM head for the same row. The backward recomputes p from the
+stored lse.
 """
 
 import triton
 import triton.language as tl
-
-_LOG2E = 1.4426950408889634
-LOG2E = tl.constexpr(_LOG2E)  # jit code may only read globals that are constexpr
-LN2 = tl.constexpr(0.6931471805599453)
-RESCALE = tl.constexpr(8.0)
+from credit_ops.triton_kernels.softmax_rows import _LOG2E, LN2, LOG2E, _row_outputs, _row_stats, row_config
 
 
 @triton.jit
@@ -29,6 +26,7 @@ def _token_logprobs_fwd_kernel(
     ignore_index,
     ACC: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
+    ONE_TILE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 for N * V > 2^31
@@ -40,35 +38,12 @@ def _token_logprobs_fwd_kernel(
             tl.store(entropy_ptr + row, 0.0)
         return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    m = tl.full((), float("-inf"), ACC)
-    s = tl.zeros((BLOCK_V,), ACC)
-    t = tl.zeros((BLOCK_V,), ACC)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(ACC) * scale
-        m_blk = tl.max(z, 0)
-        # Lazy rescaling: the reference point m moves only when a block exceeds it by 2^RESCALE, so almost
-        # every block skips the vector rescale (terms stay <= 2^RESCALE: no overflow risk in fp32).
-        if m_blk > m + RESCALE:
-            alpha = tl.exp2(m - m_blk)
-            if RETURN_ENTROPY:
-                # t holds sum e * (z - m): shifted, because H = lse - sum p z would cancel catastrophically
-                # for |z| ~ 1e4.
-                t = alpha * (t + tl.where(s > 0, (m - m_blk) * s, 0.0))
-            s = s * alpha
-            m = m_blk
-        d = z - tl.where(m > float("-inf"), m, 0.0)  # a row whose first blocks are all -inf keeps m = -inf
-        e = tl.exp2(d)
-        s += e
-        if RETURN_ENTROPY:
-            t += tl.where(e > 0, e * d, 0.0)  # e == 0 where z == -inf (0 * -inf would be NaN)
-    s_sum = tl.sum(s, 0)
-    lse2 = m + tl.log2(s_sum)
-    z_label = tl.load(base + label).to(ACC) * scale
-    tl.store(logprobs_ptr + row, ((z_label - lse2) * LN2).to(ACC))
+    m, s_sum, t_sum, _ = _row_stats(base, V, scale, ACC, RETURN_ENTROPY, ONE_TILE, BLOCK_V)
+    lse2, logp, entropy = _row_outputs(base, label, m, s_sum, t_sum, scale, ACC)
+    tl.store(logprobs_ptr + row, logp.to(ACC))
     tl.store(lse_ptr + row, (lse2 * LN2).to(ACC))
     if RETURN_ENTROPY:
-        tl.store(entropy_ptr + row, ((tl.log2(s_sum) - tl.sum(t, 0) / s_sum) * LN2).to(ACC))
+        tl.store(entropy_ptr + row, entropy.to(ACC))
 
 
 @triton.jit
@@ -123,11 +98,10 @@ def _acc(logits):
     return tl.float64 if logits.dtype == torch.float64 else tl.float32
 
 
-def _block_v(V: int, entropy: bool = False) -> tuple[int, int]:
-    # Chosen by benchmarks/sweep_token_logprobs.py on an H200 (bf16, V = 151936; benchmarks/results/): 2048 x 2
-    # warps reads at 98.6% of the copy bandwidth, 1024 x 2 is the best with the entropy (81%); small programs
-    # keep many rows in flight per SM.
-    block = min(triton.next_power_of_2(max(V, 1)), 1024 if entropy else 2048)
+def _bwd_block_v(V: int) -> tuple[int, int]:
+    # The backward's tiles change no reduction (each gradient element is computed on its own); small programs keep
+    # many rows in flight per SM.
+    block = min(triton.next_power_of_2(max(V, 1)), 2048)
     return block, (2 if block >= 512 else 1)
 
 
@@ -141,7 +115,8 @@ def token_logprobs_forward(
     num_warps: int | None = None,
 ):
     """logits (B, T, V) with unit stride along V, labels (B, T) contiguous -> logprobs, entropy or (0,), lse.
-    block_v / num_warps override the launch configuration (benchmarks/sweep_token_logprobs.py)."""
+    block_v / num_warps override the launch configuration (benchmarks/sweep_token_logprobs.py only: the log-probs
+    then no longer match the other kernels' bits)."""
     import torch
 
     B, T, V = logits.shape
@@ -152,8 +127,9 @@ def token_logprobs_forward(
     entropy = torch.empty((B, T) if return_entropy else (0,), device=logits.device, dtype=out_dtype)
     if N == 0:
         return logprobs, entropy, lse
-    block, warps = _block_v(V, return_entropy)
-    block, warps = block_v or block, num_warps or warps
+    one_tile, block, warps = row_config(V)
+    if block_v or num_warps:  # the sweep's overrides: a different reduction order than every other kernel's
+        one_tile, block, warps = False, block_v or block, num_warps or warps
     _token_logprobs_fwd_kernel[(N,)](
         logits,
         labels,
@@ -168,6 +144,7 @@ def token_logprobs_forward(
         ignore_index,
         ACC=_acc(logits),
         RETURN_ENTROPY=return_entropy,
+        ONE_TILE=one_tile,
         BLOCK_V=block,
         num_warps=warps,
     )
@@ -184,7 +161,7 @@ def token_logprobs_backward(grad_logprobs, grad_entropy, logits, labels, lse, en
     if N == 0:
         return grad
     with_entropy = grad_entropy is not None
-    block, warps = _block_v(V)
+    block, warps = _bwd_block_v(V)
     _token_logprobs_bwd_kernel[(N,)](
         grad,
         logits,

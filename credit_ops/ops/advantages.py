@@ -76,9 +76,9 @@ def check_group_ids(group_ids: Tensor, n: int, num_groups: int | None) -> int:
     _checks.tensor("group_ids", group_ids, dtypes=_checks.INDEX_DTYPES, dim=1)
     _checks.shape("group_ids", group_ids, (n,), "(one group id per sample)")
     G = n if num_groups is None else int(num_groups)
-    _checks.check(G >= 0, f"num_groups must be >= 0, got {G}")
+    _checks.check(G >= 0, lambda: f"num_groups must be >= 0, got {G}")
     hint = "" if num_groups is not None else " (num_groups defaults to N; pass num_groups for larger ids)"
-    _checks.values((group_ids < 0) | (group_ids >= G), f"group_ids must lie in [0, {G}){hint}")
+    _checks.within_range(group_ids, 0, G - 1, f"group_ids must lie in [0, {G}){hint}")
     return G
 
 
@@ -87,7 +87,7 @@ def check_lengths(name: str, lengths: Tensor | None, n: int, upper: int) -> Tens
         return None
     _checks.tensor(name, lengths, dtypes=_checks.INDEX_DTYPES, dim=1)
     _checks.shape(name, lengths, (n,))
-    _checks.values((lengths < 0) | (lengths > upper), f"{name} must lie in [0, {upper}]")
+    _checks.within_range(lengths, 0, upper, f"{name} must lie in [0, {upper}]")
     return lengths.long()
 
 
@@ -116,8 +116,10 @@ def group_advantages(
             dense numbering without reading the ids on the host (pass it for sparse ids)
         returns: (N,) float32 (float64 for float64 rewards)
     """
-    _checks.check(mode in reference.ADVANTAGE_MODES, f"mode must be one of {reference.ADVANTAGE_MODES}, got {mode!r}")
-    _checks.check(eps >= 0, f"eps must be >= 0, got {eps}")
+    _checks.check(
+        mode in reference.ADVANTAGE_MODES, lambda: f"mode must be one of {reference.ADVANTAGE_MODES}, got {mode!r}"
+    )
+    _checks.check(eps >= 0, lambda: f"eps must be >= 0, got {eps}")
     _checks.tensor("rewards", rewards, dtypes=_checks.FLOAT_DTYPES, dim=1)
     _checks.same_device(rewards=rewards, group_ids=group_ids)
     check_rewards("rewards", rewards)
@@ -149,19 +151,20 @@ def ibpo_shaping(
         revision_correct, revision_valid: (N, R) bool, column k = reference revision k of sample i
         returns: shaped_rewards (N,), phi (N,), float32 (float64 for float64 rewards)
     """
+    _checks.same_device(
+        rewards=rewards, group_ids=group_ids, revision_correct=revision_correct, revision_valid=revision_valid
+    )
     check_rewards("rewards", rewards)
     n = rewards.shape[0]
     for name, x in (("revision_correct", revision_correct), ("revision_valid", revision_valid)):
         _checks.tensor(name, x, dtypes=(torch.bool,), dim=2)
-        _checks.check(x.shape[0] == n, f"{name} must have shape (N={n}, R), got {tuple(x.shape)}")
+        if x.shape[0] != n:
+            raise ValueError(f"{name} must have shape (N={n}, R), got {tuple(x.shape)}")
     _checks.shape("revision_valid", revision_valid, revision_correct.shape, "(the shape of revision_correct)")
     if group_ids is not None:
         _checks.tensor("group_ids", group_ids, dtypes=_checks.INDEX_DTYPES, dim=1)
         _checks.shape("group_ids", group_ids, (n,), "(one group id per sample)")
-        _checks.values(group_ids < 0, "group_ids must be >= 0")
-    _checks.same_device(
-        rewards=rewards, group_ids=group_ids, revision_correct=revision_correct, revision_valid=revision_valid
-    )
+        _checks.within_range(group_ids, 0, None, "group_ids must be >= 0")
     n_valid = revision_valid.sum(1)
     n_correct = (revision_correct & revision_valid).sum(1)
     return ibpo_shaping_op(rewards, n_correct, n_valid, rho, lam, threshold)
@@ -220,7 +223,7 @@ def token_advantages(
         repair_of=repair_of,
         repair_lengths=repair_lengths,
     )
-    _checks.check(0.0 <= unmasked_weight <= 1.0, f"unmasked_weight must lie in [0, 1], got {unmasked_weight}")
+    _checks.check(0.0 <= unmasked_weight <= 1.0, lambda: f"unmasked_weight must lie in [0, 1], got {unmasked_weight}")
     _checks.finite("seq_adv", seq_adv)
     ends = check_lengths("lengths", lengths, B, T)
     starts = check_lengths("prompt_lengths", prompt_lengths, B, T)
@@ -235,7 +238,7 @@ def token_advantages(
     _checks.check(repair_of is not None, "repair_mask needs repair_of (the sample each repair row repairs)")
     _checks.tensor("repair_of", repair_of, dtypes=_checks.INDEX_DTYPES, dim=1)
     _checks.shape("repair_of", repair_of, (M,), "(one sample index per repair row)")
-    _checks.values((repair_of < -1) | (repair_of >= B), f"repair_of must lie in [0, {B}) or be -1 (padding)")
+    _checks.within_range(repair_of, -1, B - 1, f"repair_of must lie in [0, {B}) or be -1 (padding)")
     r_ends = check_lengths("repair_lengths", repair_lengths, M, repair_mask.shape[1])
     src = repair_of.long()
     safe = src.clamp(min=0)

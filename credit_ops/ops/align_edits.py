@@ -30,7 +30,7 @@ def pair_lengths(name: str, lengths: Tensor | None, ids_name: str, ids: Tensor) 
     _checks.tensor(name, lengths, dtypes=_checks.INDEX_DTYPES)
     _checks.shape(name, lengths, (P,), "(one length per pair)")
     _checks.same_device(**{name: lengths, ids_name: ids})
-    _checks.values((lengths < 0) | (lengths > L), f"{name} must lie in [0, {L}] (the padded width)")
+    _checks.within_range(lengths, 0, L, f"{name} must lie in [0, {L}] (the padded width)")
     return lengths.to(torch.int64)
 
 
@@ -68,11 +68,12 @@ def align_edits(
     _checks.tensor("b", b, dtypes=_checks.INDEX_DTYPES, dim=2)
     _checks.same_device(a=a, b=b)
     _checks.check(
-        a.shape[0] == b.shape[0], f"a and b must hold the same number of pairs P, got {a.shape[0]} and {b.shape[0]}"
+        a.shape[0] == b.shape[0],
+        lambda: f"a and b must hold the same number of pairs P, got {a.shape[0]} and {b.shape[0]}",
     )
     _checks.check(
         insert_anchor in INSERT_ANCHORS,
-        f"insert_anchor must be one of {tuple(INSERT_ANCHORS)}, got {insert_anchor!r}",
+        lambda: f"insert_anchor must be one of {tuple(INSERT_ANCHORS)}, got {insert_anchor!r}",
     )
     a_lengths = pair_lengths("a_lengths", a_lengths, "a", a)
     b_lengths = pair_lengths("b_lengths", b_lengths, "b", b)
@@ -125,7 +126,7 @@ def step_masks(mask: Tensor, step_ids: Tensor) -> Tensor:
     _checks.same_device(mask=mask, step_ids=step_ids)
     _checks.shape("step_ids", step_ids, mask.shape, "(the shape of mask)")
     L = mask.shape[-1]
-    _checks.values((step_ids < -1) | (step_ids >= max(L, 1)), f"step_ids must lie in [-1, {L})")
+    _checks.within_range(step_ids, -1, max(L, 1) - 1, f"step_ids must lie in [-1, {L})")
     if resolve(mask.device, triton=False) == "reference":
         return reference.step_masks(mask, step_ids)
     idx = (step_ids.reshape(-1, L).to(torch.int64) + 1).clamp_(min=0)  # bucket 0 collects the padding
@@ -156,14 +157,15 @@ def truncate_regions(mask: Tensor, regions: Tensor, k) -> Tensor:
         _checks.same_device(mask=mask, k=k)
         _checks.check(
             k.dim() == 0 or tuple(k.shape) == tuple(mask.shape[:-1]),
-            f"k must be a scalar or have shape {tuple(mask.shape[:-1])} (one per row), got {tuple(k.shape)}",
+            lambda: f"k must be a scalar or have shape {tuple(mask.shape[:-1])} (one per row), got {tuple(k.shape)}",
         )
-        _checks.values(k < 0, "k must be >= 0")
+        _checks.within_range(k, 0, None, "k must be >= 0")
     else:
         _checks.check(
-            isinstance(k, int) and not isinstance(k, bool), f"k must be an int or a tensor, got {type(k).__name__}"
+            isinstance(k, int) and not isinstance(k, bool),
+            lambda: f"k must be an int or a tensor, got {type(k).__name__}",
         )
-        _checks.check(k >= 0, f"k must be >= 0, got {k}")
+        _checks.check(k >= 0, lambda: f"k must be >= 0, got {k}")
     if resolve(mask.device, triton=False) == "reference":
         return reference.truncate_regions(mask, regions, k)
     if isinstance(k, Tensor) and k.dim() > 0:

@@ -2,8 +2,8 @@
 
 Composes the alignment ops (align_edits, segment_steps, step_masks, truncate_regions) and the advantage ops
 (ibpo_shaping, group_advantages, token_advantages). Every step is a fixed-shape tensor op: on CUDA the whole
-call runs without a host synchronisation (value checks run as device-side asserts while a CUDA graph captures,
-or per ``credit_ops.set_value_checks``) and can be captured in a CUDA graph.
+call runs without a host synchronisation (value checks run as device-side asserts, the default on CUDA; see
+credit_ops._checks) and can be captured in a CUDA graph.
 
 Input contract
 --------------
@@ -178,17 +178,19 @@ def credit_assign(
         k: None (all), an int, or an int tensor () / (N,) (one per sample)
         returns: CreditAssignment
     """
-    _checks.check(algorithm in ALGORITHMS, f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
+    _checks.check(algorithm in ALGORITHMS, lambda: f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
     cfg = ALGORITHMS[algorithm]
     mode = cfg["mode"] if adv_mode is None else adv_mode
-    _checks.check(mode in ADVANTAGE_MODES, f"adv_mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
-    _checks.check(granularity in ("token", "step"), f"granularity must be 'token' or 'step', got {granularity!r}")
+    _checks.check(mode in ADVANTAGE_MODES, lambda: f"adv_mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    _checks.check(
+        granularity in ("token", "step"), lambda: f"granularity must be 'token' or 'step', got {granularity!r}"
+    )
     _checks.check(
         granularity == "token" or delimiter_ids is not None, "granularity='step' needs delimiter_ids (step ends)"
     )
-    _checks.check(0.0 <= unmasked_weight <= 1.0, f"unmasked_weight must lie in [0, 1], got {unmasked_weight}")
-    _checks.check(max_edit_ratio >= 0, f"max_edit_ratio must be >= 0, got {max_edit_ratio}")
-    _checks.check(eps >= 0, f"eps must be >= 0, got {eps}")
+    _checks.check(0.0 <= unmasked_weight <= 1.0, lambda: f"unmasked_weight must lie in [0, 1], got {unmasked_weight}")
+    _checks.check(max_edit_ratio >= 0, lambda: f"max_edit_ratio must be >= 0, got {max_edit_ratio}")
+    _checks.check(eps >= 0, lambda: f"eps must be >= 0, got {eps}")
     correct_in_loss = cfg["correct_in_loss"] if correct_in_loss is None else bool(correct_in_loss)
 
     _checks.tensor("tokens", tokens, dtypes=_checks.INDEX_DTYPES, dim=2)
@@ -196,13 +198,14 @@ def credit_assign(
     if isinstance(k, Tensor):
         _checks.tensor("k", k, dtypes=_checks.INDEX_DTYPES)
         _checks.check(
-            k.dim() == 0 or tuple(k.shape) == (N,), f"k must be a 0-d tensor or (N,) per sample, got {tuple(k.shape)}"
+            k.dim() == 0 or tuple(k.shape) == (N,),
+            lambda: f"k must be a 0-d tensor or (N,) per sample, got {tuple(k.shape)}",
         )
         _checks.same_device(tokens=tokens, k=k)
-        _checks.values(k < 0, "k must be >= 0")
+        _checks.within_range(k, 0, None, "k must be >= 0")
     else:
         ok = k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 0)
-        _checks.check(ok, f"k must be None (all regions) or an int >= 0, got {k!r}")
+        _checks.check(ok, lambda: f"k must be None (all regions) or an int >= 0, got {k!r}")
     _checks.same_device(
         tokens=tokens,
         lengths=lengths,
@@ -221,7 +224,7 @@ def credit_assign(
     _checks.shape("lengths", lengths, (N,), "(one length per row of tokens)")
     G = check_group_ids(group_ids, N, num_groups)
     ends = lengths.long()
-    _checks.values((ends < 0) | (ends > T), f"lengths must lie in [0, {T}] (the width of tokens)")
+    _checks.within_range(ends, 0, T, f"lengths must lie in [0, {T}] (the width of tokens)")
     if prompt_lengths is not None:
         _checks.tensor("prompt_lengths", prompt_lengths, dtypes=_checks.INDEX_DTYPES, dim=1)
         _checks.shape("prompt_lengths", prompt_lengths, (N,), "(one per row of tokens)")
@@ -244,14 +247,11 @@ def credit_assign(
         _checks.shape("repair_of", repair_of, (M,), "(one sample index per row of repair_tokens)")
         _checks.tensor("repair_correct", repair_correct, dtypes=(torch.bool,), dim=1)
         _checks.shape("repair_correct", repair_correct, (M,), "(one verification result per repair)")
-        _checks.values(
-            (repair_of < -1) | (repair_of >= N),
-            f"repair_of must name an existing sample in [0, {N}) (or be -1 for an unused slot)",
+        _checks.within_range(
+            repair_of, -1, N - 1, f"repair_of must name an existing sample in [0, {N}) (or be -1 for an unused slot)"
         )
         r_ends = repair_lengths.long()
-        _checks.values(
-            (r_ends < 0) | (r_ends > Tr), f"repair_lengths must lie in [0, {Tr}] (the width of repair_tokens)"
-        )
+        _checks.within_range(r_ends, 0, Tr, f"repair_lengths must lie in [0, {Tr}] (the width of repair_tokens)")
     else:
         M, Tr = 0, 0
 

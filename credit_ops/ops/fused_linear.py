@@ -26,6 +26,8 @@ from credit_ops import _checks, reference
 from credit_ops._backend import resolve
 from credit_ops.ops.policy_loss import (
     TokenInputs,
+    active_stats,
+    active_tokens,
     loss_from_logprobs,
     prepare,
     reference_options,
@@ -75,19 +77,24 @@ class _Grads:
 
     def __init__(self, hidden, weight, bias):
         self.h = torch.empty_like(hidden)
-        self.w = torch.zeros_like(weight)
+        self.weight = weight
+        self.w = None  # the first chunk writes it (no zero fill of a (V, H) buffer, no read-modify-write)
         self.b = None if bias is None else torch.zeros(weight.shape[0], device=hidden.device, dtype=_acc(hidden))
         self.bias_dtype = None if bias is None else bias.dtype
 
     def add(self, dz, h, weight, s, e):
         """dz (n, V) = d loss / d logits of hidden rows s:e (h): grad_hidden[s:e] = dz @ W, grad_W += dz.T @ h."""
         torch.mm(dz, weight, out=self.h[s:e])
-        self.w.addmm_(dz.t(), h)
+        if self.w is None:
+            self.w = torch.mm(dz.t(), h)
+        else:
+            self.w.addmm_(dz.t(), h)
         if self.b is not None:
             self.b += dz.sum(0, dtype=self.b.dtype)
 
     def result(self):
-        return self.h, self.w, self.h.new_empty(0) if self.b is None else self.b.to(self.bias_dtype)
+        w = torch.zeros_like(self.weight) if self.w is None else self.w
+        return self.h, w, self.h.new_empty(0) if self.b is None else self.b.to(self.bias_dtype)
 
 
 def _rows_of(t, s, e):
@@ -328,8 +335,10 @@ def _head_args(hidden, weight, labels, bias):
     _checks.tensor("hidden", hidden, dtypes=(weight.dtype,), min_dim=2)
     _checks.check(
         hidden.shape[-1] == weight.shape[1],
-        f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]}): "
-        "weight is the LM head's (V, H) matrix",
+        lambda: (
+            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]}): "
+            "weight is the LM head's (V, H) matrix"
+        ),
     )
     _checks.check(weight.shape[0] > 0, "weight must have a non-empty vocabulary dimension")
     if bias is not None:
@@ -339,11 +348,13 @@ def _head_args(hidden, weight, labels, bias):
     rows_ok = hidden.shape[:-1].numel() == labels.numel() and (hidden.dim() == 2 or hidden.shape[:-1] == labels.shape)
     _checks.check(
         rows_ok,
-        f"hidden {tuple(hidden.shape)} must hold one row per label {tuple(labels.shape)}: (N, H) or "
-        "labels.shape + (H,)",
+        lambda: (
+            f"hidden {tuple(hidden.shape)} must hold one row per label {tuple(labels.shape)}: (N, H) or "
+            "labels.shape + (H,)"
+        ),
     )
     _checks.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
-    return hidden.reshape(-1, hidden.shape[-1])
+    return hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
 
 
 def _lm_head_autocast(fn):
@@ -392,7 +403,7 @@ def fused_linear_logprobs(
         returns: logprobs of labels.shape, float32 (float64 for float64 input); with return_entropy also entropy
     """
     h = _head_args(hidden, weight, labels, bias)
-    _checks.check(temperature > 0, f"temperature must be > 0, got {temperature}")
+    _checks.check(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
     _checks.ids_in_range("labels", labels, weight.shape[0], ignore_index=ignore_index)
     if select is not None:
         _checks.tensor("select", select, dtypes=(torch.bool,))
@@ -424,9 +435,13 @@ def fused_linear_logprobs(
         )
     else:
         op = _op("fused_linear_logprobs_fwd", backend == "triton")
-        out = op(h, weight, bias, labels.reshape(-1), float(temperature), int(ignore_index), int(chunk_size or 0))
-    logp, entropy = out[0].view(labels.shape), out[1].detach().view(labels.shape)
-    return (logp, entropy) if return_entropy else logp
+        flat = labels if labels.dim() == 1 else labels.reshape(-1)
+        out = op(h, weight, bias, flat, float(temperature), int(ignore_index), int(chunk_size or 0))
+    logp = out[0] if labels.dim() == 1 else out[0].view(labels.shape)  # (a view costs ~3 us a call)
+    if not return_entropy:
+        return logp
+    entropy = out[1].detach()
+    return logp, entropy if labels.dim() == 1 else entropy.view(labels.shape)
 
 
 @_lm_head_autocast
@@ -455,6 +470,7 @@ def fused_linear_policy_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     active_only: bool = False,
+    whole_batch_entropy: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """credit_ops.policy_loss of the LM head's logits hidden @ weight.T + bias, never materialising them.
 
@@ -465,13 +481,17 @@ def fused_linear_policy_loss(
 
     ``active_only=True`` (token-level types) leaves the tokens that carry neither loss nor gradient out of all three
     matmuls: those whose aggregation weight x gate x weight is 0, and, with beta = 0, those whose advantage is 0
-    (outside the edits of repaired samples, IOP's dropped correct samples, groups with equal rewards). The active
-    rows are gathered once (one host synchronisation, for their count); loss and gradients are the dense ones up to
-    summation order, and the statistics cover the active tokens only (``num_tokens`` counts them; leave it off for
-    whole-batch entropy and clip fractions). The GSPO family needs a whole sequence's log-probs before any
-    of its gradients: chunks of whole sequences get the logits, the log-probs, the sequences' d loss / d logp from
-    the scalar graph, then the gradient (three matmuls, in the forward); when one sequence exceeds a chunk, or under
-    torch.compile or no_grad, a log-prob pass now and a backward that recomputes the logits (four matmuls).
+    (outside the edits of repaired samples, IOP's dropped correct samples, groups with equal rewards; the rule is
+    policy_loss.active_tokens). The active rows are gathered once (one host synchronisation, for their count); loss
+    and gradients are the dense ones up to summation order, and the statistics cover the active tokens only
+    (``num_tokens`` counts them). ``whole_batch_entropy=True`` also runs the other valid tokens through the logits
+    matmul alone (no gradient matmuls; a second synchronisation), so that entropy_mean is over every valid token as
+    in the dense computation: at an active fraction f that costs f + (1 - f) / 3 of the dense matmuls instead of f.
+    Leave active_only off for whole-batch clip fractions, ratio and KL. The GSPO family needs a whole sequence's
+    log-probs before any of its gradients: chunks of whole sequences get the logits, the log-probs, the sequences'
+    d loss / d logp from the scalar graph, then the gradient (three matmuls, in the forward); when one sequence
+    exceeds a chunk, or under torch.compile or no_grad, a log-prob pass now and a backward that recomputes the logits
+    (four matmuls).
     bf16 operands with fp32 accumulation; lse, loss and statistics in fp32. grad_weight is accumulated over the
     chunks in the weight's dtype.
 
@@ -539,18 +559,32 @@ def fused_linear_policy_loss(
     w = token_weights(inputs, options)
     flat = lambda t: None if t is None else t.reshape(-1)
     rows = (h, flat_labels, *map(flat, (inputs.valid, inputs.adv, w, inputs.old, inputs.ref)))
-    stats_shape = labels.shape
+    stats_shape, inactive_entropy = labels.shape, None
     if active_only:
-        carries = (w != 0) if options.beta else (w != 0) & (inputs.adv != 0)
+        carries = active_tokens(w, inputs.adv, options.beta)
         index = carries.reshape(-1).nonzero().squeeze(1)
         if index.numel() < carries.numel():
             rows = tuple(None if t is None else t.index_select(0, index) for t in rows)
             stats_shape = (1, index.numel())
+        if whole_batch_entropy:
+            left = ((inputs.valid > 0) & ~carries).reshape(-1).nonzero().squeeze(1)
+            _, ent = _op("fused_linear_logprobs_fwd", use_triton)(
+                h.detach().index_select(0, left),
+                weight.detach(),
+                None if bias is None else bias.detach(),
+                flat_labels.index_select(0, left),
+                options.temperature,
+                options.ignore_index,
+                int(chunk_size or 0),
+            )
+            inactive_entropy = (ent.sum(), ent.new_tensor(float(left.numel())))
     hh, lab, valid, adv, ww, old, ref = (None if t is None else t.contiguous() for t in rows)
     loss, logp, entropy, _, _, _ = _op("fused_linear_policy_loss_fwd", use_triton)(
         hh, weight, bias, lab, adv, ww, old, ref, *options.kernel_params().values(), int(chunk_size or 0), needs_grad
     )
     scored = TokenInputs(*(None if t is None else t.view(stats_shape) for t in (lab, valid, adv, old, ref)), None, None)
+    if active_only:
+        return loss, active_stats(logp.view(stats_shape), entropy.view(stats_shape), scored, options, inactive_entropy)
     return loss, token_loss_stats(logp.view(stats_shape), entropy.view(stats_shape), scored, options)
 
 

@@ -89,31 +89,40 @@ def prepare(
     """Validate a policy loss's arguments and resolve them: labels (B, T) against a vocabulary of V, or, for a loss
     from log-probs, labels None and the (B, T) ``shape``."""
     _checks.check(
-        loss_type in reference.LOSS_TYPES, f"unknown loss_type {loss_type!r}; expected one of {reference.LOSS_TYPES}"
+        loss_type in reference.LOSS_TYPES,
+        lambda: f"unknown loss_type {loss_type!r}; expected one of {reference.LOSS_TYPES}",
     )
     agg = reference.DEFAULT_AGG[loss_type] if agg is None else agg
     _checks.check(
-        agg in reference.AGGREGATIONS, f"unknown agg {agg!r}; expected one of {reference.AGGREGATIONS} (or None)"
+        agg in reference.AGGREGATIONS,
+        lambda: f"unknown agg {agg!r}; expected one of {reference.AGGREGATIONS} (or None)",
     )
-    _checks.check(kl_type in reference.KL_TYPES, f"unknown kl_type {kl_type!r}; expected one of {reference.KL_TYPES}")
+    _checks.check(
+        kl_type in reference.KL_TYPES, lambda: f"unknown kl_type {kl_type!r}; expected one of {reference.KL_TYPES}"
+    )
     low, high = reference.DEFAULT_EPS[loss_type]
     eps_low = low if eps_low is None else float(eps_low)
     eps_high = high if eps_high is None else float(eps_high)
-    _checks.check(eps_low >= 0 and eps_high >= 0, f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
-    _checks.check(eps_low <= 1, f"eps_low must be <= 1 (the lower clip bound is 1 - eps_low), got {eps_low}")
-    _checks.check(dual_clip is None or dual_clip > 1, f"dual_clip must be None or > 1, got {dual_clip}")
-    _checks.check(beta >= 0, f"beta must be >= 0, got {beta}")
+    _checks.check(
+        eps_low >= 0 and eps_high >= 0, lambda: f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}"
+    )
+    _checks.check(eps_low <= 1, lambda: f"eps_low must be <= 1 (the lower clip bound is 1 - eps_low), got {eps_low}")
+    _checks.check(dual_clip is None or dual_clip > 1, lambda: f"dual_clip must be None or > 1, got {dual_clip}")
+    _checks.check(beta >= 0, lambda: f"beta must be >= 0, got {beta}")
     _checks.check(
         beta == 0 or ref_logprobs is not None, "beta > 0 needs ref_logprobs (the reference policy's log-probs)"
     )
     _checks.check(
         agg != "seq_mean_token_sum_norm" or (max_length is not None and max_length > 0),
-        f"agg='seq_mean_token_sum_norm' (the default of loss_type='dr_grpo') needs max_length > 0, got {max_length}",
+        lambda: (
+            f"agg='seq_mean_token_sum_norm' (the default of loss_type='dr_grpo') needs max_length > 0, got {max_length}"
+        ),
     )
     _checks.check(
-        empty_rows in reference.EMPTY_ROWS, f"empty_rows must be one of {reference.EMPTY_ROWS}, got {empty_rows!r}"
+        empty_rows in reference.EMPTY_ROWS,
+        lambda: f"empty_rows must be one of {reference.EMPTY_ROWS}, got {empty_rows!r}",
     )
-    _checks.check(temperature > 0, f"temperature must be > 0, got {temperature}")
+    _checks.check(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
     options = LossOptions(
         loss_type,
         eps_low,
@@ -134,7 +143,9 @@ def prepare(
     _checks.tensor("advantages", advantages, dtypes=_checks.FLOAT_DTYPES)
     _checks.check(
         tuple(advantages.shape) in ((B,), (B, T)),
-        f"advantages must have shape ({B},) (per sequence) or ({B}, {T}) (per token), got {tuple(advantages.shape)}",
+        lambda: (
+            f"advantages must have shape ({B},) (per sequence) or ({B}, {T}) (per token), got {tuple(advantages.shape)}"
+        ),
     )
     optional = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask, gates=gates, weights=weights)
     for name, t in optional.items():
@@ -143,24 +154,22 @@ def prepare(
             _checks.shape(name, t, (B, T), "(that of labels)" if labels is not None else "(that of logprobs)")
     _checks.same_device(labels=labels, advantages=advantages, **optional)
     if gates is not None:
-        _checks.values((gates < 0) | (gates > 1) | torch.isnan(gates), "gates must lie in [0, 1]")
+        _checks.within_range(gates, 0, 1, "gates must lie in [0, 1]")
 
-    valid = torch.ones((B, T), dtype=torch.bool, device=advantages.device)
     if labels is not None:
         _checks.ids_in_range("labels", labels, V, ignore_index=ignore_index)
         valid = labels != ignore_index
-    if mask is not None:
-        valid = valid & (mask != 0)
+        if mask is not None:
+            valid = valid & (mask != 0)
+    else:
+        valid = torch.ones((B, T), dtype=torch.bool, device=advantages.device) if mask is None else mask != 0
     adv = advantages.to(acc)
     adv = adv.unsqueeze(-1).expand(B, T) if adv.dim() == 1 else adv
     # Padding may hold anything; on valid tokens a NaN or inf would silently make the loss NaN or inf.
     per_token = dict(advantages=adv, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, weights=weights)
-    _checks.values_each(
-        {name: valid & ~torch.isfinite(t) for name, t in per_token.items() if t is not None},
-        "{name} must be finite on valid tokens (found NaN or inf)",
-    )
+    _checks.finite_each(per_token, "{name} must be finite on valid tokens (found NaN or inf)", where=valid)
     if weights is not None:
-        _checks.values(valid & (weights < 0), "weights must be >= 0")
+        _checks.within_range(weights, 0, None, "weights must be >= 0", where=valid)
     cast = lambda t: None if t is None else torch.where(valid, t.to(acc), 0.0)
     inputs = TokenInputs(
         None if labels is None else torch.where(valid, labels, ignore_index),
@@ -284,9 +293,32 @@ def loss_from_logprobs(logp: Tensor, entropy: Tensor, inputs: TokenInputs, optio
     return (token_weights(inputs, options) * per_token).sum(), stats
 
 
+# ---- active-token compaction (active_only=True of policy_loss and fused_linear_policy_loss)
+def active_tokens(factors: Tensor, advantages: Tensor, beta: float) -> Tensor:
+    """(B, T) bool: the tokens whose loss coefficient w x dloss/dlogp can be nonzero, the one rule of active_only.
+    ``factors`` (B, T) is zero exactly where a token's multiplier is (the row kernels' weights: aggregation weight x
+    valid x gate x weight; or valid x gates x weights, which have the same zeros); with beta = 0 a zero advantage
+    zeroes the clipped surrogate and its derivative too. Every other token has loss 0 and d loss / d logits 0 (a NaN
+    logit would make them NaN in the dense computation; active_only never reads it)."""
+    carries = factors != 0
+    return carries if beta else carries & (advantages != 0)
+
+
+def active_stats(logp, entropy, inputs: TokenInputs, options: LossOptions, inactive_entropy=None) -> dict:
+    """token_loss_stats of an active_only call: logp, entropy and ``inputs`` hold the active tokens (``inputs.valid``
+    1 on them, 0 elsewhere), so the means and num_tokens cover the active tokens. ``inactive_entropy``, a pair of
+    0-d tensors (summed entropy, count) of the valid tokens left out (whole_batch_entropy=True), makes entropy_mean
+    the mean over every valid token, as in the dense computation."""
+    stats = token_loss_stats(logp, entropy, inputs, options)
+    if inactive_entropy is not None:
+        inactive_sum, inactive_count = inactive_entropy
+        total = stats["entropy_mean"] * stats["num_tokens"] + inactive_sum.to(stats["entropy_mean"].dtype)
+        stats["entropy_mean"] = total / (stats["num_tokens"] + inactive_count).clamp(min=1.0)
+    return stats
+
+
 # ---- the row kernels and the long-row layout
 ROWS_LAYOUTS = ("two_pass", "cluster")
-_LAYOUT_CHOICE: dict = {}
 
 
 def cluster_ok(logits: Tensor) -> bool:
@@ -322,20 +354,16 @@ def rows_forward(
     x gate, or with ``coef_given`` the coefficients dL/dlogp (a log-prob backward; loss 0). Without ``write_grad``
     it is a log-prob + entropy forward (``grad`` is then not written; pass the logits).
 
-    CPU (``use_triton`` False): the C++ kernel. Otherwise the Triton two-pass kernel or, for rows longer than one
-    register tile on a Hopper GPU, the CUDA thread-block-cluster kernel: the faster of the two, timed once per
-    (device, dtype, V, row-count bucket, in place) on the first call (_layout)."""
+    CPU (``use_triton`` False): the C++ kernel. Otherwise the Triton kernel, or the Hopper thread-block-cluster
+    kernel where CREDIT_OPS_ROWS_LAYOUT=cluster asks for it (_layout)."""
     scalars = (temperature, ignore_index, eps_low, eps_high, dual_clip, beta, kl_type)
     if not use_triton:
         return torch.ops.credit.policy_loss_rows_(
             grad, logits, labels, advantages, weights, old, ref, *scalars, coef_given, write_grad
         )
-    B, T, V = logits.shape
     tensors = (labels, advantages, weights, old, ref)
     runs = _layouts(grad, logits, tensors, scalars, coef_given, write_grad)
-    inplace = write_grad and grad.data_ptr() == logits.data_ptr()
-    scratch = lambda: _scratch_layouts(logits, tensors, scalars, coef_given)
-    loss, logp, entropy = runs[_layout(runs, logits, B * T, V, inplace, scratch)]()
+    loss, logp, entropy = runs[_layout(runs)]()
     return (logp.new_zeros(()) if coef_given else loss), logp, entropy
 
 
@@ -367,30 +395,20 @@ def _layouts(grad, logits, tensors, scalars, coef_given, write_grad) -> dict:
 
     runs = {"two_pass": two_pass}
     V = logits.shape[-1]
-    if write_grad and labels.numel() and not one_tile(V) and logits.is_cuda and weights is not None:
+    wanted = os.environ.get("CREDIT_OPS_ROWS_LAYOUT") == "cluster"  # the only way it runs (_layout): ask only then
+    if wanted and write_grad and labels.numel() and not one_tile(V) and logits.is_cuda and weights is not None:
         if cluster_ok(logits):
             runs["cluster"] = cluster
     return runs
 
 
-def _scratch_layouts(logits, tensors, scalars, coef_given) -> dict:
-    """_layouts() over a copy of the first (up to 2048) rows, for timing an in-place call: every run overwrites the
-    copy, the later ones read gradients as logits (finite values; the same work)."""
-    V = logits.shape[-1]
-    N = logits.numel() // V
-    n = min(N, 2048)
-    rows = lambda t: None if t is None else t.reshape(-1)[:n].view(1, n)
-    x = logits.reshape(N, V)[:n].clone().view(1, n, V)
-    return _layouts(x, x, tuple(map(rows, tensors)), scalars, coef_given, True)
-
-
-def _layout(runs, logits, N, V, inplace, scratch_layouts) -> str:
-    """Which of the long-row kernels to run: timed once per (device, dtype, V, row-count bucket, in place) on the
-    first CUDA call (a few launches and one synchronisation, once). A call that writes a separate gradient times the
-    kernels on its own tensors (all write the same outputs); an in-place call (the logits become the gradient: a
-    second run would read it as logits) times them on a copy of its first rows (scratch_layouts).
-    CREDIT_OPS_ROWS_LAYOUT=two_pass / cluster forces one. A CUDA graph capture takes the cached choice or the
-    two-pass kernel (no timing while capturing)."""
+def _layout(runs) -> str:
+    """Which long-row kernel runs: a fixed rule, never a timing race, so that no row's log-prob depends on the
+    batch or on which kernel won a race. The Triton kernel by default: its row reduction is the one token_logprobs
+    and the fused LM head run (triton_kernels/softmax_rows.py), so all of them give a row the same bits. The Hopper
+    cluster kernel reduces a row in its own order (still a function of the row, V and the device alone, but other
+    bits than token_logprobs'), so it runs only when CREDIT_OPS_ROWS_LAYOUT=cluster forces it
+    (CREDIT_OPS_ROWS_LAYOUT=two_pass forces the default)."""
     forced = os.environ.get("CREDIT_OPS_ROWS_LAYOUT")
     if forced:
         if forced not in ROWS_LAYOUTS:
@@ -402,25 +420,7 @@ def _layout(runs, logits, N, V, inplace, scratch_layouts) -> str:
                 "multiple of 16 bytes)"
             )
         return forced
-    if len(runs) == 1:
-        return next(iter(runs))
-    key = (logits.device, logits.dtype, V, min(N, 1 << 14).bit_length(), inplace)
-    if key not in _LAYOUT_CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            return "two_pass"
-        timed = scratch_layouts() if inplace else runs
-        times = {}
-        for name, fn in timed.items():
-            fn()  # compile + warm-up
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(3):
-                fn()
-            end.record()
-            end.synchronize()
-            times[name] = begin.elapsed_time(end)
-        _LAYOUT_CHOICE[key] = min(times, key=times.get)
-    return _LAYOUT_CHOICE[key]
+    return "two_pass"
 
 
 # ---- in-place autograd Functions
@@ -539,7 +539,7 @@ def policy_loss_from_logprobs(
             policy_loss)
     """
     _checks.tensor("logprobs", logprobs, dtypes=_checks.FLOAT_DTYPES, dim=2)
-    _checks.check(reduction in ("mean", "none"), f"reduction must be 'mean' or 'none', got {reduction!r}")
+    _checks.check(reduction in ("mean", "none"), lambda: f"reduction must be 'mean' or 'none', got {reduction!r}")
     if entropy is not None:
         _checks.tensor("entropy", entropy, dtypes=_checks.FLOAT_DTYPES)
         _checks.shape("entropy", entropy, logprobs.shape, "(that of logprobs)")
@@ -568,7 +568,7 @@ def policy_loss_from_logprobs(
         acc=acc,
         shape=tuple(logprobs.shape),
     )
-    _checks.values((inputs.valid > 0) & ~torch.isfinite(logprobs), "logprobs must be finite on valid tokens")
+    _checks.finite_each({"logprobs": logprobs}, "{name} must be finite on valid tokens", where=inputs.valid > 0)
     if resolve(logprobs.device, triton=False) == "reference":
         return reference.policy_loss_from_logprobs(
             logprobs,
@@ -608,6 +608,8 @@ def policy_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     inplace_grad: bool = False,
+    active_only: bool = False,
+    whole_batch_entropy: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO-family clipped policy loss with per-token advantages and gates, straight from the logits
     (docs/method.md §4).
@@ -647,6 +649,15 @@ def policy_loss(
     (B, T, V) buffer: the logits' values are destroyed by the forward, so nothing else may need them later (autograd
     raises if a saved tensor is overwritten); eager mode only.
 
+    ``active_only=True`` (token-level types) has the kernel skip the rows whose loss coefficient is exactly 0
+    (``active_tokens``: aggregation weight x gate x weight = 0, or, with beta = 0, advantage 0): it writes their
+    gradient row as zeros without reading their logits. Loss and gradient are the dense computation's bit for bit
+    (a NaN logit in a skipped row aside: never read, it no longer makes the loss NaN); no host synchronisation.
+    The statistics then cover the active tokens only (num_tokens counts them); ``whole_batch_entropy=True`` adds
+    one log-prob + entropy read of the skipped valid rows so that entropy_mean is the dense one, over every valid
+    token (the other means stay over the active tokens); that read costs about what skipping saved (on the CPU the
+    call then takes about the dense time). The GSPO family and the reference backend compute densely.
+
     Shapes:
         logits: (B, T, V) or (B, T + 1, V) bfloat16 / float16 / float32 / float64, unit stride along V
         labels: (B, T) int32 / int64 in [0, V) or ``ignore_index``
@@ -661,8 +672,11 @@ def policy_loss(
     B, T = labels.shape
     _checks.check(
         logits.shape[0] == B and logits.shape[1] in (T, T + 1),
-        f"logits {tuple(logits.shape)} must be (B, T, V) aligned with labels {tuple(labels.shape)}, or the model's "
-        "full (B, T + 1, V) output whose last position is dropped",
+        lambda: (
+            f"logits {tuple(logits.shape)} must be (B, T, V) aligned with labels {tuple(labels.shape)}, "
+            f"or the model's "
+            "full (B, T + 1, V) output whose last position is dropped"
+        ),
     )
     _checks.check(logits.shape[-1] > 0, "logits must have a non-empty vocabulary dimension")
     _checks.same_device(logits=logits, labels=labels)
@@ -723,11 +737,37 @@ def policy_loss(
         return loss_from_logprobs(logp, entropy.detach(), scored, options)
     params = options.kernel_params()
     c = lambda t: None if t is None else t.contiguous()
-    args = (c(scored.adv), token_weights(scored, options).contiguous(), c(scored.old), c(scored.ref))
+    w = token_weights(scored, options)
+    labels_k, inactive_entropy = scored.labels, None
+    if active_only:
+        # A skipped row is an ignored row to the kernels (zero gradient row, logits unread, logp = entropy = 0).
+        active = active_tokens(w, scored.adv, options.beta)
+        labels_k = torch.where(active, scored.labels, options.ignore_index)
+        if whole_batch_entropy:  # the skipped valid rows' entropy, before an in-place kernel overwrites them
+            x, left = logits.detach(), torch.where(active, options.ignore_index, scored.labels)
+            _, _, ent = rows_forward(
+                x,
+                x,
+                left,
+                None,
+                torch.zeros_like(scored.valid),
+                None,
+                None,
+                use_triton=use_triton,
+                temperature=options.temperature,
+                ignore_index=options.ignore_index,
+                coef_given=True,
+                write_grad=False,
+            )
+            inactive_entropy = (ent.sum(), (scored.valid.sum() - active.sum()).to(ent.dtype))
+        scored = scored._replace(valid=active.to(scored.valid.dtype))
+    args = (c(scored.adv), w.contiguous(), c(scored.old), c(scored.ref))
     if inplace:
-        loss, logp, entropy = _PolicyLossInplace.apply(logits, scored.labels.contiguous(), *args, params, use_triton)
+        loss, logp, entropy = _PolicyLossInplace.apply(logits, labels_k.contiguous(), *args, params, use_triton)
     else:
         op = torch.ops.credit.policy_loss_fwd_triton if use_triton else torch.ops.credit.policy_loss_fwd
         write_grad = torch.is_grad_enabled() and logits.requires_grad
-        loss, logp, entropy, _ = op(logits, scored.labels, *args, *params.values(), write_grad)
+        loss, logp, entropy, _ = op(logits, labels_k, *args, *params.values(), write_grad)
+    if active_only:
+        return loss, active_stats(logp, entropy, scored, options, inactive_entropy)
     return loss, token_loss_stats(logp, entropy, scored, options)

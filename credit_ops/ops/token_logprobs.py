@@ -33,7 +33,7 @@ def token_logprobs(
     _checks.tensor("labels", labels, dtypes=_checks.INDEX_DTYPES)
     _checks.same_device(logits=logits, labels=labels)
     _checks.shape("labels", labels, logits.shape[:-1], "(the leading dimensions of logits)")
-    _checks.check(temperature > 0, f"temperature must be > 0, got {temperature}")
+    _checks.check(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
     V = logits.shape[-1]
     _checks.check(V > 0, "logits must have a non-empty vocabulary dimension")
     _checks.ids_in_range("labels", labels, V, ignore_index=ignore_index)
@@ -45,11 +45,13 @@ def token_logprobs(
         )
     op = torch.ops.credit.token_logprobs_fwd_triton if backend == "triton" else torch.ops.credit.token_logprobs_fwd
     x = as_btv(logits)
-    logprobs, entropy, _ = op(
-        x, labels.reshape(x.shape[:2]), float(temperature), int(ignore_index), bool(return_entropy)
-    )
-    logprobs = logprobs.view(labels.shape)
-    return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs
+    reshaped = logits.dim() != 3  # (B, T, V) logits need no views of labels and outputs (each costs ~3 us a call)
+    y = labels.reshape(x.shape[:2]) if reshaped else labels
+    logprobs, entropy, _ = op(x, y, float(temperature), int(ignore_index), bool(return_entropy))
+    if reshaped:
+        logprobs = logprobs.view(labels.shape)
+        entropy = entropy.view(labels.shape) if return_entropy else entropy
+    return (logprobs, entropy) if return_entropy else logprobs
 
 
 def as_btv(logits: Tensor) -> Tensor:
