@@ -673,9 +673,8 @@ def policy_loss(
     _checks.check(
         logits.shape[0] == B and logits.shape[1] in (T, T + 1),
         lambda: (
-            f"logits {tuple(logits.shape)} must be (B, T, V) aligned with labels {tuple(labels.shape)}, "
-            f"or the model's "
-            "full (B, T + 1, V) output whose last position is dropped"
+            f"logits {tuple(logits.shape)} must be (B, T, V) aligned with labels {tuple(labels.shape)}, or the "
+            "model's full (B, T + 1, V) output whose last position is dropped"
         ),
     )
     _checks.check(logits.shape[-1] > 0, "logits must have a non-empty vocabulary dimension")
