@@ -97,6 +97,24 @@ def _policy_loss_fwd_fake(
     return new(()), new(bt), new(bt), logits.new_empty(logits.shape if write_grad else (0,))
 
 
+# The CPU bookkeeping ops (csrc/cpu/policy_loss_inputs.cpp; the wrappers call them only on eager CPU tensors).
+@torch.library.register_fake("credit::policy_loss_inputs")
+def _policy_loss_inputs_fake(
+    labels, advantages, old, ref, mask, gates, weights, logprobs, B, T, vocab, ignore_index, agg, max_length,
+    skip_empty_rows, pad_last, float64,
+):  # fmt: skip
+    size = (B, T + 1 if pad_last else T)
+    dtype = torch.float64 if float64 else torch.float32
+    out = [] if labels is None else [labels.new_empty(size)]
+    given = (True, True, old is not None, ref is not None, gates is not None, weights is not None, True)
+    return out + [advantages.new_empty(size, dtype=dtype) for g in given if g]
+
+
+@torch.library.register_fake("credit::policy_loss_stats")
+def _policy_loss_stats_fake(logp, entropy, valid, advantages, ratio, old, ref, eps_low, eps_high, kl_type):
+    return [logp.new_empty(()) for _ in range(7)]
+
+
 def _policy_loss_rows_fake(
     grad,
     logits,

@@ -29,11 +29,10 @@ from credit_ops.ops.policy_loss import (
     active_stats,
     active_tokens,
     loss_from_logprobs,
+    loss_stats,
     prepare,
     reference_options,
     rows_forward,
-    token_loss_stats,
-    token_weights,
 )
 
 # One logits chunk: ~1 GiB (2048 tokens at V = 152k, bf16). Every chunk re-reads and re-writes the accumulated
@@ -294,13 +293,12 @@ def _fused_sequence_loss(h, weight, bias, inputs, options, chunk, use_triton):
     # enter it (every aggregation is a sum over sequences with denominators from the mask alone), so they hold a
     # finite stand-in (the old log-probs: ratio 1) until their chunk comes.
     stand_in = (inputs.old if inputs.old is not None else torch.zeros_like(inputs.valid)).detach().clone()
-    zeros = torch.zeros_like(inputs.valid)
 
     def coef_of(s, e, lp):
         stand_in.view(-1)[s:e] = lp
         with torch.enable_grad():
             leaf = stand_in.clone().requires_grad_(True)
-            loss, _ = loss_from_logprobs(leaf, zeros, inputs, options)
+            loss, _ = loss_from_logprobs(leaf, None, inputs, options)
             (coef,) = torch.autograd.grad(loss, leaf)
         return coef.view(-1)[s:e]
 
@@ -555,17 +553,16 @@ def fused_linear_policy_loss(
         logp, entropy = _op("fused_linear_logprobs_fwd", use_triton)(
             h, weight, bias, flat_labels, options.temperature, options.ignore_index, int(chunk_size or 0)
         )
-        return loss_from_logprobs(logp.view(labels.shape), entropy.detach().view(labels.shape), inputs, options)
-    w = token_weights(inputs, options)
+        return loss_from_logprobs(logp.view(labels.shape), entropy.view(labels.shape), inputs, options)
+    w = inputs.w
     flat = lambda t: None if t is None else t.reshape(-1)
     rows = (h, flat_labels, *map(flat, (inputs.valid, inputs.adv, w, inputs.old, inputs.ref)))
-    stats_shape, inactive_entropy = labels.shape, None
+    inactive_entropy = None
     if active_only:
         carries = active_tokens(w, inputs.adv, options.beta)
         index = carries.reshape(-1).nonzero().squeeze(1)
         if index.numel() < carries.numel():
             rows = tuple(None if t is None else t.index_select(0, index) for t in rows)
-            stats_shape = (1, index.numel())
         if whole_batch_entropy:
             left = ((inputs.valid > 0) & ~carries).reshape(-1).nonzero().squeeze(1)
             _, ent = _op("fused_linear_logprobs_fwd", use_triton)(
@@ -582,10 +579,10 @@ def fused_linear_policy_loss(
     loss, logp, entropy, _, _, _ = _op("fused_linear_policy_loss_fwd", use_triton)(
         hh, weight, bias, lab, adv, ww, old, ref, *options.kernel_params().values(), int(chunk_size or 0), needs_grad
     )
-    scored = TokenInputs(*(None if t is None else t.view(stats_shape) for t in (lab, valid, adv, old, ref)), None, None)
+    scored = TokenInputs(lab, valid, adv, old, ref, None, None)  # flat (N,) or the active rows: the statistics' shape
     if active_only:
-        return loss, active_stats(logp.view(stats_shape), entropy.view(stats_shape), scored, options, inactive_entropy)
-    return loss, token_loss_stats(logp.view(stats_shape), entropy.view(stats_shape), scored, options)
+        return loss, active_stats(logp, entropy, scored, options, inactive_entropy)
+    return loss, loss_stats(None, logp, entropy, scored, options)
 
 
 # The CPU kernels of the credit::fused_linear_* ops (their schemas are in csrc/registration.cpp): the chunk loops

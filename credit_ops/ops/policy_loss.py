@@ -14,10 +14,20 @@ import torch
 from torch import Tensor
 
 from credit_ops import _checks, reference
-from credit_ops._backend import resolve
+from credit_ops._backend import get_backend, resolve
 from credit_ops.ops.token_logprobs import token_logprobs
 
 KL_IDS = {name: i + 1 for i, name in enumerate(reference.KL_TYPES)}  # the kernels' kl_type (0: no KL term)
+AGG_IDS = {name: i for i, name in enumerate(reference.AGGREGATIONS)}  # credit::policy_loss_inputs' agg
+
+
+def native_bookkeeping(t: Tensor) -> bool:
+    """Whether the per-token bookkeeping (prepare's tensors and checks, the statistics) runs in the CPU ops
+    credit::policy_loss_inputs / credit::policy_loss_stats (csrc/cpu/policy_loss_inputs.cpp): one pass each instead
+    of ~20 tensor ops, which were most of a call's host overhead. Elsewhere the tensor-op path below computes the
+    same tensors bit for bit (the statistics up to summation order): on CUDA (and meta), while torch.compile traces
+    (the ops fuse) and under the triton backend, so that the Triton interpreter's tests run what a GPU runs."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and get_backend() != "triton"
 
 
 # ---- argument preparation (policy_loss and fused_linear_policy_loss)
@@ -51,7 +61,8 @@ class LossOptions(NamedTuple):
 
 class TokenInputs(NamedTuple):
     """The per-token inputs of a policy loss, (B, T), in the statistics dtype; every float tensor is 0 on invalid
-    tokens (padding may hold anything: -inf old log-probs, NaN advantages)."""
+    tokens (padding may hold anything: -inf old log-probs, NaN advantages). ``w`` is what the row kernels take as
+    weights (token_weights), computed once by prepare (None in a TokenInputs built for the statistics alone)."""
 
     labels: Tensor | None  # int, ignore_index on every invalid token (None when the caller has log-probs)
     valid: Tensor  # 1.0 on valid tokens (labels != ignore_index and mask), else 0.0
@@ -60,6 +71,7 @@ class TokenInputs(NamedTuple):
     ref: Tensor | None
     gates: Tensor | None
     weights: Tensor | None
+    w: Tensor | None = None  # aggregation weight x valid x gate x weight
 
 
 def prepare(
@@ -85,9 +97,12 @@ def prepare(
     ignore_index,
     acc,
     shape=None,
+    logprobs=None,
+    pad_last=False,
 ) -> tuple[LossOptions, TokenInputs]:
     """Validate a policy loss's arguments and resolve them: labels (B, T) against a vocabulary of V, or, for a loss
-    from log-probs, labels None and the (B, T) ``shape``."""
+    from log-probs, labels None, the (B, T) ``shape`` and the ``logprobs`` (checked finite on valid tokens).
+    ``pad_last``: the inputs get one more, ignored, position (B, T + 1), for logits with the model's last position."""
     _checks.check(
         loss_type in reference.LOSS_TYPES,
         lambda: f"unknown loss_type {loss_type!r}; expected one of {reference.LOSS_TYPES}",
@@ -153,6 +168,17 @@ def prepare(
             _checks.tensor(name, t, dtypes=None if name == "mask" else _checks.FLOAT_DTYPES)
             _checks.shape(name, t, (B, T), "(that of labels)" if labels is not None else "(that of logprobs)")
     _checks.same_device(labels=labels, advantages=advantages, **optional)
+    if native_bookkeeping(advantages):
+        tensors = torch.ops.credit.policy_loss_inputs(
+            labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights, logprobs, B, T, V or 0,
+            options.ignore_index, AGG_IDS[agg], max_length or 0, empty_rows == "skip", pad_last, acc == torch.float64,
+        )  # fmt: skip
+        given = iter(tensors)  # the op leaves out the tensors not given
+        take = lambda t: None if t is None else next(given)
+        labels, valid, adv = take(labels), next(given), next(given)
+        return options, TokenInputs(
+            labels, valid, adv, *map(take, (old_logprobs, ref_logprobs, gates, weights)), next(given)
+        )
     if gates is not None:
         _checks.within_range(gates, 0, 1, "gates must lie in [0, 1]")
 
@@ -170,6 +196,8 @@ def prepare(
     _checks.finite_each(per_token, "{name} must be finite on valid tokens (found NaN or inf)", where=valid)
     if weights is not None:
         _checks.within_range(weights, 0, None, "weights must be >= 0", where=valid)
+    if logprobs is not None:
+        _checks.finite_each({"logprobs": logprobs}, "{name} must be finite on valid tokens", where=valid)
     cast = lambda t: None if t is None else torch.where(valid, t.to(acc), 0.0)
     inputs = TokenInputs(
         None if labels is None else torch.where(valid, labels, ignore_index),
@@ -180,14 +208,17 @@ def prepare(
         cast(gates),
         cast(weights),
     )
-    return options, inputs
+    if pad_last:
+        pad = lambda t, fill=0: None if t is None else torch.cat([t, t.new_full((B, 1), fill)], 1)
+        inputs = TokenInputs(pad(inputs.labels, options.ignore_index), *map(pad, inputs[1:7]))
+    return options, inputs._replace(w=token_weights(inputs, options))
 
 
 # ---- the loss from log-probs: docs/method.md §4
 def aggregation_weights(valid: Tensor, agg: str, max_length: int | None, empty_rows: str) -> Tensor:
     """(B, T) w with loss = sum_bt w_bt loss_bt; 0 on invalid tokens, denominators count valid tokens, and the
     sequence means count the rows (empty_rows="count") or only the rows with a valid token ("skip")."""
-    B = valid.shape[0] if empty_rows == "count" else valid.amax(1).sum().clamp(min=1.0)
+    B = valid.shape[0] if empty_rows == "count" else (valid.sum(1) > 0).to(valid.dtype).sum().clamp(min=1.0)
     if agg == "token_mean":
         denominator = valid.sum().clamp(min=1.0)
     elif agg == "seq_mean_token_mean":
@@ -243,40 +274,35 @@ def importance_ratio(logp: Tensor, inputs: TokenInputs, loss_type: str) -> Tenso
     return ratio.expand_as(logp)
 
 
-def loss_stats(ratio: Tensor, logp: Tensor, entropy: Tensor, inputs: TokenInputs, options: LossOptions) -> dict:
+def loss_stats(ratio, logp: Tensor, entropy, inputs: TokenInputs, options: LossOptions) -> dict:
     """Detached means over valid tokens (no host synchronisation): TRL's clip fractions (a ratio below 1 - eps_low
-    where A < 0, above 1 + eps_high where A > 0), the ratio, the KL estimate, the entropy, and the token count."""
+    where A < 0, above 1 + eps_high where A > 0), the ratio, the KL estimate, the entropy, and the token count.
+    ``ratio`` (B, T), or None for each token's exp(logp - old) (1 on-policy); ``entropy`` (B, T) or None (0)."""
+    if native_bookkeeping(logp):
+        values = torch.ops.credit.policy_loss_stats(
+            logp, entropy, inputs.valid, inputs.adv, ratio, inputs.old, inputs.ref,
+            options.eps_low, options.eps_high, KL_IDS[options.kl_type],
+        )  # fmt: skip
+        return dict(zip(reference.STAT_NAMES, values, strict=True))
     with torch.no_grad():
-        adv = inputs.adv
+        if ratio is None:
+            ratio = torch.ones_like(logp) if inputs.old is None else torch.exp(logp - inputs.old)
+        adv, valid = inputs.adv, inputs.valid
         below = (ratio < 1.0 - options.eps_low) & (adv < 0)
         above = (ratio > 1.0 + options.eps_high) & (adv > 0)
         kl = torch.zeros_like(logp) if inputs.ref is None else kl_penalty(logp, inputs.ref, options.kl_type)
+        entropy = torch.zeros_like(logp) if entropy is None else torch.where(valid > 0, entropy.to(logp.dtype), 0.0)
         per_token = torch.stack(
-            [
-                below.to(logp.dtype),
-                above.to(logp.dtype),
-                (below | above).to(logp.dtype),
-                ratio,
-                kl,
-                entropy.to(logp.dtype),
-            ]
+            [below.to(logp.dtype), above.to(logp.dtype), (below | above).to(logp.dtype), ratio, kl, entropy]
         ).flatten(1)
-        valid = inputs.valid.flatten()
         count = valid.sum()
-        means = (per_token @ valid) / count.clamp(min=1.0)  # the six masked means in one reduction
+        means = (per_token @ valid.flatten()) / count.clamp(min=1.0)  # the six masked means in one reduction
         return dict(zip(reference.STAT_NAMES, (*means.unbind(), count), strict=True))
-
-
-def token_loss_stats(logp: Tensor, entropy: Tensor, inputs: TokenInputs, options: LossOptions) -> dict:
-    """loss_stats of a token-level loss from the row kernels' log-probs and entropies (B, T)."""
-    logp, entropy = logp.detach(), entropy.detach()
-    ratio = torch.ones_like(logp) if inputs.old is None else torch.exp(logp - inputs.old)
-    return loss_stats(ratio, logp, entropy, inputs, options)
 
 
 def loss_from_logprobs(logp: Tensor, entropy: Tensor, inputs: TokenInputs, options: LossOptions, reduction="mean"):
     """(loss, stats) from per-token log-probs (B, T), the loss differentiable w.r.t. logp (0 gradient on invalid
-    tokens); entropy (B, T) feeds the statistics only. reduction="none": the loss per token (B, T), gated and
+    tokens); entropy (B, T) or None feeds the statistics only. reduction="none": the loss per token (B, T), gated and
     weighted, before the aggregation weights."""
     logp = torch.where(inputs.valid > 0, logp, 0.0)
     ratio = importance_ratio(logp, inputs, options.loss_type)
@@ -287,10 +313,10 @@ def loss_from_logprobs(logp: Tensor, entropy: Tensor, inputs: TokenInputs, optio
         per_token = torch.where(adv < 0, torch.minimum(per_token, -options.dual_clip * adv), per_token)
     if options.beta != 0.0:
         per_token = per_token + options.beta * kl_penalty(logp, inputs.ref, options.kl_type)
-    stats = loss_stats(ratio.detach(), logp.detach(), entropy, inputs, options)
+    stats = loss_stats(ratio, logp, entropy, inputs, options)
     if reduction == "none":
         return token_factors(inputs) * per_token, stats
-    return (token_weights(inputs, options) * per_token).sum(), stats
+    return (inputs.w * per_token).sum(), stats
 
 
 # ---- active-token compaction (active_only=True of policy_loss and fused_linear_policy_loss)
@@ -309,7 +335,7 @@ def active_stats(logp, entropy, inputs: TokenInputs, options: LossOptions, inact
     1 on them, 0 elsewhere), so the means and num_tokens cover the active tokens. ``inactive_entropy``, a pair of
     0-d tensors (summed entropy, count) of the valid tokens left out (whole_batch_entropy=True), makes entropy_mean
     the mean over every valid token, as in the dense computation."""
-    stats = token_loss_stats(logp, entropy, inputs, options)
+    stats = loss_stats(None, logp, entropy, inputs, options)
     if inactive_entropy is not None:
         inactive_sum, inactive_count = inactive_entropy
         total = stats["entropy_mean"] * stats["num_tokens"] + inactive_sum.to(stats["entropy_mean"].dtype)
@@ -567,8 +593,8 @@ def policy_loss_from_logprobs(
         ignore_index=-100,
         acc=acc,
         shape=tuple(logprobs.shape),
+        logprobs=logprobs,
     )
-    _checks.finite_each({"logprobs": logprobs}, "{name} must be finite on valid tokens", where=inputs.valid > 0)
     if resolve(logprobs.device, triton=False) == "reference":
         return reference.policy_loss_from_logprobs(
             logprobs,
@@ -578,12 +604,7 @@ def policy_loss_from_logprobs(
             reduction=reduction,
             **reference_options(options, old_logprobs, ref_logprobs, gates, weights),
         )
-    ent = (
-        torch.zeros_like(inputs.valid)
-        if entropy is None
-        else torch.where(inputs.valid > 0, entropy.detach().to(acc), 0.0)
-    )
-    return loss_from_logprobs(logprobs.to(acc), ent, inputs, options, reduction)
+    return loss_from_logprobs(logprobs.to(acc), entropy, inputs, options, reduction)
 
 
 def policy_loss(
@@ -700,6 +721,9 @@ def policy_loss(
         temperature=temperature,
         ignore_index=ignore_index,
         acc=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+        # The model's full output: score it in place with an ignored last position, so the gradient is written for
+        # the whole tensor (zero last row) and autograd needs no (B, T + 1, V) buffer for a slice's backward.
+        pad_last=logits.shape[1] == T + 1,
     )
     backend = resolve(logits.device, triton=True)
     if backend == "reference":
@@ -714,11 +738,6 @@ def policy_loss(
         )
     use_triton = backend == "triton"
     scored = inputs
-    if logits.shape[1] == T + 1:
-        # The model's full output: score it in place with an ignored last position, so the gradient is written for
-        # the whole tensor (zero last row) and autograd needs no (B, T + 1, V) buffer for a slice's backward.
-        pad = lambda t, fill=0: None if t is None else torch.cat([t, t.new_full((B, 1), fill)], 1)
-        scored = TokenInputs(pad(inputs.labels, options.ignore_index), *map(pad, inputs[1:]))
     inplace = inplace_grad and logits.requires_grad and torch.is_grad_enabled()
     if inplace:
         _checks.check(logits.is_contiguous(), "inplace_grad=True needs contiguous logits")
@@ -733,10 +752,10 @@ def policy_loss(
             ignore_index=options.ignore_index,
             return_entropy=True,
         )
-        return loss_from_logprobs(logp, entropy.detach(), scored, options)
+        return loss_from_logprobs(logp, entropy, scored, options)
     params = options.kernel_params()
     c = lambda t: None if t is None else t.contiguous()
-    w = token_weights(scored, options)
+    w = scored.w
     labels_k, inactive_entropy = scored.labels, None
     if active_only:
         # A skipped row is an ignored row to the kernels (zero gradient row, logits unread, logp = entropy = 0).
@@ -769,4 +788,4 @@ def policy_loss(
         loss, logp, entropy, _ = op(logits, labels_k, *args, *params.values(), write_grad)
     if active_only:
         return loss, active_stats(logp, entropy, scored, options, inactive_entropy)
-    return loss, token_loss_stats(logp, entropy, scored, options)
+    return loss, loss_stats(None, logp, entropy, scored, options)

@@ -1,0 +1,312 @@
+// CPU kernels of the policy losses' per-token bookkeeping (credit::policy_loss_inputs, credit::policy_loss_stats):
+// what credit_ops/ops/policy_loss.py's prepare() and loss_stats() compute with ~20 tensor ops each on other
+// devices, here in one pass over the tokens, so that a call's host overhead is its kernels' and not ~40 dispatches.
+// The results are bitwise those of the tensor-op path (the same casts, the same multiplications in the same order;
+// tests/test_policy_loss_inputs.py compares them), the statistics up to summation order (double accumulators here).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace credit::cpu {
+namespace {
+
+// The aggregation ids (credit_ops.reference.AGGREGATIONS, in order).
+enum Agg : int64_t { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
+
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A (B, T) or (B,) tensor read at (b, t) through its strides, in the accumulation type (cast once if needed).
+template <typename acc_t>
+struct Strided {
+  const acc_t* p = nullptr;
+  int64_t sb = 0, st = 0;
+  bool given = false;
+  at::Tensor keep;  // the cast copy, when the input had another dtype
+  Strided() = default;
+  Strided(const at::Tensor& t, at::ScalarType acc) : given(true), keep(t.scalar_type() == acc ? t : t.to(acc)) {
+    p = keep.const_data_ptr<acc_t>();
+    sb = keep.stride(0);
+    st = keep.dim() == 2 ? keep.stride(1) : 0;  // (B,) advantages: one value per row
+  }
+  explicit operator bool() const { return given; }
+  acc_t operator()(int64_t b, int64_t t) const { return p[b * sb + t * st]; }
+};
+
+// The per-row failure flags of the value checks, in the order the Python checks run (and report) them.
+enum Fail : int { kGates = 0, kLabels, kAdv, kOld, kRef, kWeights, kWeightsNeg, kLogprobs, kNumFails };
+
+// mask (B, T) of any dtype, nonzero = valid, as a (B, T) byte tensor read through strides.
+void valid_from_mask(const std::optional<at::Tensor>& mask, int64_t B, int64_t T, std::vector<uint8_t>& valid) {
+  valid.assign(B * T, 1);
+  if (!present(mask)) return;
+  const at::Tensor& m = *mask;
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, m.scalar_type(), "policy_loss_inputs", [&] {
+    const scalar_t* p = m.const_data_ptr<scalar_t>();
+    const int64_t sb = m.stride(0), st = m.stride(1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) valid[b * T + t] = p[b * sb + t * st] != scalar_t(0);
+  });
+}
+
+template <typename acc_t>
+std::vector<at::Tensor> inputs_impl(const std::optional<at::Tensor>& labels, const at::Tensor& advantages,
+                                    const std::optional<at::Tensor>& old_logprobs,
+                                    const std::optional<at::Tensor>& ref_logprobs,
+                                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gates,
+                                    const std::optional<at::Tensor>& weights,
+                                    const std::optional<at::Tensor>& logprobs, int64_t B, int64_t T, int64_t vocab,
+                                    int64_t ignore_index, int64_t agg, int64_t max_length, bool skip_empty_rows,
+                                    bool pad_last, at::ScalarType acc) {
+  const int64_t Tp = T + (pad_last ? 1 : 0);
+  std::vector<uint8_t> valid;
+  valid_from_mask(mask, B, T, valid);
+  const auto fopts = advantages.options().dtype(acc);
+  at::Tensor labels_out;
+  std::vector<uint16_t> fails(B, 0);  // per row, a bit for each failed check (rows run in parallel)
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
+  if (present(labels)) {
+    const at::Tensor& y = *labels;
+    labels_out = at::empty({B, Tp}, y.options());
+    AT_DISPATCH_INDEX_TYPES(y.scalar_type(), "policy_loss_inputs", [&] {
+      const index_t* yp = y.const_data_ptr<index_t>();
+      index_t* out = labels_out.mutable_data_ptr<index_t>();
+      const int64_t sb = y.stride(0), st = y.stride(1);
+      const index_t ignore = static_cast<index_t>(ignore_index);
+      at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t id = yp[b * sb + t * st];
+            const bool ignored = id == ignore_index;
+            if (!ignored && (id < 0 || id >= vocab)) fails[b] |= 1u << kLabels;
+            uint8_t& v = valid[b * T + t];
+            v = v && !ignored;
+            out[b * Tp + t] = v ? static_cast<index_t>(id) : ignore;
+          }
+          if (pad_last) out[b * Tp + T] = ignore;
+        }
+      });
+    });
+  }
+
+  const Strided<acc_t> adv(advantages, acc);
+  const Strided<acc_t> old = present(old_logprobs) ? Strided<acc_t>(*old_logprobs, acc) : Strided<acc_t>();
+  const Strided<acc_t> ref = present(ref_logprobs) ? Strided<acc_t>(*ref_logprobs, acc) : Strided<acc_t>();
+  const Strided<acc_t> gate = present(gates) ? Strided<acc_t>(*gates, acc) : Strided<acc_t>();
+  const Strided<acc_t> weight = present(weights) ? Strided<acc_t>(*weights, acc) : Strided<acc_t>();
+  const Strided<acc_t> lp = present(logprobs) ? Strided<acc_t>(*logprobs, acc) : Strided<acc_t>();
+  // The gates' range is checked on every element (the Python check's), before the casts below round them.
+  if (gate) {
+    const at::Tensor& g = *gates;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "policy_loss_inputs", [&] {
+      const scalar_t* p = g.const_data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+          const double x = static_cast<double>(p[b * g.stride(0) + t * g.stride(1)]);
+          if (!(x >= 0.0 && x <= 1.0)) fails[b] |= 1u << kGates;  // NaN fails
+        }
+    });
+  }
+
+  auto out = [&](bool given) { return given ? at::empty({B, Tp}, fopts) : at::Tensor(); };
+  at::Tensor valid_out = out(true), adv_out = out(true), old_out = out(bool(old)), ref_out = out(bool(ref)),
+             gate_out = out(bool(gate)), weight_out = out(bool(weight)), w_out = out(true);
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr; };
+  acc_t *vo = ptr(valid_out), *ao = ptr(adv_out), *oo = ptr(old_out), *ro = ptr(ref_out), *go = ptr(gate_out),
+        *uo = ptr(weight_out), *wo = ptr(w_out);
+  std::vector<int64_t> row_count(B, 0);
+  auto finite = [](acc_t x) { return std::isfinite(static_cast<double>(x)); };
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    uint16_t& fail = fails[b];
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i = b * Tp + t;
+      const bool v = valid[b * T + t];
+      row_count[b] += v;
+      // The tensors as the kernels read them: their values on valid tokens, 0 elsewhere (padding may hold NaN).
+      const acc_t zero(0);
+      const acc_t a = v ? adv(b, t) : zero;
+      if (v && !finite(a)) fail |= 1u << kAdv;
+      vo[i] = v ? acc_t(1) : zero;
+      ao[i] = a;
+      if (oo) {
+        oo[i] = v ? old(b, t) : zero;
+        if (!finite(oo[i])) fail |= 1u << kOld;
+      }
+      if (ro) {
+        ro[i] = v ? ref(b, t) : zero;
+        if (!finite(ro[i])) fail |= 1u << kRef;
+      }
+      if (go) go[i] = v ? gate(b, t) : zero;
+      if (uo) {
+        uo[i] = v ? weight(b, t) : zero;
+        if (!finite(uo[i])) fail |= 1u << kWeights;
+        if (uo[i] < zero) fail |= 1u << kWeightsNeg;
+      }
+      if (lp && v && !finite(lp(b, t))) fail |= 1u << kLogprobs;
+    }
+    if (pad_last) {
+      const int64_t i = b * Tp + T;
+      for (acc_t* p : {vo, ao, oo, ro, go, uo, wo})
+        if (p) p[i] = acc_t(0);
+    }
+  }
+  });
+  uint16_t failed = 0;
+  for (uint16_t f : fails) failed |= f;
+  const auto ok = [failed](int check) { return !(failed >> check & 1u); };
+
+  // The first failed check, in the order (and with the message) of the Python checks
+  // (credit_ops/ops/policy_loss.py prepare, credit_ops._checks).
+  TORCH_CHECK_VALUE(ok(kGates), "gates must lie in [0, 1]");
+  TORCH_CHECK_VALUE(ok(kLabels), "labels must lie in [0, ", vocab, ") (or equal ignore_index=", ignore_index, ")");
+  const char* finite_names[] = {"advantages", "old_logprobs", "ref_logprobs", "weights"};
+  for (int k = kAdv; k <= kWeights; ++k)
+    TORCH_CHECK_VALUE(ok(k), finite_names[k - kAdv], " must be finite on valid tokens (found NaN or inf)");
+  TORCH_CHECK_VALUE(ok(kWeightsNeg), "weights must be >= 0");
+  TORCH_CHECK_VALUE(ok(kLogprobs), "logprobs must be finite on valid tokens");
+
+  // Aggregation weights x gate x weight, as aggregation_weights() * token_factors() compute them: w = (1 / d) *
+  // ((1 * g) * u) with d the aggregation's denominator in the accumulation type.
+  int64_t total = 0, rows = 0;
+  for (int64_t b = 0; b < B; ++b) total += row_count[b], rows += row_count[b] > 0;
+  const acc_t seqs = skip_empty_rows ? acc_t(std::max<int64_t>(rows, 1)) : acc_t(B);
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    acc_t d;
+    if (agg == kTokenMean)
+      d = acc_t(std::max<int64_t>(total, 1));
+    else if (agg == kSeqMeanTokenMean)
+      d = acc_t(std::max<int64_t>(row_count[b], 1)) * seqs;
+    else if (agg == kSeqMeanTokenSum)
+      d = seqs;
+    else  // kSeqMeanTokenSumNorm: B * max_length, an exact integer product when rows count
+      d = skip_empty_rows ? seqs * acc_t(max_length) : acc_t(B * max_length);
+    const acc_t inv = acc_t(1) / d;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i = b * Tp + t;
+      acc_t f = vo[i];
+      if (go) f = f * go[i];
+      if (uo) f = f * uo[i];
+      wo[i] = (vo[i] * inv) * f;
+    }
+  }
+  });
+  std::vector<at::Tensor> result;  // the given ones (a list of tensors cannot hold an undefined one)
+  for (const at::Tensor& t : {labels_out, valid_out, adv_out, old_out, ref_out, gate_out, weight_out, w_out})
+    if (t.defined()) result.push_back(t);
+  return result;
+}
+
+std::vector<at::Tensor> policy_loss_inputs_cpu(
+    const std::optional<at::Tensor>& labels, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gates,
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& logprobs, int64_t B, int64_t T,
+    int64_t vocab, int64_t ignore_index, int64_t agg, int64_t max_length, bool skip_empty_rows, bool pad_last,
+    bool float64) {
+  TORCH_CHECK(agg >= kTokenMean && agg <= kSeqMeanTokenSumNorm, "policy_loss_inputs: agg must be 0..3");
+  TORCH_CHECK(agg != kSeqMeanTokenSumNorm || max_length > 0, "policy_loss_inputs: agg 3 needs max_length > 0");
+  const auto bt = [&](const std::optional<at::Tensor>& t) {
+    return !present(t) || (t->dim() == 2 && t->size(0) == B && t->size(1) == T);
+  };
+  TORCH_CHECK(bt(labels) && bt(old_logprobs) && bt(ref_logprobs) && bt(mask) && bt(gates) && bt(weights) &&
+                  bt(logprobs),
+              "policy_loss_inputs: the per-token tensors must be (B, T)");
+  TORCH_CHECK((advantages.dim() == 1 && advantages.size(0) == B) || bt(advantages),
+              "policy_loss_inputs: advantages must be (B,) or (B, T)");
+  if (float64) return inputs_impl<double>(labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights,
+                                          logprobs, B, T, vocab, ignore_index, agg, max_length, skip_empty_rows,
+                                          pad_last, at::kDouble);
+  return inputs_impl<float>(labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights, logprobs, B, T,
+                            vocab, ignore_index, agg, max_length, skip_empty_rows, pad_last, at::kFloat);
+}
+
+// Schulman's KL estimators of x = logp - ref (credit_ops/ops/policy_loss.py kl_penalty): 1 k1, 2 k2, 3 k3.
+template <typename acc_t>
+acc_t kl_penalty(acc_t x, int64_t kl_type) {
+  if (kl_type == 1) return x;
+  if (kl_type == 2) return x * x * acc_t(0.5);
+  return std::expm1(-x) + x;
+}
+
+template <typename acc_t>
+std::vector<at::Tensor> stats_impl(const at::Tensor& logp, const std::optional<at::Tensor>& entropy,
+                                   const at::Tensor& valid, const at::Tensor& advantages,
+                                   const std::optional<at::Tensor>& ratio, const std::optional<at::Tensor>& old,
+                                   const std::optional<at::Tensor>& ref, double eps_low, double eps_high,
+                                   int64_t kl_type, at::ScalarType acc) {
+  const int64_t N = logp.numel();
+  const auto flat = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  const auto flat_opt = [&](const std::optional<at::Tensor>& t) { return present(t) ? flat(*t) : at::Tensor(); };
+  const at::Tensor lp = flat(logp), v = flat(valid), a = flat(advantages), e = flat_opt(entropy), r = flat_opt(ratio),
+                   o = flat_opt(old), rf = flat_opt(ref);
+  const auto data = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+  const acc_t *lpp = data(lp), *vp = data(v), *ap = data(a), *ep = data(e), *rp = data(r), *op = data(o),
+              *refp = data(rf);
+  // The clip thresholds as the tensor comparisons see them: the Python float rounded to the tensors' dtype.
+  const acc_t lo = static_cast<acc_t>(1.0 - eps_low), hi = static_cast<acc_t>(1.0 + eps_high);
+  double sum[6] = {}, count = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const acc_t w = vp[i];
+    if (w == acc_t(0)) continue;  // not a valid token: its values may be anything
+    const acc_t ratio_i = rp ? rp[i] : op ? std::exp(lpp[i] - op[i]) : acc_t(1);
+    const bool below = ratio_i < lo && ap[i] < acc_t(0), above = ratio_i > hi && ap[i] > acc_t(0);
+    const double wd = static_cast<double>(w);
+    sum[0] += wd * below;
+    sum[1] += wd * above;
+    sum[2] += wd * (below || above);
+    sum[3] += wd * static_cast<double>(ratio_i);
+    if (refp) sum[4] += wd * static_cast<double>(kl_penalty<acc_t>(lpp[i] - refp[i], kl_type));
+    if (ep) sum[5] += wd * static_cast<double>(ep[i]);
+    count += wd;
+  }
+  const auto opts = logp.options().dtype(acc);
+  std::vector<at::Tensor> out;
+  out.reserve(7);
+  for (double s : sum) out.push_back(at::scalar_tensor(s / std::max(count, 1.0), opts));
+  out.push_back(at::scalar_tensor(count, opts));
+  return out;
+}
+
+std::vector<at::Tensor> policy_loss_stats_cpu(const at::Tensor& logp, const std::optional<at::Tensor>& entropy,
+                                              const at::Tensor& valid, const at::Tensor& advantages,
+                                              const std::optional<at::Tensor>& ratio,
+                                              const std::optional<at::Tensor>& old_logprobs,
+                                              const std::optional<at::Tensor>& ref_logprobs, double eps_low,
+                                              double eps_high, int64_t kl_type) {
+  const int64_t N = logp.numel();
+  const auto same = [N](const std::optional<at::Tensor>& t) { return !present(t) || t->numel() == N; };
+  TORCH_CHECK(valid.numel() == N && advantages.numel() == N && same(entropy) && same(ratio) && same(old_logprobs) &&
+                  same(ref_logprobs),
+              "policy_loss_stats: every per-token tensor must have logp's number of elements");
+  TORCH_CHECK(kl_type >= 1 && kl_type <= 3, "policy_loss_stats: kl_type must be 1..3");
+  if (logp.scalar_type() == at::kDouble)
+    return stats_impl<double>(logp, entropy, valid, advantages, ratio, old_logprobs, ref_logprobs, eps_low, eps_high,
+                              kl_type, at::kDouble);
+  return stats_impl<float>(logp, entropy, valid, advantages, ratio, old_logprobs, ref_logprobs, eps_low, eps_high,
+                           kl_type, at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(credit, CPU, m) {
+  m.impl("policy_loss_inputs", &policy_loss_inputs_cpu);
+  m.impl("policy_loss_stats", &policy_loss_stats_cpu);
+}
+
+// Neither op is differentiable (bookkeeping of detached values): autograd passes them by.
+TORCH_LIBRARY_IMPL(credit, Autograd, m) {
+  m.impl("policy_loss_inputs", torch::CppFunction::makeFallthrough());
+  m.impl("policy_loss_stats", torch::CppFunction::makeFallthrough());
+}
+
+}  // namespace credit::cpu
