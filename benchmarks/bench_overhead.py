@@ -84,14 +84,13 @@ def cases() -> dict:
         max_length=None, empty_rows="count", temperature=1.0, ignore_index=-100, acc=torch.float32,
     )  # fmt: skip
     params = tuple(options.kernel_params().values())
-    w = _pl.token_weights(inputs, options).contiguous()
-    lab, a = inputs.labels.contiguous(), inputs.adv.contiguous()
+    lab, a, w = inputs.labels, inputs.adv, inputs.w
+    flat_lab, flat_a, flat_w = (t.reshape(-1) for t in (lab, a, w))  # the fused head's rows
     lp_options, lp_inputs = _pl.prepare(
         None, None, adv, old_logprobs=None, ref_logprobs=None, mask=mask, gates=None, weights=None,
         loss_type="dapo", eps_low=None, eps_high=None, dual_clip=None, beta=0.0, kl_type="k3", agg=None,
         max_length=None, empty_rows="count", temperature=1.0, ignore_index=-100, acc=torch.float32, shape=(B, T),
     )  # fmt: skip
-    zeros = torch.zeros(B, T)
 
     P, L = 4, 12
     a_ids = torch.randint(0, 5, (P, L), generator=g)
@@ -146,7 +145,7 @@ def cases() -> dict:
         ),
         "policy_loss_from_logprobs": (
             lambda: credit_ops.policy_loss_from_logprobs(logp, adv, mask=mask),
-            lambda: _pl.loss_from_logprobs(logp, zeros, lp_inputs, lp_options),
+            lambda: _pl.loss_from_logprobs(logp, None, lp_inputs, lp_options),
         ),
         "fused_linear_logprobs": (
             lambda: credit_ops.fused_linear_logprobs(hidden, weight, flat_labels),
@@ -155,7 +154,7 @@ def cases() -> dict:
         "fused_linear_policy_loss": (
             lambda: credit_ops.fused_linear_policy_loss(hidden.view(B, T, H), weight, labels, adv, mask=mask),
             lambda: ops.fused_linear_policy_loss_fwd(
-                hidden, weight, None, lab.view(-1), a.view(-1), w.view(-1), None, None, *params, 0, False
+                hidden, weight, None, flat_lab, flat_a, flat_w, None, None, *params, 0, False
             ),
         ),
         "align_edits": (

@@ -101,9 +101,10 @@ def _policy_loss_fwd_fake(
 @torch.library.register_fake("credit::policy_loss_inputs")
 def _policy_loss_inputs_fake(
     labels, advantages, old, ref, mask, gates, weights, logprobs, B, T, vocab, ignore_index, agg, max_length,
-    skip_empty_rows, pad_last, float64,
+    skip_empty_rows, pad_last, flat, float64,
 ):  # fmt: skip
     size = (B, T + 1 if pad_last else T)
+    size = (size[0] * size[1],) if flat else size
     dtype = torch.float64 if float64 else torch.float32
     out = [] if labels is None else [labels.new_empty(size)]
     given = (True, True, old is not None, ref is not None, gates is not None, weights is not None, True)

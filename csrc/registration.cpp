@@ -68,14 +68,15 @@ TORCH_LIBRARY(credit, m) {
   // pass over the tokens with its value checks (ValueError naming the argument). policy_loss_inputs: the (B, T)
   // tensors of prepare() -> [labels (ignore_index where not valid), valid, advantages, old, ref, gates, weights,
   // token weights = aggregation weight x gate x weight], leaving out labels, old .. weights when not given, (B, T)
-  // or, with pad_last, (B, T + 1) with an ignored last column; agg 0..3 as credit_ops.reference.AGGREGATIONS;
+  // or, with pad_last, (B, T + 1) with an ignored last column (flat: flattened to one dimension); agg 0..3 as
+  // credit_ops.reference.AGGREGATIONS;
   // float32 (float64) outputs. policy_loss_stats: the 7 statistics of credit_ops.reference.STAT_NAMES (means over
   // the tokens with valid != 0) from any-shaped per-token tensors of logp's size; ratio None: exp(logp - old), or 1
   // without old; kl_type 1..3.
   m.def(
       "policy_loss_inputs(Tensor? labels, Tensor advantages, Tensor? old_logprobs, Tensor? ref_logprobs, "
       "Tensor? mask, Tensor? gates, Tensor? weights, Tensor? logprobs, int B, int T, int vocab, int ignore_index, "
-      "int agg, int max_length, bool skip_empty_rows, bool pad_last, bool float64) -> Tensor[]");
+      "int agg, int max_length, bool skip_empty_rows, bool pad_last, bool flat, bool float64) -> Tensor[]");
   m.def(
       "policy_loss_stats(Tensor logp, Tensor? entropy, Tensor valid, Tensor advantages, Tensor? ratio, "
       "Tensor? old_logprobs, Tensor? ref_logprobs, float eps_low, float eps_high, int kl_type) -> Tensor[]");

@@ -89,7 +89,8 @@ def loss_inputs(draw):
     if from_logprobs:
         logprobs = nan_pad(-torch.rand(B, T, generator=g))
         return dict(labels=None, V=None, shape=(B, T), logprobs=logprobs, **kw)
-    return dict(labels=labels, V=V, pad_last=draw(st.booleans(), label="pad_last"), **kw)
+    layout = dict(pad_last=draw(st.booleans(), label="pad_last"), flat=draw(st.booleans(), label="flat"))
+    return dict(labels=labels, V=V, **layout, **kw)
 
 
 def _prepare(kw):
@@ -155,7 +156,7 @@ def test_stats_match_the_tensor_op_path(kw, data):
         entropy = torch.rand(inputs.valid.shape, generator=g).to(data.draw(st.sampled_from(FLOATS), label="ent"))
         entropy[inputs.valid == 0] = float("nan")  # padding: never read
     ratio = None
-    if data.draw(st.booleans(), label="sequence ratio"):
+    if logp.dim() == 2 and data.draw(st.booleans(), label="sequence ratio"):
         ratio = torch.rand(inputs.valid.shape[0], 1, generator=g, dtype=logp.dtype).add(0.5).expand_as(logp)
     with pytest.MonkeyPatch.context() as monkeypatch:
         native, tensor_ops = _both(monkeypatch, lambda: PL.loss_stats(ratio, logp, entropy, inputs, options))
@@ -204,7 +205,7 @@ def test_opcheck():
     adv = torch.randn(B, generator=g)
     mask = torch.rand(B, T, generator=g) < 0.7
     old = -torch.rand(B, T, generator=g)
-    args = (labels, adv, old, None, mask, None, None, None, B, T, 9, -100, 1, 0, False, True, False)
+    args = (labels, adv, old, None, mask, None, None, None, B, T, 9, -100, 1, 0, False, True, False, False)
     torch.library.opcheck(torch.ops.credit.policy_loss_inputs.default, args)
     out = torch.ops.credit.policy_loss_inputs(*args)
     assert len(out) == 5  # labels, valid, advantages, old, token weights: the tensors not given are left out

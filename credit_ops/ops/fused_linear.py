@@ -362,8 +362,10 @@ def _lm_head_autocast(fn):
 
     @functools.wraps(fn)
     def wrapper(hidden, weight, labels, *args, bias=None, **kwargs):
+        if not torch._C._is_any_autocast_enabled():  # one C call (as torch.nn.RNN asks): the common case
+            return fn(hidden, weight, labels, *args, bias=bias, **kwargs)
         device = hidden.device.type if isinstance(hidden, Tensor) else "cpu"
-        if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):  # meta: none
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # meta: none
             return fn(hidden, weight, labels, *args, bias=bias, **kwargs)
         dtype = torch.get_autocast_dtype(device)
         cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)
@@ -527,6 +529,7 @@ def fused_linear_policy_loss(
         temperature=temperature,
         ignore_index=ignore_index,
         acc=_acc(hidden),
+        flat=loss_type not in reference.SEQUENCE_LOSSES,  # the token-level kernels take rows (N,)
     )
     backend = resolve(hidden.device, triton=True)
     if backend == "reference":
@@ -542,8 +545,9 @@ def fused_linear_policy_loss(
             **reference_options(options, old_logprobs, ref_logprobs, gates, weights),
         )
     use_triton = backend == "triton"
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    flat_labels = inputs.labels.reshape(-1)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
     if loss_type in reference.SEQUENCE_LOSSES:
         chunk = sequence_chunk_rows(h.shape[0], labels.shape[1], V, h.dtype, chunk_size)
         if needs_grad and chunk > 0 and not torch.compiler.is_compiling():
@@ -551,35 +555,36 @@ def fused_linear_policy_loss(
         # No gradient wanted, traced, or a sequence longer than a chunk: log-probs now, the gradient in a backward
         # that recomputes the logits (four matmuls).
         logp, entropy = _op("fused_linear_logprobs_fwd", use_triton)(
-            h, weight, bias, flat_labels, options.temperature, options.ignore_index, int(chunk_size or 0)
+            h, weight, bias, inputs.labels.reshape(-1), options.temperature, options.ignore_index, int(chunk_size or 0)
         )
         return loss_from_logprobs(logp.view(labels.shape), entropy.view(labels.shape), inputs, options)
+    # The token-level kernels take rows: prepare gave contiguous (N,) tensors.
     w = inputs.w
-    flat = lambda t: None if t is None else t.reshape(-1)
-    rows = (h, flat_labels, *map(flat, (inputs.valid, inputs.adv, w, inputs.old, inputs.ref)))
+    rows = (h.contiguous(), inputs.labels, inputs.valid, inputs.adv, w, inputs.old, inputs.ref)
     inactive_entropy = None
     if active_only:
         carries = active_tokens(w, inputs.adv, options.beta)
-        index = carries.reshape(-1).nonzero().squeeze(1)
+        index = carries.nonzero().squeeze(1)
         if index.numel() < carries.numel():
             rows = tuple(None if t is None else t.index_select(0, index) for t in rows)
         if whole_batch_entropy:
-            left = ((inputs.valid > 0) & ~carries).reshape(-1).nonzero().squeeze(1)
+            left = ((inputs.valid > 0) & ~carries).nonzero().squeeze(1)
             _, ent = _op("fused_linear_logprobs_fwd", use_triton)(
                 h.detach().index_select(0, left),
                 weight.detach(),
                 None if bias is None else bias.detach(),
-                flat_labels.index_select(0, left),
+                inputs.labels.index_select(0, left),
                 options.temperature,
                 options.ignore_index,
                 int(chunk_size or 0),
             )
             inactive_entropy = (ent.sum(), ent.new_tensor(float(left.numel())))
-    hh, lab, valid, adv, ww, old, ref = (None if t is None else t.contiguous() for t in rows)
+    hh, lab, valid, adv, ww, old, ref = rows
     loss, logp, entropy, _, _, _ = _op("fused_linear_policy_loss_fwd", use_triton)(
         hh, weight, bias, lab, adv, ww, old, ref, *options.kernel_params().values(), int(chunk_size or 0), needs_grad
     )
-    scored = TokenInputs(lab, valid, adv, old, ref, None, None)  # flat (N,) or the active rows: the statistics' shape
+    # The statistics' tokens: every row, or the active rows gathered above
+    scored = TokenInputs(lab, valid, adv, old, ref, None, None) if active_only else inputs
     if active_only:
         return loss, active_stats(logp, entropy, scored, options, inactive_entropy)
     return loss, loss_stats(None, logp, entropy, scored, options)

@@ -1,12 +1,14 @@
 """policy_loss: the GRPO-family clipped policy loss with per-token advantages and gates, straight from the logits
 (docs/method.md §4).
 
-Layers, top to bottom: the argument preparation shared with the fused LM head (``prepare``); the loss and its
-statistics from log-probs, the production implementation of the formulas (credit_ops.reference holds the
+Layers, top to bottom: the argument preparation shared with the fused LM head (``prepare``: on the CPU one C++ op,
+credit::policy_loss_inputs, elsewhere tensor ops); the loss and its statistics from log-probs (the statistics on
+the CPU in credit::policy_loss_stats), the production implementation of the formulas (credit_ops.reference holds the
 independent oracle); the row-kernel driver, which also picks the long-row layout on CUDA; the in-place autograd
 Functions; the public function.
 """
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -27,7 +29,7 @@ def native_bookkeeping(t: Tensor) -> bool:
     of ~20 tensor ops, which were most of a call's host overhead. Elsewhere the tensor-op path below computes the
     same tensors bit for bit (the statistics up to summation order): on CUDA (and meta), while torch.compile traces
     (the ops fuse) and under the triton backend, so that the Triton interpreter's tests run what a GPU runs."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and get_backend() != "triton"
+    return t.is_cpu and not torch.compiler.is_compiling() and get_backend() != "triton"
 
 
 # ---- argument preparation (policy_loss and fused_linear_policy_loss)
@@ -74,6 +76,59 @@ class TokenInputs(NamedTuple):
     w: Tensor | None = None  # aggregation weight x valid x gate x weight
 
 
+@functools.lru_cache(maxsize=256)
+def loss_options(
+    loss_type, eps_low, eps_high, dual_clip, beta, kl_type, agg, max_length, empty_rows, temperature, ignore_index
+) -> LossOptions:
+    """The scalar options of a policy loss, validated, with their defaults resolved (cached: a training loop passes
+    the same ones every step, and their checks were a tenth of a call's host time)."""
+    _checks.check(
+        loss_type in reference.LOSS_TYPES,
+        lambda: f"unknown loss_type {loss_type!r}; expected one of {reference.LOSS_TYPES}",
+    )
+    agg = reference.DEFAULT_AGG[loss_type] if agg is None else agg
+    _checks.check(
+        agg in reference.AGGREGATIONS,
+        lambda: f"unknown agg {agg!r}; expected one of {reference.AGGREGATIONS} (or None)",
+    )
+    _checks.check(
+        kl_type in reference.KL_TYPES, lambda: f"unknown kl_type {kl_type!r}; expected one of {reference.KL_TYPES}"
+    )
+    low, high = reference.DEFAULT_EPS[loss_type]
+    eps_low = low if eps_low is None else float(eps_low)
+    eps_high = high if eps_high is None else float(eps_high)
+    _checks.check(
+        eps_low >= 0 and eps_high >= 0, lambda: f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}"
+    )
+    _checks.check(eps_low <= 1, lambda: f"eps_low must be <= 1 (the lower clip bound is 1 - eps_low), got {eps_low}")
+    _checks.check(dual_clip is None or dual_clip > 1, lambda: f"dual_clip must be None or > 1, got {dual_clip}")
+    _checks.check(beta >= 0, lambda: f"beta must be >= 0, got {beta}")
+    _checks.check(
+        agg != "seq_mean_token_sum_norm" or (max_length is not None and max_length > 0),
+        lambda: (
+            f"agg='seq_mean_token_sum_norm' (the default of loss_type='dr_grpo') needs max_length > 0, got {max_length}"
+        ),
+    )
+    _checks.check(
+        empty_rows in reference.EMPTY_ROWS,
+        lambda: f"empty_rows must be one of {reference.EMPTY_ROWS}, got {empty_rows!r}",
+    )
+    _checks.check(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
+    return LossOptions(
+        loss_type,
+        eps_low,
+        eps_high,
+        dual_clip,
+        float(beta),
+        kl_type,
+        agg,
+        max_length,
+        empty_rows,
+        float(temperature),
+        int(ignore_index),
+    )
+
+
 def prepare(
     labels,
     V,
@@ -99,57 +154,25 @@ def prepare(
     shape=None,
     logprobs=None,
     pad_last=False,
+    flat=False,
 ) -> tuple[LossOptions, TokenInputs]:
     """Validate a policy loss's arguments and resolve them: labels (B, T) against a vocabulary of V, or, for a loss
     from log-probs, labels None, the (B, T) ``shape`` and the ``logprobs`` (checked finite on valid tokens).
-    ``pad_last``: the inputs get one more, ignored, position (B, T + 1), for logits with the model's last position."""
-    _checks.check(
-        loss_type in reference.LOSS_TYPES,
-        lambda: f"unknown loss_type {loss_type!r}; expected one of {reference.LOSS_TYPES}",
-    )
-    agg = reference.DEFAULT_AGG[loss_type] if agg is None else agg
-    _checks.check(
-        agg in reference.AGGREGATIONS,
-        lambda: f"unknown agg {agg!r}; expected one of {reference.AGGREGATIONS} (or None)",
-    )
-    _checks.check(
-        kl_type in reference.KL_TYPES, lambda: f"unknown kl_type {kl_type!r}; expected one of {reference.KL_TYPES}"
-    )
-    low, high = reference.DEFAULT_EPS[loss_type]
-    eps_low = low if eps_low is None else float(eps_low)
-    eps_high = high if eps_high is None else float(eps_high)
-    _checks.check(
-        eps_low >= 0 and eps_high >= 0, lambda: f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}"
-    )
-    _checks.check(eps_low <= 1, lambda: f"eps_low must be <= 1 (the lower clip bound is 1 - eps_low), got {eps_low}")
-    _checks.check(dual_clip is None or dual_clip > 1, lambda: f"dual_clip must be None or > 1, got {dual_clip}")
-    _checks.check(beta >= 0, lambda: f"beta must be >= 0, got {beta}")
+    ``pad_last``: the inputs get one more, ignored, position (B, T + 1), for logits with the model's last position;
+    ``flat``: they are flattened to (B T,), the fused LM head's rows."""
+    try:
+        options = loss_options(
+            loss_type, eps_low, eps_high, dual_clip, beta, kl_type, agg, max_length, empty_rows, temperature,
+            ignore_index,
+        )  # fmt: skip
+    except TypeError:  # an unhashable option (a 0-d tensor): validate it uncached
+        options = loss_options.__wrapped__(
+            loss_type, eps_low, eps_high, dual_clip, beta, kl_type, agg, max_length, empty_rows, temperature,
+            ignore_index,
+        )  # fmt: skip
+    agg = options.agg
     _checks.check(
         beta == 0 or ref_logprobs is not None, "beta > 0 needs ref_logprobs (the reference policy's log-probs)"
-    )
-    _checks.check(
-        agg != "seq_mean_token_sum_norm" or (max_length is not None and max_length > 0),
-        lambda: (
-            f"agg='seq_mean_token_sum_norm' (the default of loss_type='dr_grpo') needs max_length > 0, got {max_length}"
-        ),
-    )
-    _checks.check(
-        empty_rows in reference.EMPTY_ROWS,
-        lambda: f"empty_rows must be one of {reference.EMPTY_ROWS}, got {empty_rows!r}",
-    )
-    _checks.check(temperature > 0, lambda: f"temperature must be > 0, got {temperature}")
-    options = LossOptions(
-        loss_type,
-        eps_low,
-        eps_high,
-        dual_clip,
-        float(beta),
-        kl_type,
-        agg,
-        max_length,
-        empty_rows,
-        float(temperature),
-        int(ignore_index),
     )
 
     if labels is not None:
@@ -171,7 +194,8 @@ def prepare(
     if native_bookkeeping(advantages):
         tensors = torch.ops.credit.policy_loss_inputs(
             labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights, logprobs, B, T, V or 0,
-            options.ignore_index, AGG_IDS[agg], max_length or 0, empty_rows == "skip", pad_last, acc == torch.float64,
+            options.ignore_index, AGG_IDS[agg], max_length or 0, empty_rows == "skip", pad_last, flat,
+            acc == torch.float64,
         )  # fmt: skip
         given = iter(tensors)  # the op leaves out the tensors not given
         take = lambda t: None if t is None else next(given)
@@ -211,7 +235,8 @@ def prepare(
     if pad_last:
         pad = lambda t, fill=0: None if t is None else torch.cat([t, t.new_full((B, 1), fill)], 1)
         inputs = TokenInputs(pad(inputs.labels, options.ignore_index), *map(pad, inputs[1:7]))
-    return options, inputs._replace(w=token_weights(inputs, options))
+    inputs = inputs._replace(w=token_weights(inputs, options))
+    return options, TokenInputs(*(None if t is None else t.reshape(-1) for t in inputs)) if flat else inputs
 
 
 # ---- the loss from log-probs: docs/method.md §4
@@ -331,7 +356,7 @@ def active_tokens(factors: Tensor, advantages: Tensor, beta: float) -> Tensor:
 
 
 def active_stats(logp, entropy, inputs: TokenInputs, options: LossOptions, inactive_entropy=None) -> dict:
-    """token_loss_stats of an active_only call: logp, entropy and ``inputs`` hold the active tokens (``inputs.valid``
+    """loss_stats of an active_only call: logp, entropy and ``inputs`` hold the active tokens (``inputs.valid``
     1 on them, 0 elsewhere), so the means and num_tokens cover the active tokens. ``inactive_entropy``, a pair of
     0-d tensors (summed entropy, count) of the valid tokens left out (whole_batch_entropy=True), makes entropy_mean
     the mean over every valid token, as in the dense computation."""
