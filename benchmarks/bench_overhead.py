@@ -139,9 +139,30 @@ def cases() -> dict:
             lambda: credit_ops.token_logprobs(logits, labels),
             lambda: ops.token_logprobs_fwd(logits, labels, 1.0, -100, False),
         ),
-        "policy_loss": (
+        "policy_loss": (  # on the CPU one C++ op: inputs, row kernel, statistics (ops/policy_loss.py ONE_CALL)
             lambda: credit_ops.policy_loss(leaf, labels, adv, mask=mask),
-            lambda: ops.policy_loss_fwd(leaf, lab, a, w, None, None, *params, True),
+            lambda: ops.policy_loss_cpu(
+                leaf,
+                labels,
+                adv,
+                None,
+                None,
+                mask,
+                None,
+                None,
+                1.0,
+                -100,
+                0.2,
+                0.28,
+                0.0,
+                0.0,
+                3,
+                0,
+                0,
+                False,
+                False,
+                True,
+            ),  # fmt: skip
         ),
         "policy_loss_from_logprobs": (
             lambda: credit_ops.policy_loss_from_logprobs(logp, adv, mask=mask),

@@ -111,6 +111,13 @@ def _policy_loss_inputs_fake(
     return out + [advantages.new_empty(size, dtype=dtype) for g in given if g]
 
 
+@torch.library.register_fake("credit::policy_loss_cpu")
+def _policy_loss_cpu_fake(logits, *args):
+    write_grad = args[-1]
+    scalars = [logits.new_empty((), dtype=_stats_dtype(logits)) for _ in range(8)]
+    return scalars + [logits.new_empty(logits.shape if write_grad else (0,))]
+
+
 @torch.library.register_fake("credit::policy_loss_stats")
 def _policy_loss_stats_fake(logp, entropy, valid, advantages, ratio, old, ref, eps_low, eps_high, kl_type):
     return [logp.new_empty(()) for _ in range(7)]

@@ -80,6 +80,17 @@ TORCH_LIBRARY(credit, m) {
   m.def(
       "policy_loss_stats(Tensor logp, Tensor? entropy, Tensor valid, Tensor advantages, Tensor? ratio, "
       "Tensor? old_logprobs, Tensor? ref_logprobs, float eps_low, float eps_high, int kl_type) -> Tensor[]");
+  // A token-level policy loss on CPU tensors in one call: policy_loss_inputs, policy_loss_fwd's rows and
+  // policy_loss_stats, differentiable w.r.t. logits (autograd in C++: no Python autograd on the call). logits (B, T,
+  // V) or (B, T + 1, V); kl_type 1..3 names the KL estimator (the loss uses it only when beta != 0; the statistics
+  // always); active_only: the rows whose coefficient is 0 are skipped and the statistics cover the others.
+  // -> [loss, clip_frac_low, clip_frac_high, clip_frac, ratio_mean, kl_mean, entropy_mean, num_tokens, grad (d loss /
+  // d logits, contiguous; (0,) without write_grad)]
+  m.def(
+      "policy_loss_cpu(Tensor logits, Tensor labels, Tensor advantages, Tensor? old_logprobs, Tensor? ref_logprobs, "
+      "Tensor? mask, Tensor? gates, Tensor? weights, float temperature, int ignore_index, float eps_low, "
+      "float eps_high, float dual_clip, float beta, int kl_type, int agg, int max_length, bool skip_empty_rows, "
+      "bool active_only, bool write_grad) -> Tensor[]");
   // Whether policy_loss_rows_ can take these logits on their device with its GPU kernel (the Hopper cluster
   // kernel, csrc/cuda/policy_loss.cu); false on CPU, where policy_loss_rows_ always runs.
   m.def("policy_loss_cluster_ok(Tensor logits) -> bool");

@@ -23,6 +23,7 @@ import torch
 import credit_ops
 from benchmarks.bench_overhead import OPS, cases, checks_off, host_us
 from credit_ops import _checks
+from credit_ops.ops import policy_loss as policy_loss_ops
 
 BOUND_US = 50.0
 # A trivial aten call (x.add(1) on 4 floats) costs ~3 us on this project's CI machine kind when it is quiet. It is
@@ -206,8 +207,10 @@ def test_finite_is_exact(monkeypatch, mode, case):
 
 def test_async_path_on_every_op(monkeypatch):
     """The device-assertion path (CUDA's default), run through the CPU's torch._assert_async: no op's valid input
-    trips it, and a bad value fails with the check's own message."""
+    trips it, and a bad value fails with the check's own message. The policy losses take their tensor-op path (as on
+    CUDA): on the CPU their bookkeeping ops check in C++ and raise the ValueError at the call."""
     monkeypatch.setattr(_checks, "_value_mode", lambda _: "async")
+    monkeypatch.setattr(policy_loss_ops, "native_bookkeeping", lambda _: False)
     for public, _ in cases().values():
         public()
     logits, labels = torch.randn(2, 3, 5), torch.tensor([[0, 1, 5], [2, -100, 4]])

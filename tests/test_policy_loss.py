@@ -499,8 +499,8 @@ def test_backward_allocates_no_logits_sized_tensor(backend, device, loss_type):
         loss, _ = credit_ops.policy_loss(x, labels, adv, loss_type=loss_type, beta=0.1, **kw)
     got = {}
     seen = large_outputs(lambda: got.setdefault("g", torch.autograd.grad(loss, x)[0]), x.numel())
-    if loss_type == "dapo":
-        assert {ptr for _, ptr in seen} == {got["g"].data_ptr()}, seen
+    if loss_type == "dapo":  # on the CPU the C++ backward returns it without running an op: nothing seen
+        assert {ptr for _, ptr in seen} <= {got["g"].data_ptr()}, seen
     else:  # the GSPO family's backward is the log-prob backward: it writes the one gradient tensor
         assert len({ptr for _, ptr in seen}) == 1, seen
 

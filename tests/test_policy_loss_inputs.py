@@ -2,7 +2,9 @@
 pass each) against the tensor-op path that CUDA, torch.compile and the triton backend run (ops/policy_loss.py
 prepare / loss_stats with native_bookkeeping off): the same tensors bit for bit, the same first error for bad
 input, the statistics up to summation order; random shapes, dtypes, strides, masks, padding holding NaN, every
-aggregation, and the (B, T + 1) padding of the model's full output. Then the ops' registration (opcheck)."""
+aggregation, and the (B, T + 1) padding of the model's full output. policy_loss's one-call CPU path
+(credit::policy_loss_cpu: inputs, row kernel and statistics in one C++ op with its autograd) against the op-by-op
+path. Then the ops' registration (opcheck)."""
 
 import pytest
 import torch
@@ -212,3 +214,65 @@ def test_opcheck():
     logp = -torch.rand(B, T + 1, generator=g)
     stats_args = (logp, None, out[1], out[2], None, out[3], None, 0.2, 0.28, 3)
     torch.library.opcheck(torch.ops.credit.policy_loss_stats.default, stats_args)
+
+
+@FUZZ
+@given(data=st.data())
+def test_one_call_equals_the_op_by_op_path(data):
+    """policy_loss on CPU tensors: the one C++ call and the op-by-op path (prepare, policy_loss_fwd, loss_stats) give
+    the same loss and gradient bits and the same statistics, over loss types, options, dtypes and layouts."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    B, T, V = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 7)), data.draw(st.sampled_from([3, 40, 301]))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), label="dtype")
+    full = data.draw(st.booleans(), label="(B, T + 1, V) logits")
+    logits = (torch.randn(B, T + full, V, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.2] = -100
+    adv = torch.randn(B, generator=g) if data.draw(st.booleans(), label="per sequence") else torch.randn(B, T)
+    adv[torch.rand(adv.shape, generator=g) < 0.3] = 0.0
+    kw = dict(loss_type=data.draw(st.sampled_from(R.TOKEN_LOSSES), label="loss_type"))
+    if kw["loss_type"] == "dr_grpo":
+        kw["max_length"] = T + 2
+    if data.draw(st.booleans(), label="old"):
+        kw["old_logprobs"] = -torch.rand(B, T, generator=g) * 3
+    if data.draw(st.booleans(), label="ref"):
+        kw.update(
+            ref_logprobs=-torch.rand(B, T, generator=g) * 3, beta=0.04, kl_type=data.draw(st.sampled_from(R.KL_TYPES))
+        )
+    if data.draw(st.booleans(), label="mask"):
+        kw["mask"] = torch.rand(B, T, generator=g) < 0.8
+    if data.draw(st.booleans(), label="gates"):
+        kw["gates"] = (torch.rand(B, T, generator=g) < 0.5).float()
+    if data.draw(st.booleans(), label="weights"):
+        kw["weights"] = torch.rand(B, T, generator=g) * 2
+    if data.draw(st.booleans(), label="dual_clip"):
+        kw["dual_clip"] = 3.0
+    kw["empty_rows"] = data.draw(st.sampled_from(R.EMPTY_ROWS), label="empty_rows")
+    kw["active_only"] = data.draw(st.booleans(), label="active_only")
+    kw["temperature"] = data.draw(st.sampled_from([1.0, 0.7]), label="temperature")
+    results = []
+    with pytest.MonkeyPatch.context() as m:
+        for one_call in (True, False):
+            m.setattr(PL, "ONE_CALL", one_call)
+            x = logits.clone().requires_grad_(True)
+            loss, stats = credit_ops.policy_loss(x, labels, adv, **kw)
+            (loss * 2).backward()  # an incoming gradient other than 1
+            results.append((loss, x.grad, stats))
+    (loss_a, grad_a, stats_a), (loss_b, grad_b, stats_b) = results
+    assert loss_a.grad_fn is not None and torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+    for name in R.STAT_NAMES:
+        assert not stats_a[name].requires_grad
+        torch.testing.assert_close(stats_a[name], stats_b[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_one_call_no_grad_and_opcheck():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 13, generator=g)
+    labels = torch.randint(0, 13, (2, 5), generator=g)
+    adv = torch.randn(2, generator=g)
+    with torch.no_grad():
+        loss, stats = credit_ops.policy_loss(logits.requires_grad_(True), labels, adv)
+    assert loss.grad_fn is None and not loss.requires_grad
+    args = (logits, labels, adv, None, None, None, None, None, 1.0, -100, 0.2, 0.28, 0.0, 0.0, 3, 0, 0, False, False)
+    torch.library.opcheck(torch.ops.credit.policy_loss_cpu.default, args + (True,))
+    torch.library.opcheck(torch.ops.credit.policy_loss_cpu.default, args + (False,))

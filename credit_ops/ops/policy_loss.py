@@ -21,6 +21,7 @@ from credit_ops.ops.token_logprobs import token_logprobs
 
 KL_IDS = {name: i + 1 for i, name in enumerate(reference.KL_TYPES)}  # the kernels' kl_type (0: no KL term)
 AGG_IDS = {name: i for i, name in enumerate(reference.AGGREGATIONS)}  # credit::policy_loss_inputs' agg
+ONE_CALL = True  # policy_loss's one-call CPU path (credit::policy_loss_cpu); tests switch it off to compare
 
 
 def native_bookkeeping(t: Tensor) -> bool:
@@ -155,11 +156,13 @@ def prepare(
     logprobs=None,
     pad_last=False,
     flat=False,
-) -> tuple[LossOptions, TokenInputs]:
+    build=True,
+) -> tuple[LossOptions, TokenInputs | None]:
     """Validate a policy loss's arguments and resolve them: labels (B, T) against a vocabulary of V, or, for a loss
     from log-probs, labels None, the (B, T) ``shape`` and the ``logprobs`` (checked finite on valid tokens).
     ``pad_last``: the inputs get one more, ignored, position (B, T + 1), for logits with the model's last position;
-    ``flat``: they are flattened to (B T,), the fused LM head's rows."""
+    ``flat``: they are flattened to (B T,), the fused LM head's rows. ``build=False``: the checks of the arguments'
+    types and shapes alone (inputs None), for a caller whose kernel builds the inputs itself."""
     try:
         options = loss_options(
             loss_type, eps_low, eps_high, dual_clip, beta, kl_type, agg, max_length, empty_rows, temperature,
@@ -191,6 +194,8 @@ def prepare(
             _checks.tensor(name, t, dtypes=None if name == "mask" else _checks.FLOAT_DTYPES)
             _checks.shape(name, t, (B, T), "(that of labels)" if labels is not None else "(that of logprobs)")
     _checks.same_device(labels=labels, advantages=advantages, **optional)
+    if not build:
+        return options, None
     if native_bookkeeping(advantages):
         tensors = torch.ops.credit.policy_loss_inputs(
             labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights, logprobs, B, T, V or 0,
@@ -725,6 +730,15 @@ def policy_loss(
     )
     _checks.check(logits.shape[-1] > 0, "logits must have a non-empty vocabulary dimension")
     _checks.same_device(logits=logits, labels=labels)
+    # A token-level loss on CPU tensors, eager, written to a new gradient buffer: one C++ call does it all.
+    one_call = (
+        ONE_CALL
+        and loss_type in reference.TOKEN_LOSSES
+        and not (inplace_grad and logits.requires_grad and torch.is_grad_enabled())
+        and not (active_only and whole_batch_entropy)
+        and native_bookkeeping(logits)
+        and get_backend() != "reference"
+    )
     options, inputs = prepare(
         labels,
         logits.shape[-1],
@@ -749,7 +763,16 @@ def policy_loss(
         # The model's full output: score it in place with an ignored last position, so the gradient is written for
         # the whole tensor (zero last row) and autograd needs no (B, T + 1, V) buffer for a slice's backward.
         pad_last=logits.shape[1] == T + 1,
+        build=not one_call,
     )
+    if one_call:
+        out = torch.ops.credit.policy_loss_cpu(
+            logits, labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights, options.temperature,
+            options.ignore_index, options.eps_low, options.eps_high, float(options.dual_clip or 0.0), options.beta,
+            KL_IDS[options.kl_type], AGG_IDS[options.agg], options.max_length or 0, options.empty_rows == "skip",
+            active_only, torch.is_grad_enabled() and logits.requires_grad,
+        )  # fmt: skip
+        return out[0], dict(zip(reference.STAT_NAMES, out[1:8], strict=True))
     backend = resolve(logits.device, triton=True)
     if backend == "reference":
         return reference.policy_loss(

@@ -6,7 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,6 +18,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "cpu/policy_loss.h"
 
 namespace credit::cpu {
 namespace {
@@ -62,8 +66,13 @@ void valid_from_mask(const std::optional<at::Tensor>& mask, int64_t B, int64_t T
   });
 }
 
+// prepare()'s tensors (credit_ops/ops/policy_loss.py TokenInputs); undefined: not given.
+struct Inputs {
+  at::Tensor labels, valid, adv, old, ref, gates, weights, w;
+};
+
 template <typename acc_t>
-std::vector<at::Tensor> inputs_impl(const std::optional<at::Tensor>& labels, const at::Tensor& advantages,
+Inputs inputs_impl(const std::optional<at::Tensor>& labels, const at::Tensor& advantages,
                                     const std::optional<at::Tensor>& old_logprobs,
                                     const std::optional<at::Tensor>& ref_logprobs,
                                     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gates,
@@ -205,10 +214,22 @@ std::vector<at::Tensor> inputs_impl(const std::optional<at::Tensor>& labels, con
     }
   }
   });
-  std::vector<at::Tensor> result;  // the given ones (a list of tensors cannot hold an undefined one)
-  for (const at::Tensor& t : {labels_out, valid_out, adv_out, old_out, ref_out, gate_out, weight_out, w_out})
-    if (t.defined()) result.push_back(t);
-  return result;
+  return {labels_out, valid_out, adv_out, old_out, ref_out, gate_out, weight_out, w_out};
+}
+
+void check_inputs(const std::optional<at::Tensor>& labels, const at::Tensor& advantages,
+                  std::initializer_list<const std::optional<at::Tensor>*> per_token, int64_t B, int64_t T, int64_t agg,
+                  int64_t max_length) {
+  TORCH_CHECK(agg >= kTokenMean && agg <= kSeqMeanTokenSumNorm, "policy_loss_inputs: agg must be 0..3");
+  TORCH_CHECK(agg != kSeqMeanTokenSumNorm || max_length > 0, "policy_loss_inputs: agg 3 needs max_length > 0");
+  const auto bt = [&](const std::optional<at::Tensor>& t) {
+    return !present(t) || (t->dim() == 2 && t->size(0) == B && t->size(1) == T);
+  };
+  bool ok = bt(labels);
+  for (const auto* t : per_token) ok = ok && bt(*t);
+  TORCH_CHECK(ok, "policy_loss_inputs: the per-token tensors must be (B, T)");
+  TORCH_CHECK((advantages.dim() == 1 && advantages.size(0) == B) || bt(advantages),
+              "policy_loss_inputs: advantages must be (B,) or (B, T)");
 }
 
 std::vector<at::Tensor> policy_loss_inputs_cpu(
@@ -218,21 +239,18 @@ std::vector<at::Tensor> policy_loss_inputs_cpu(
     const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& logprobs, int64_t B, int64_t T,
     int64_t vocab, int64_t ignore_index, int64_t agg, int64_t max_length, bool skip_empty_rows, bool pad_last,
     bool flat, bool float64) {
-  TORCH_CHECK(agg >= kTokenMean && agg <= kSeqMeanTokenSumNorm, "policy_loss_inputs: agg must be 0..3");
-  TORCH_CHECK(agg != kSeqMeanTokenSumNorm || max_length > 0, "policy_loss_inputs: agg 3 needs max_length > 0");
-  const auto bt = [&](const std::optional<at::Tensor>& t) {
-    return !present(t) || (t->dim() == 2 && t->size(0) == B && t->size(1) == T);
+  check_inputs(labels, advantages, {&old_logprobs, &ref_logprobs, &mask, &gates, &weights, &logprobs}, B, T, agg,
+               max_length);
+  const auto run = [&](auto acc_zero, at::ScalarType acc) {
+    return inputs_impl<decltype(acc_zero)>(labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights,
+                                           logprobs, B, T, vocab, ignore_index, agg, max_length, skip_empty_rows,
+                                           pad_last, flat, acc);
   };
-  TORCH_CHECK(bt(labels) && bt(old_logprobs) && bt(ref_logprobs) && bt(mask) && bt(gates) && bt(weights) &&
-                  bt(logprobs),
-              "policy_loss_inputs: the per-token tensors must be (B, T)");
-  TORCH_CHECK((advantages.dim() == 1 && advantages.size(0) == B) || bt(advantages),
-              "policy_loss_inputs: advantages must be (B,) or (B, T)");
-  if (float64) return inputs_impl<double>(labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights,
-                                          logprobs, B, T, vocab, ignore_index, agg, max_length, skip_empty_rows,
-                                          pad_last, flat, at::kDouble);
-  return inputs_impl<float>(labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights, logprobs, B, T,
-                            vocab, ignore_index, agg, max_length, skip_empty_rows, pad_last, flat, at::kFloat);
+  const Inputs in = float64 ? run(0.0, at::kDouble) : run(0.0f, at::kFloat);
+  std::vector<at::Tensor> result;  // the given ones (a list of tensors cannot hold an undefined one)
+  for (const at::Tensor& t : {in.labels, in.valid, in.adv, in.old, in.ref, in.gates, in.weights, in.w})
+    if (t.defined()) result.push_back(t);
+  return result;
 }
 
 // Schulman's KL estimators of x = logp - ref (credit_ops/ops/policy_loss.py kl_penalty): 1 k1, 2 k2, 3 k3.
@@ -304,12 +322,125 @@ std::vector<at::Tensor> policy_loss_stats_cpu(const at::Tensor& logp, const std:
                            kl_type, at::kFloat);
 }
 
+// ---- credit::policy_loss_cpu: a token-level policy loss on the CPU in one call (inputs, row kernel, statistics),
+// with its autograd here: the Python wrapper's per-call work is then its argument checks alone.
+struct LossCall {
+  at::Tensor labels, advantages;
+  std::optional<at::Tensor> old, ref, mask, gates, weights;
+  double temperature, eps_low, eps_high, dual_clip, beta;
+  int64_t ignore_index, kl_type, agg, max_length;
+  bool skip_empty_rows, active_only;
+};
+
+// -> [loss, the 7 statistics]; grad (the logits' shape, contiguous) written when write_grad.
+template <typename acc_t>
+std::vector<at::Tensor> loss_impl(const at::Tensor& logits, const LossCall& c, bool write_grad, at::Tensor& grad,
+                                  at::ScalarType acc) {
+  const int64_t B = c.labels.size(0), T = c.labels.size(1), V = logits.size(2);
+  TORCH_CHECK(logits.dim() == 3 && logits.size(0) == B && (logits.size(1) == T || logits.size(1) == T + 1),
+              "policy_loss_cpu: logits must be (B, T, V) or (B, T + 1, V)");
+  Inputs in = inputs_impl<acc_t>(c.labels, c.advantages, c.old, c.ref, c.mask, c.gates, c.weights, std::nullopt, B,
+                                 T, V, c.ignore_index, c.agg, c.max_length, c.skip_empty_rows,
+                                 logits.size(1) == T + 1, false, acc);
+  if (c.active_only) {  // the rows whose coefficient is 0 become ignored rows (ops/policy_loss.py active_tokens)
+    AT_DISPATCH_INDEX_TYPES(in.labels.scalar_type(), "policy_loss_cpu", [&] {
+      index_t* y = in.labels.mutable_data_ptr<index_t>();
+      acc_t* v = in.valid.mutable_data_ptr<acc_t>();
+      const acc_t *w = in.w.const_data_ptr<acc_t>(), *a = in.adv.const_data_ptr<acc_t>();
+      for (int64_t i = 0; i < in.labels.numel(); ++i)
+        if (!(w[i] != acc_t(0) && (c.beta != 0.0 || a[i] != acc_t(0)))) y[i] = static_cast<index_t>(c.ignore_index), v[i] = 0;
+    });
+  }
+  const at::Tensor x = logits.stride(-1) == 1 ? logits : logits.contiguous();
+  grad = write_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  const auto params = make_params(c.eps_low, c.eps_high, c.dual_clip, c.beta, c.kl_type, !in.old.defined(), false,
+                                  write_grad);
+  const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+  auto [loss, logp, entropy] = policy_rows(grad, x, in.labels, in.adv, in.w, opt(in.old), opt(in.ref),
+                                           c.temperature, c.ignore_index, params);
+  std::vector<at::Tensor> out = stats_impl<acc_t>(logp, entropy, in.valid, in.adv, std::nullopt, opt(in.old),
+                                                  opt(in.ref), c.eps_low, c.eps_high, c.kl_type, acc);
+  out.insert(out.begin(), loss);
+  return out;
+}
+
+std::vector<at::Tensor> run_loss(const at::Tensor& logits, const LossCall& c, bool write_grad, at::Tensor& grad) {
+  check_inputs(c.labels, c.advantages, {&c.old, &c.ref, &c.mask, &c.gates, &c.weights}, c.labels.size(0),
+               c.labels.size(1), c.agg, c.max_length);
+  TORCH_CHECK(c.kl_type >= 1 && c.kl_type <= 3, "policy_loss_cpu: kl_type must be 1..3");
+  if (logits.scalar_type() == at::kDouble) return loss_impl<double>(logits, c, write_grad, grad, at::kDouble);
+  return loss_impl<float>(logits, c, write_grad, grad, at::kFloat);
+}
+
+#define CREDIT_LOSS_CPU_ARGS                                                                                       \
+  const at::Tensor &logits, const at::Tensor &labels, const at::Tensor &advantages,                                \
+      const std::optional<at::Tensor>&old, const std::optional<at::Tensor>&ref,                                    \
+      const std::optional<at::Tensor>&mask, const std::optional<at::Tensor>&gates,                                 \
+      const std::optional<at::Tensor>&weights, double temperature, int64_t ignore_index, double eps_low,           \
+      double eps_high, double dual_clip, double beta, int64_t kl_type, int64_t agg, int64_t max_length,            \
+      bool skip_empty_rows, bool active_only, bool write_grad
+#define CREDIT_LOSS_CPU_NAMES                                                                                      \
+  logits, labels, advantages, old, ref, mask, gates, weights, temperature, ignore_index, eps_low, eps_high,       \
+      dual_clip, beta, kl_type, agg, max_length, skip_empty_rows, active_only, write_grad
+
+// The CPU kernel: [loss, the 7 statistics, grad (the logits' shape; (0,) without write_grad)].
+std::vector<at::Tensor> policy_loss_cpu_kernel(CREDIT_LOSS_CPU_ARGS) {
+  const LossCall c{labels, advantages, old, ref, mask, gates, weights, temperature, eps_low, eps_high, dual_clip,
+                   beta, ignore_index, kl_type, agg, max_length, skip_empty_rows, active_only};
+  at::Tensor grad;
+  std::vector<at::Tensor> out = run_loss(logits, c, write_grad, grad);
+  out.push_back(grad);
+  return out;
+}
+
+// The op below autograd (the CPU kernel, or a fake kernel under FakeTensorMode).
+std::vector<at::Tensor> redispatch(CREDIT_LOSS_CPU_ARGS) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("credit::policy_loss_cpu", "")
+                             .typed<std::vector<at::Tensor>(CREDIT_LOSS_CPU_ARGS)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(CREDIT_LOSS_CPU_NAMES);
+}
+
+// The forward writes d loss / d logits; backward scales it by the incoming gradient (skipped when that is 1, as
+// credit_ops/_autograd.py scale_grad does).
+struct PolicyLossCpuFunction : public torch::autograd::Function<PolicyLossCpuFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                                                const std::function<std::vector<at::Tensor>()>& run) {
+    std::vector<at::Tensor> out = run();
+    ctx->saved_data["grad"] = out.back();
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable(torch::autograd::variable_list(out.begin() + 1, out.end()));
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    at::Tensor grad = ctx->saved_data["grad"].toTensor();
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor()};
+    // The host read only for a plain tensor: a traced one (fake, functional) has no value to read.
+    const bool plain = !g.unsafeGetTensorImpl()->is_python_dispatch() && !at::functionalization::impl::isFunctionalTensor(g);
+    if (plain && g.item<double>() == 1.0) return {grad, at::Tensor()};
+    return {grad * g.to(grad.scalar_type()), at::Tensor()};
+  }
+};
+
+std::vector<at::Tensor> policy_loss_cpu_autograd(CREDIT_LOSS_CPU_ARGS) {
+  if (!(write_grad && logits.requires_grad() && at::GradMode::is_enabled())) return redispatch(CREDIT_LOSS_CPU_NAMES);
+  return PolicyLossCpuFunction::apply(logits, std::function<std::vector<at::Tensor>()>([&] {
+                                        return redispatch(CREDIT_LOSS_CPU_NAMES);
+                                      }));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(credit, CPU, m) {
   m.impl("policy_loss_inputs", &policy_loss_inputs_cpu);
   m.impl("policy_loss_stats", &policy_loss_stats_cpu);
+  m.impl("policy_loss_cpu", &policy_loss_cpu_kernel);
 }
+
+TORCH_LIBRARY_IMPL(credit, AutogradCPU, m) { m.impl("policy_loss_cpu", &policy_loss_cpu_autograd); }
 
 // Neither op is differentiable (bookkeeping of detached values): autograd passes them by.
 TORCH_LIBRARY_IMPL(credit, Autograd, m) {
