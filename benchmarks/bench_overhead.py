@@ -77,15 +77,8 @@ def cases() -> dict:
     weight = torch.randn(V, H, generator=g)
     flat_labels = labels.reshape(-1)
 
-    # The policy loss's kernel arguments as the wrapper builds them (dapo: token_mean over the valid tokens).
-    options, inputs = _pl.prepare(
-        labels, V, adv, old_logprobs=None, ref_logprobs=None, mask=mask, gates=None, weights=None,
-        loss_type="dapo", eps_low=None, eps_high=None, dual_clip=None, beta=0.0, kl_type="k3", agg=None,
-        max_length=None, empty_rows="count", temperature=1.0, ignore_index=-100, acc=torch.float32,
-    )  # fmt: skip
-    params = tuple(options.kernel_params().values())
-    lab, a, w = inputs.labels, inputs.adv, inputs.w
-    flat_lab, flat_a, flat_w = (t.reshape(-1) for t in (lab, a, w))  # the fused head's rows
+    # The losses' kernel arguments as the wrappers build them (dapo: token_mean over the valid tokens; on the CPU
+    # policy_loss and the fused head are one C++ op each, policy_loss_from_logprobs the loss math after prepare).
     lp_options, lp_inputs = _pl.prepare(
         None, None, adv, old_logprobs=None, ref_logprobs=None, mask=mask, gates=None, weights=None,
         loss_type="dapo", eps_low=None, eps_high=None, dual_clip=None, beta=0.0, kl_type="k3", agg=None,
@@ -172,11 +165,33 @@ def cases() -> dict:
             lambda: credit_ops.fused_linear_logprobs(hidden, weight, flat_labels),
             lambda: ops.fused_linear_logprobs_fwd(hidden, weight, None, flat_labels, 1.0, -100, 0),
         ),
-        "fused_linear_policy_loss": (
+        "fused_linear_policy_loss": (  # on the CPU one C++ op: inputs, the chunk loop, statistics
             lambda: credit_ops.fused_linear_policy_loss(hidden.view(B, T, H), weight, labels, adv, mask=mask),
-            lambda: ops.fused_linear_policy_loss_fwd(
-                hidden, weight, None, flat_lab, flat_a, flat_w, None, None, *params, 0, False
-            ),
+            lambda: ops.fused_linear_policy_loss_cpu(
+                hidden,
+                weight,
+                None,
+                labels,
+                adv,
+                None,
+                None,
+                mask,
+                None,
+                None,
+                1.0,
+                -100,
+                0.2,
+                0.28,
+                0.0,
+                0.0,
+                3,
+                0,
+                0,
+                False,
+                False,
+                B * T,
+                False,
+            ),  # fmt: skip
         ),
         "align_edits": (
             lambda: credit_ops.align_edits(a_ids, lengths, b_ids, lengths),

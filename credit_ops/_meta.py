@@ -118,6 +118,19 @@ def _policy_loss_cpu_fake(logits, *args):
     return scalars + [logits.new_empty(logits.shape if write_grad else (0,))]
 
 
+@torch.library.register_fake("credit::fused_linear_policy_loss_cpu")
+def _fused_linear_policy_loss_cpu_fake(hidden, weight, bias, *args):
+    compute_grad = args[-1]
+    scalars = [hidden.new_empty((), dtype=_stats_dtype(hidden)) for _ in range(8)]
+    if not compute_grad:
+        return scalars + [hidden.new_empty(0) for _ in range(3)]
+    return (
+        scalars
+        + [hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)]
+        + [hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape)]
+    )
+
+
 @torch.library.register_fake("credit::policy_loss_stats")
 def _policy_loss_stats_fake(logp, entropy, valid, advantages, ratio, old, ref, eps_low, eps_high, kl_type):
     return [logp.new_empty(()) for _ in range(7)]

@@ -91,6 +91,15 @@ TORCH_LIBRARY(credit, m) {
       "Tensor? mask, Tensor? gates, Tensor? weights, float temperature, int ignore_index, float eps_low, "
       "float eps_high, float dual_clip, float beta, int kl_type, int agg, int max_length, bool skip_empty_rows, "
       "bool active_only, bool write_grad) -> Tensor[]");
+  // The fused LM head's token-level loss on CPU tensors in one call (inputs, the chunk loop of fused_linear_policy_loss_fwd,
+  // statistics; autograd in C++): hidden (N, H), weight (V, H), labels and the per-token tensors (B, T), N = B T;
+  // chunk_rows tokens per logits chunk. -> [loss, the 7 statistics, grad_hidden, grad_weight, grad_bias] (the
+  // gradients (0,) without compute_grad, grad_bias (0,) without bias).
+  m.def(
+      "fused_linear_policy_loss_cpu(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor advantages, "
+      "Tensor? old_logprobs, Tensor? ref_logprobs, Tensor? mask, Tensor? gates, Tensor? weights, float temperature, "
+      "int ignore_index, float eps_low, float eps_high, float dual_clip, float beta, int kl_type, int agg, "
+      "int max_length, bool skip_empty_rows, bool active_only, int chunk_rows, bool compute_grad) -> Tensor[]");
   // Whether policy_loss_rows_ can take these logits on their device with its GPU kernel (the Hopper cluster
   // kernel, csrc/cuda/policy_loss.cu); false on CPU, where policy_loss_rows_ always runs.
   m.def("policy_loss_cluster_ok(Tensor logits) -> bool");

@@ -355,7 +355,8 @@ def test_backward_allocates_no_weight_sized_tensor(backend, device):
         loss, _ = credit_ops.fused_linear_policy_loss(h, w, labels, torch.randn(N, device=device))
     got = {}
     seen = large_outputs(lambda: got.setdefault("g", torch.autograd.grad(loss, (h, w))), V * H)
-    assert {ptr for _, ptr in seen} == {got["g"][1].data_ptr()}, seen
+    # On the CPU the C++ backward returns it without running an op: nothing seen
+    assert {ptr for _, ptr in seen} <= {got["g"][1].data_ptr()}, seen
 
 
 @pytest.mark.parametrize(

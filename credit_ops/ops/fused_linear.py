@@ -23,13 +23,17 @@ import torch
 from torch import Tensor
 
 from credit_ops import _checks, reference
-from credit_ops._backend import resolve
+from credit_ops._backend import get_backend, resolve
+from credit_ops.ops import policy_loss as _policy_loss
 from credit_ops.ops.policy_loss import (
+    AGG_IDS,
+    KL_IDS,
     TokenInputs,
     active_stats,
     active_tokens,
     loss_from_logprobs,
     loss_stats,
+    native_bookkeeping,
     prepare,
     reference_options,
     rows_forward,
@@ -508,6 +512,14 @@ def fused_linear_policy_loss(
         advantages = advantages.reshape(1) if advantages.numel() == 1 else unsq(advantages)
         old_logprobs, ref_logprobs, mask, gates, weights = map(unsq, (old_logprobs, ref_logprobs, mask, gates, weights))
     V = weight.shape[0]
+    # A token-level loss on CPU tensors (eager): one C++ call does it all, the chunk loop included.
+    one_call = (
+        _policy_loss.ONE_CALL
+        and loss_type in reference.TOKEN_LOSSES
+        and not (active_only and whole_batch_entropy)
+        and native_bookkeeping(hidden)
+        and get_backend() != "reference"
+    )
     options, inputs = prepare(
         labels,
         V,
@@ -530,7 +542,20 @@ def fused_linear_policy_loss(
         ignore_index=ignore_index,
         acc=_acc(hidden),
         flat=loss_type not in reference.SEQUENCE_LOSSES,  # the token-level kernels take rows (N,)
+        build=not one_call,
     )
+    if one_call:
+        needs_grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        out = torch.ops.credit.fused_linear_policy_loss_cpu(
+            h, weight, bias, labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights,
+            options.temperature, options.ignore_index, options.eps_low, options.eps_high,
+            float(options.dual_clip or 0.0), options.beta, KL_IDS[options.kl_type], AGG_IDS[options.agg],
+            options.max_length or 0, options.empty_rows == "skip", active_only,
+            chunk_rows(h.shape[0], V, h.dtype, chunk_size), needs_grad,
+        )  # fmt: skip
+        return out[0], dict(zip(reference.STAT_NAMES, out[1:8], strict=True))
     backend = resolve(hidden.device, triton=True)
     if backend == "reference":
         return reference.fused_linear_policy_loss(

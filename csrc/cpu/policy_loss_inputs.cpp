@@ -402,6 +402,14 @@ std::vector<at::Tensor> redispatch(CREDIT_LOSS_CPU_ARGS) {
   return op.call(CREDIT_LOSS_CPU_NAMES);
 }
 
+// grad * g, skipping the pass when g is a plain 1 (as credit_ops/_autograd.py scale_grad does); the host read only
+// for a plain tensor: a traced one (fake, functional) has no value to read.
+at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& g) {
+  const bool plain = !g.unsafeGetTensorImpl()->is_python_dispatch() && !at::functionalization::impl::isFunctionalTensor(g);
+  if (plain && g.item<double>() == 1.0) return grad;
+  return grad * g.to(grad.scalar_type());
+}
+
 // The forward writes d loss / d logits; backward scales it by the incoming gradient (skipped when that is 1, as
 // credit_ops/_autograd.py scale_grad does).
 struct PolicyLossCpuFunction : public torch::autograd::Function<PolicyLossCpuFunction> {
@@ -418,10 +426,7 @@ struct PolicyLossCpuFunction : public torch::autograd::Function<PolicyLossCpuFun
     at::Tensor grad = ctx->saved_data["grad"].toTensor();
     const at::Tensor& g = grads[0];
     if (!g.defined()) return {at::Tensor(), at::Tensor()};
-    // The host read only for a plain tensor: a traced one (fake, functional) has no value to read.
-    const bool plain = !g.unsafeGetTensorImpl()->is_python_dispatch() && !at::functionalization::impl::isFunctionalTensor(g);
-    if (plain && g.item<double>() == 1.0) return {grad, at::Tensor()};
-    return {grad * g.to(grad.scalar_type()), at::Tensor()};
+    return {scale_grad(grad, g), at::Tensor()};
   }
 };
 
@@ -432,15 +437,145 @@ std::vector<at::Tensor> policy_loss_cpu_autograd(CREDIT_LOSS_CPU_ARGS) {
                                       }));
 }
 
+// ---- credit::fused_linear_policy_loss_cpu: the fused LM head's token-level loss on the CPU in one call, the chunk
+// loop of credit_ops/ops/fused_linear.py policy_loss_forward (the same matmuls in the same order: the same bits)
+// between the inputs and the statistics.
+#define CREDIT_HEAD_CPU_ARGS                                                                                       \
+  const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor>&bias,                        \
+      const at::Tensor &labels, const at::Tensor &advantages, const std::optional<at::Tensor>&old,                 \
+      const std::optional<at::Tensor>&ref, const std::optional<at::Tensor>&mask,                                   \
+      const std::optional<at::Tensor>&gates, const std::optional<at::Tensor>&weights, double temperature,          \
+      int64_t ignore_index, double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_type,       \
+      int64_t agg, int64_t max_length, bool skip_empty_rows, bool active_only, int64_t chunk_rows,                 \
+      bool compute_grad
+#define CREDIT_HEAD_CPU_NAMES                                                                                      \
+  hidden, weight, bias, labels, advantages, old, ref, mask, gates, weights, temperature, ignore_index, eps_low,   \
+      eps_high, dual_clip, beta, kl_type, agg, max_length, skip_empty_rows, active_only, chunk_rows, compute_grad
+
+template <typename acc_t>
+std::vector<at::Tensor> head_impl(CREDIT_HEAD_CPU_ARGS, at::ScalarType acc) {
+  const int64_t B = labels.size(0), T = labels.size(1), V = weight.size(0);
+  Inputs in = inputs_impl<acc_t>(labels, advantages, old, ref, mask, gates, weights, std::nullopt, B, T, V,
+                                 ignore_index, agg, max_length, skip_empty_rows, false, true, acc);
+  at::Tensor h = hidden.contiguous(), W = weight.contiguous(), b = present(bias) ? bias->contiguous() : at::Tensor();
+  at::Tensor lab = in.labels, valid = in.valid, adv = in.adv, w = in.w, o = in.old, r = in.ref, index;
+  if (active_only) {  // the rows whose coefficient is 0 leave all three matmuls (ops/policy_loss.py active_tokens)
+    const at::Tensor carries = beta != 0.0 ? w.ne(0) : w.ne(0).logical_and_(adv.ne(0));
+    index = carries.nonzero().squeeze(1);
+    if (index.numel() < carries.numel()) {
+      for (at::Tensor* t : {&h, &lab, &valid, &adv, &w, &o, &r})
+        if (t->defined()) *t = t->index_select(0, index);
+    } else {
+      index = at::Tensor();
+    }
+  }
+  const int64_t n = h.size(0), rows = std::max<int64_t>(1, chunk_rows);
+  const at::Tensor logp = at::empty({n}, h.options().dtype(acc)), entropy = at::empty({n}, h.options().dtype(acc));
+  at::Tensor loss = at::zeros({}, h.options().dtype(acc));
+  at::Tensor gh = compute_grad ? at::empty_like(h) : at::Tensor(), gw,
+             gb = compute_grad && b.defined() ? at::zeros({V}, h.options().dtype(acc)) : at::Tensor();
+  const auto params = make_params(eps_low, eps_high, dual_clip, beta, kl_type, !o.defined(), false, compute_grad);
+  const auto part = [](const at::Tensor& t, int64_t s, int64_t e) {
+    return t.defined() ? std::optional<at::Tensor>(t.slice(0, s, e).view({1, -1})) : std::nullopt;
+  };
+  for (int64_t s = 0; s < n; s += rows) {
+    const int64_t e = std::min(n, s + rows);
+    const at::Tensor hc = h.slice(0, s, e);
+    at::Tensor z = b.defined() ? at::addmm(b, hc, W.t()) : at::mm(hc, W.t());
+    at::Tensor z3 = z.unsqueeze(0);  // (1, rows, V): becomes d loss / d logits in place
+    auto [loss_c, lp, ent] = policy_rows(z3, z3, lab.slice(0, s, e).view({1, -1}), part(adv, s, e), *part(w, s, e),
+                                         part(o, s, e), part(r, s, e), temperature, ignore_index, params);
+    loss.add_(loss_c);
+    logp.slice(0, s, e).copy_(lp.view(-1));
+    entropy.slice(0, s, e).copy_(ent.view(-1));
+    if (compute_grad) {
+      at::Tensor gh_c = gh.slice(0, s, e);
+      at::mm_out(gh_c, z, W);
+      gw = gw.defined() ? gw.addmm_(z.t(), hc) : at::mm(z.t(), hc);
+      if (gb.defined()) gb.add_(z.sum(0, false, acc));
+    }
+  }
+  std::vector<at::Tensor> out = stats_impl<acc_t>(logp, entropy, valid, adv, std::nullopt,
+                                                  o.defined() ? std::optional<at::Tensor>(o) : std::nullopt,
+                                                  r.defined() ? std::optional<at::Tensor>(r) : std::nullopt, eps_low,
+                                                  eps_high, kl_type, acc);
+  out.insert(out.begin(), loss);
+  if (!compute_grad) {
+    for (int k = 0; k < 3; ++k) out.push_back(at::empty({0}, hidden.options()));
+    return out;
+  }
+  if (index.defined()) gh = at::zeros_like(hidden).index_copy_(0, index, gh);  // the skipped rows' gradient is 0
+  out.push_back(gh);
+  out.push_back(gw.defined() ? gw : at::zeros_like(weight));
+  out.push_back(gb.defined() ? gb.to(b.scalar_type()) : at::empty({0}, hidden.options()));
+  return out;
+}
+
+// The CPU kernel: [loss, the 7 statistics, grad_hidden (N, H), grad_weight (V, H), grad_bias (V,)] ((0,) each
+// without compute_grad; grad_bias (0,) without a bias).
+std::vector<at::Tensor> fused_linear_policy_loss_cpu_kernel(CREDIT_HEAD_CPU_ARGS) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1) &&
+                  hidden.size(0) == labels.numel() && labels.dim() == 2,
+              "fused_linear_policy_loss_cpu: hidden (N, H), weight (V, H), labels (B, T) with N = B T");
+  check_inputs(labels, advantages, {&old, &ref, &mask, &gates, &weights}, labels.size(0), labels.size(1), agg,
+               max_length);
+  TORCH_CHECK(kl_type >= 1 && kl_type <= 3, "fused_linear_policy_loss_cpu: kl_type must be 1..3");
+  if (hidden.scalar_type() == at::kDouble) return head_impl<double>(CREDIT_HEAD_CPU_NAMES, at::kDouble);
+  return head_impl<float>(CREDIT_HEAD_CPU_NAMES, at::kFloat);
+}
+
+std::vector<at::Tensor> head_redispatch(CREDIT_HEAD_CPU_ARGS) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("credit::fused_linear_policy_loss_cpu", "")
+                             .typed<std::vector<at::Tensor>(CREDIT_HEAD_CPU_ARGS)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(CREDIT_HEAD_CPU_NAMES);
+}
+
+struct FusedHeadCpuFunction : public torch::autograd::Function<FusedHeadCpuFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& hidden,
+                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                const std::function<std::vector<at::Tensor>()>& run) {
+    std::vector<at::Tensor> out = run();
+    ctx->save_for_backward({out[8], out[9], out[10]});
+    ctx->saved_data["has_bias"] = present(bias);
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable(torch::autograd::variable_list(out.begin() + 1, out.end()));
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    return {scale_grad(saved[0], g), scale_grad(saved[1], g), has_bias ? scale_grad(saved[2], g) : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::vector<at::Tensor> fused_linear_policy_loss_cpu_autograd(CREDIT_HEAD_CPU_ARGS) {
+  const bool wants = hidden.requires_grad() || weight.requires_grad() || (present(bias) && bias->requires_grad());
+  if (!(compute_grad && wants && at::GradMode::is_enabled())) return head_redispatch(CREDIT_HEAD_CPU_NAMES);
+  return FusedHeadCpuFunction::apply(hidden, weight, bias,
+                                     std::function<std::vector<at::Tensor>()>([&] {
+                                       return head_redispatch(CREDIT_HEAD_CPU_NAMES);
+                                     }));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(credit, CPU, m) {
   m.impl("policy_loss_inputs", &policy_loss_inputs_cpu);
   m.impl("policy_loss_stats", &policy_loss_stats_cpu);
   m.impl("policy_loss_cpu", &policy_loss_cpu_kernel);
+  m.impl("fused_linear_policy_loss_cpu", &fused_linear_policy_loss_cpu_kernel);
 }
 
-TORCH_LIBRARY_IMPL(credit, AutogradCPU, m) { m.impl("policy_loss_cpu", &policy_loss_cpu_autograd); }
+TORCH_LIBRARY_IMPL(credit, AutogradCPU, m) {
+  m.impl("policy_loss_cpu", &policy_loss_cpu_autograd);
+  m.impl("fused_linear_policy_loss_cpu", &fused_linear_policy_loss_cpu_autograd);
+}
 
 // Neither op is differentiable (bookkeeping of detached values): autograd passes them by.
 TORCH_LIBRARY_IMPL(credit, Autograd, m) {
