@@ -307,6 +307,10 @@ with credit_ops.use_backend("triton"):  # the Triton kernels, through the interp
 with credit_ops.use_backend("reference"):
     torch.testing.assert_close(lp, credit_ops.token_logprobs(x, y))
     credit_ops.group_advantages(torch.randn(4), torch.tensor([0, 0, 1, 1]))
+    # the policy losses' bookkeeping takes its tensor-op path there (its CPU ops are _C's)
+    credit_ops.policy_loss(x.requires_grad_(True), y, torch.randn(2))[0].backward()
+    credit_ops.policy_loss_from_logprobs(-torch.rand(2, 3), torch.randn(2), mask=torch.ones(2, 3))
+    credit_ops.fused_linear_policy_loss(torch.randn(6, 4), torch.randn(11, 4), y, torch.randn(2))
 try:
     credit_ops.group_advantages(torch.randn(4), torch.tensor([0, 0, 1, 1]))
 except ExtensionUnavailable as e:

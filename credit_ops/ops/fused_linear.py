@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from credit_ops import _checks, reference
-from credit_ops._backend import get_backend, resolve
+from credit_ops._backend import resolve
 from credit_ops.ops import policy_loss as _policy_loss
 from credit_ops.ops.policy_loss import (
     AGG_IDS,
@@ -518,7 +518,6 @@ def fused_linear_policy_loss(
         and loss_type in reference.TOKEN_LOSSES
         and not (active_only and whole_batch_entropy)
         and native_bookkeeping(hidden)
-        and get_backend() != "reference"
     )
     options, inputs = prepare(
         labels,

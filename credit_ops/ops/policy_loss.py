@@ -21,7 +21,9 @@ from credit_ops.ops.token_logprobs import token_logprobs
 
 KL_IDS = {name: i + 1 for i, name in enumerate(reference.KL_TYPES)}  # the kernels' kl_type (0: no KL term)
 AGG_IDS = {name: i for i, name in enumerate(reference.AGGREGATIONS)}  # credit::policy_loss_inputs' agg
-ONE_CALL = True  # policy_loss's one-call CPU path (credit::policy_loss_cpu); tests switch it off to compare
+# The one-call CPU paths of policy_loss and fused_linear_policy_loss (credit::policy_loss_cpu,
+# credit::fused_linear_policy_loss_cpu); tests switch them off to compare with the op-by-op path.
+ONE_CALL = True
 
 
 def native_bookkeeping(t: Tensor) -> bool:
@@ -29,8 +31,9 @@ def native_bookkeeping(t: Tensor) -> bool:
     credit::policy_loss_inputs / credit::policy_loss_stats (csrc/cpu/policy_loss_inputs.cpp): one pass each instead
     of ~20 tensor ops, which were most of a call's host overhead. Elsewhere the tensor-op path below computes the
     same tensors bit for bit (the statistics up to summation order): on CUDA (and meta), while torch.compile traces
-    (the ops fuse) and under the triton backend, so that the Triton interpreter's tests run what a GPU runs."""
-    return t.is_cpu and not torch.compiler.is_compiling() and get_backend() != "triton"
+    (the ops fuse), under the triton backend (so that the Triton interpreter's tests run what a GPU runs) and under
+    the reference backend (which needs no compiled extension)."""
+    return t.is_cpu and not torch.compiler.is_compiling() and get_backend() in ("auto", "native")
 
 
 # ---- argument preparation (policy_loss and fused_linear_policy_loss)
@@ -737,7 +740,6 @@ def policy_loss(
         and not (inplace_grad and logits.requires_grad and torch.is_grad_enabled())
         and not (active_only and whole_batch_entropy)
         and native_bookkeeping(logits)
-        and get_backend() != "reference"
     )
     options, inputs = prepare(
         labels,

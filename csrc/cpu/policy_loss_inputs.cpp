@@ -1,8 +1,14 @@
-// CPU kernels of the policy losses' per-token bookkeeping (credit::policy_loss_inputs, credit::policy_loss_stats):
-// what credit_ops/ops/policy_loss.py's prepare() and loss_stats() compute with ~20 tensor ops each on other
-// devices, here in one pass over the tokens, so that a call's host overhead is its kernels' and not ~40 dispatches.
-// The results are bitwise those of the tensor-op path (the same casts, the same multiplications in the same order;
-// tests/test_policy_loss_inputs.py compares them), the statistics up to summation order (double accumulators here).
+// The policy losses' per-token bookkeeping on the CPU, and the one-call CPU losses built on it:
+//   credit::policy_loss_inputs   what credit_ops/ops/policy_loss.py prepare() computes with ~20 tensor ops on other
+//                                devices (valid mask, casts, aggregation weights, the value checks), one pass
+//   credit::policy_loss_stats    loss_stats()'s seven statistics, one pass
+//   credit::policy_loss_cpu, credit::fused_linear_policy_loss_cpu
+//                                a token-level loss over logits / through the LM head in one call: the inputs, the
+//                                row kernel (policy_loss.cpp policy_rows) or the fused head's chunk loop, the
+//                                statistics, and autograd in C++
+// so that a call's host cost is its kernels' and not ~45 dispatches plus PyTorch's Python autograd wrapper. The
+// tensors are bitwise those of the tensor-op path (the same casts, the same multiplications and matmuls in the same
+// order; tests/test_policy_loss_inputs.py compares them), the statistics up to summation order (double accumulators).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
@@ -14,9 +20,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <optional>
-#include <string>
-#include <tuple>
 #include <vector>
 
 #include "cpu/policy_loss.h"
@@ -51,7 +56,7 @@ struct Strided {
 };
 
 // The per-row failure flags of the value checks, in the order the Python checks run (and report) them.
-enum Fail : int { kGates = 0, kLabels, kAdv, kOld, kRef, kWeights, kWeightsNeg, kLogprobs, kNumFails };
+enum Fail : int { kGates = 0, kLabels, kAdv, kOld, kRef, kWeights, kWeightsNeg, kLogprobs };
 
 // mask (B, T) of any dtype, nonzero = valid, as a (B, T) byte tensor read through strides.
 void valid_from_mask(const std::optional<at::Tensor>& mask, int64_t B, int64_t T, std::vector<uint8_t>& valid) {
@@ -73,13 +78,11 @@ struct Inputs {
 
 template <typename acc_t>
 Inputs inputs_impl(const std::optional<at::Tensor>& labels, const at::Tensor& advantages,
-                                    const std::optional<at::Tensor>& old_logprobs,
-                                    const std::optional<at::Tensor>& ref_logprobs,
-                                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gates,
-                                    const std::optional<at::Tensor>& weights,
-                                    const std::optional<at::Tensor>& logprobs, int64_t B, int64_t T, int64_t vocab,
-                                    int64_t ignore_index, int64_t agg, int64_t max_length, bool skip_empty_rows,
-                                    bool pad_last, bool flat, at::ScalarType acc) {
+                   const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
+                   const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gates,
+                   const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& logprobs, int64_t B,
+                   int64_t T, int64_t vocab, int64_t ignore_index, int64_t agg, int64_t max_length,
+                   bool skip_empty_rows, bool pad_last, bool flat, at::ScalarType acc) {
   const int64_t Tp = T + (pad_last ? 1 : 0);
   const std::vector<int64_t> size = flat ? std::vector<int64_t>{B * Tp} : std::vector<int64_t>{B, Tp};
   std::vector<uint8_t> valid;
@@ -139,40 +142,40 @@ Inputs inputs_impl(const std::optional<at::Tensor>& labels, const at::Tensor& ad
   std::vector<int64_t> row_count(B, 0);
   auto finite = [](acc_t x) { return std::isfinite(static_cast<double>(x)); };
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    uint16_t& fail = fails[b];
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t i = b * Tp + t;
-      const bool v = valid[b * T + t];
-      row_count[b] += v;
-      // The tensors as the kernels read them: their values on valid tokens, 0 elsewhere (padding may hold NaN).
-      const acc_t zero(0);
-      const acc_t a = v ? adv(b, t) : zero;
-      if (v && !finite(a)) fail |= 1u << kAdv;
-      vo[i] = v ? acc_t(1) : zero;
-      ao[i] = a;
-      if (oo) {
-        oo[i] = v ? old(b, t) : zero;
-        if (!finite(oo[i])) fail |= 1u << kOld;
+    for (int64_t b = b0; b < b1; ++b) {
+      uint16_t& fail = fails[b];
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t i = b * Tp + t;
+        const bool v = valid[b * T + t];
+        row_count[b] += v;
+        // The tensors as the kernels read them: their values on valid tokens, 0 elsewhere (padding may hold NaN).
+        const acc_t zero(0);
+        const acc_t a = v ? adv(b, t) : zero;
+        if (v && !finite(a)) fail |= 1u << kAdv;
+        vo[i] = v ? acc_t(1) : zero;
+        ao[i] = a;
+        if (oo) {
+          oo[i] = v ? old(b, t) : zero;
+          if (!finite(oo[i])) fail |= 1u << kOld;
+        }
+        if (ro) {
+          ro[i] = v ? ref(b, t) : zero;
+          if (!finite(ro[i])) fail |= 1u << kRef;
+        }
+        if (go) go[i] = v ? gate(b, t) : zero;
+        if (uo) {
+          uo[i] = v ? weight(b, t) : zero;
+          if (!finite(uo[i])) fail |= 1u << kWeights;
+          if (uo[i] < zero) fail |= 1u << kWeightsNeg;
+        }
+        if (lp && v && !finite(lp(b, t))) fail |= 1u << kLogprobs;
       }
-      if (ro) {
-        ro[i] = v ? ref(b, t) : zero;
-        if (!finite(ro[i])) fail |= 1u << kRef;
+      if (pad_last) {
+        const int64_t i = b * Tp + T;
+        for (acc_t* p : {vo, ao, oo, ro, go, uo, wo})
+          if (p) p[i] = acc_t(0);
       }
-      if (go) go[i] = v ? gate(b, t) : zero;
-      if (uo) {
-        uo[i] = v ? weight(b, t) : zero;
-        if (!finite(uo[i])) fail |= 1u << kWeights;
-        if (uo[i] < zero) fail |= 1u << kWeightsNeg;
-      }
-      if (lp && v && !finite(lp(b, t))) fail |= 1u << kLogprobs;
     }
-    if (pad_last) {
-      const int64_t i = b * Tp + T;
-      for (acc_t* p : {vo, ao, oo, ro, go, uo, wo})
-        if (p) p[i] = acc_t(0);
-    }
-  }
   });
   uint16_t failed = 0;
   for (uint16_t f : fails) failed |= f;
@@ -194,25 +197,25 @@ Inputs inputs_impl(const std::optional<at::Tensor>& labels, const at::Tensor& ad
   for (int64_t b = 0; b < B; ++b) total += row_count[b], rows += row_count[b] > 0;
   const acc_t seqs = skip_empty_rows ? acc_t(std::max<int64_t>(rows, 1)) : acc_t(B);
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    acc_t d;
-    if (agg == kTokenMean)
-      d = acc_t(std::max<int64_t>(total, 1));
-    else if (agg == kSeqMeanTokenMean)
-      d = acc_t(std::max<int64_t>(row_count[b], 1)) * seqs;
-    else if (agg == kSeqMeanTokenSum)
-      d = seqs;
-    else  // kSeqMeanTokenSumNorm: B * max_length, an exact integer product when rows count
-      d = skip_empty_rows ? seqs * acc_t(max_length) : acc_t(B * max_length);
-    const acc_t inv = acc_t(1) / d;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t i = b * Tp + t;
-      acc_t f = vo[i];
-      if (go) f = f * go[i];
-      if (uo) f = f * uo[i];
-      wo[i] = (vo[i] * inv) * f;
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t d;
+      if (agg == kTokenMean)
+        d = acc_t(std::max<int64_t>(total, 1));
+      else if (agg == kSeqMeanTokenMean)
+        d = acc_t(std::max<int64_t>(row_count[b], 1)) * seqs;
+      else if (agg == kSeqMeanTokenSum)
+        d = seqs;
+      else  // kSeqMeanTokenSumNorm: B * max_length, an exact integer product when rows count
+        d = skip_empty_rows ? seqs * acc_t(max_length) : acc_t(B * max_length);
+      const acc_t inv = acc_t(1) / d;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t i = b * Tp + t;
+        acc_t f = vo[i];
+        if (go) f = f * go[i];
+        if (uo) f = f * uo[i];
+        wo[i] = (vo[i] * inv) * f;
+      }
     }
-  }
   });
   return {labels_out, valid_out, adv_out, old_out, ref_out, gate_out, weight_out, w_out};
 }
@@ -232,13 +235,15 @@ void check_inputs(const std::optional<at::Tensor>& labels, const at::Tensor& adv
               "policy_loss_inputs: advantages must be (B,) or (B, T)");
 }
 
-std::vector<at::Tensor> policy_loss_inputs_cpu(
-    const std::optional<at::Tensor>& labels, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& gates,
-    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& logprobs, int64_t B, int64_t T,
-    int64_t vocab, int64_t ignore_index, int64_t agg, int64_t max_length, bool skip_empty_rows, bool pad_last,
-    bool flat, bool float64) {
+std::vector<at::Tensor> policy_loss_inputs_cpu(const std::optional<at::Tensor>& labels, const at::Tensor& advantages,
+                                               const std::optional<at::Tensor>& old_logprobs,
+                                               const std::optional<at::Tensor>& ref_logprobs,
+                                               const std::optional<at::Tensor>& mask,
+                                               const std::optional<at::Tensor>& gates,
+                                               const std::optional<at::Tensor>& weights,
+                                               const std::optional<at::Tensor>& logprobs, int64_t B, int64_t T,
+                                               int64_t vocab, int64_t ignore_index, int64_t agg, int64_t max_length,
+                                               bool skip_empty_rows, bool pad_last, bool flat, bool float64) {
   check_inputs(labels, advantages, {&old_logprobs, &ref_logprobs, &mask, &gates, &weights, &logprobs}, B, T, agg,
                max_length);
   const auto run = [&](auto acc_zero, at::ScalarType acc) {
@@ -282,7 +287,7 @@ std::vector<at::Tensor> stats_impl(const at::Tensor& logp, const std::optional<a
     const acc_t w = vp[i];
     if (w == acc_t(0)) continue;  // not a valid token: its values may be anything
     const acc_t ratio_i = rp ? rp[i] : op ? std::exp(lpp[i] - op[i]) : acc_t(1);
-    const bool below = ratio_i < lo && ap[i] < acc_t(0), above = ratio_i > hi && ap[i] > acc_t(0);
+    const bool below = ratio_i < lo && ap[i]<acc_t(0), above = ratio_i> hi && ap[i] > acc_t(0);
     const double wd = static_cast<double>(w);
     sum[0] += wd * below;
     sum[1] += wd * above;
@@ -324,73 +329,57 @@ std::vector<at::Tensor> policy_loss_stats_cpu(const at::Tensor& logp, const std:
 
 // ---- credit::policy_loss_cpu: a token-level policy loss on the CPU in one call (inputs, row kernel, statistics),
 // with its autograd here: the Python wrapper's per-call work is then its argument checks alone.
-struct LossCall {
-  at::Tensor labels, advantages;
-  std::optional<at::Tensor> old, ref, mask, gates, weights;
-  double temperature, eps_low, eps_high, dual_clip, beta;
-  int64_t ignore_index, kl_type, agg, max_length;
-  bool skip_empty_rows, active_only;
+#define CREDIT_LOSS_CPU_ARGS                                                                                          \
+  const at::Tensor &logits, const at::Tensor &labels, const at::Tensor &advantages,                                   \
+      const std::optional<at::Tensor>&old, const std::optional<at::Tensor>&ref, const std::optional<at::Tensor>&mask, \
+      const std::optional<at::Tensor>&gates, const std::optional<at::Tensor>&weights, double temperature,             \
+      int64_t ignore_index, double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_type,          \
+      int64_t agg, int64_t max_length, bool skip_empty_rows, bool active_only, bool write_grad
+#define CREDIT_LOSS_CPU_NAMES                                                                                          \
+  logits, labels, advantages, old, ref, mask, gates, weights, temperature, ignore_index, eps_low, eps_high, dual_clip, \
+      beta, kl_type, agg, max_length, skip_empty_rows, active_only, write_grad
+
+const auto defined_or_none = [](const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 };
 
-// -> [loss, the 7 statistics]; grad (the logits' shape, contiguous) written when write_grad.
 template <typename acc_t>
-std::vector<at::Tensor> loss_impl(const at::Tensor& logits, const LossCall& c, bool write_grad, at::Tensor& grad,
-                                  at::ScalarType acc) {
-  const int64_t B = c.labels.size(0), T = c.labels.size(1), V = logits.size(2);
-  TORCH_CHECK(logits.dim() == 3 && logits.size(0) == B && (logits.size(1) == T || logits.size(1) == T + 1),
-              "policy_loss_cpu: logits must be (B, T, V) or (B, T + 1, V)");
-  Inputs in = inputs_impl<acc_t>(c.labels, c.advantages, c.old, c.ref, c.mask, c.gates, c.weights, std::nullopt, B,
-                                 T, V, c.ignore_index, c.agg, c.max_length, c.skip_empty_rows,
-                                 logits.size(1) == T + 1, false, acc);
-  if (c.active_only) {  // the rows whose coefficient is 0 become ignored rows (ops/policy_loss.py active_tokens)
+std::vector<at::Tensor> loss_impl(CREDIT_LOSS_CPU_ARGS, at::ScalarType acc) {
+  const int64_t B = labels.size(0), T = labels.size(1), V = logits.size(2);
+  Inputs in = inputs_impl<acc_t>(labels, advantages, old, ref, mask, gates, weights, std::nullopt, B, T, V,
+                                 ignore_index, agg, max_length, skip_empty_rows, logits.size(1) == T + 1, false, acc);
+  if (active_only) {  // the rows whose coefficient is 0 become ignored rows (ops/policy_loss.py active_tokens)
     AT_DISPATCH_INDEX_TYPES(in.labels.scalar_type(), "policy_loss_cpu", [&] {
       index_t* y = in.labels.mutable_data_ptr<index_t>();
       acc_t* v = in.valid.mutable_data_ptr<acc_t>();
       const acc_t *w = in.w.const_data_ptr<acc_t>(), *a = in.adv.const_data_ptr<acc_t>();
       for (int64_t i = 0; i < in.labels.numel(); ++i)
-        if (!(w[i] != acc_t(0) && (c.beta != 0.0 || a[i] != acc_t(0)))) y[i] = static_cast<index_t>(c.ignore_index), v[i] = 0;
+        if (!(w[i] != acc_t(0) && (beta != 0.0 || a[i] != acc_t(0))))
+          y[i] = static_cast<index_t>(ignore_index), v[i] = 0;
     });
   }
   const at::Tensor x = logits.stride(-1) == 1 ? logits : logits.contiguous();
-  grad = write_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  const auto params = make_params(c.eps_low, c.eps_high, c.dual_clip, c.beta, c.kl_type, !in.old.defined(), false,
-                                  write_grad);
-  const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
-  auto [loss, logp, entropy] = policy_rows(grad, x, in.labels, in.adv, in.w, opt(in.old), opt(in.ref),
-                                           c.temperature, c.ignore_index, params);
-  std::vector<at::Tensor> out = stats_impl<acc_t>(logp, entropy, in.valid, in.adv, std::nullopt, opt(in.old),
-                                                  opt(in.ref), c.eps_low, c.eps_high, c.kl_type, acc);
+  at::Tensor grad = write_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  const auto params = make_params(eps_low, eps_high, dual_clip, beta, kl_type, !in.old.defined(), false, write_grad);
+  const auto o = defined_or_none(in.old), r = defined_or_none(in.ref);
+  auto [loss, logp, entropy] = policy_rows(grad, x, in.labels, in.adv, in.w, o, r, temperature, ignore_index, params);
+  std::vector<at::Tensor> out =
+      stats_impl<acc_t>(logp, entropy, in.valid, in.adv, std::nullopt, o, r, eps_low, eps_high, kl_type, acc);
   out.insert(out.begin(), loss);
+  out.push_back(grad);
   return out;
 }
-
-std::vector<at::Tensor> run_loss(const at::Tensor& logits, const LossCall& c, bool write_grad, at::Tensor& grad) {
-  check_inputs(c.labels, c.advantages, {&c.old, &c.ref, &c.mask, &c.gates, &c.weights}, c.labels.size(0),
-               c.labels.size(1), c.agg, c.max_length);
-  TORCH_CHECK(c.kl_type >= 1 && c.kl_type <= 3, "policy_loss_cpu: kl_type must be 1..3");
-  if (logits.scalar_type() == at::kDouble) return loss_impl<double>(logits, c, write_grad, grad, at::kDouble);
-  return loss_impl<float>(logits, c, write_grad, grad, at::kFloat);
-}
-
-#define CREDIT_LOSS_CPU_ARGS                                                                                       \
-  const at::Tensor &logits, const at::Tensor &labels, const at::Tensor &advantages,                                \
-      const std::optional<at::Tensor>&old, const std::optional<at::Tensor>&ref,                                    \
-      const std::optional<at::Tensor>&mask, const std::optional<at::Tensor>&gates,                                 \
-      const std::optional<at::Tensor>&weights, double temperature, int64_t ignore_index, double eps_low,           \
-      double eps_high, double dual_clip, double beta, int64_t kl_type, int64_t agg, int64_t max_length,            \
-      bool skip_empty_rows, bool active_only, bool write_grad
-#define CREDIT_LOSS_CPU_NAMES                                                                                      \
-  logits, labels, advantages, old, ref, mask, gates, weights, temperature, ignore_index, eps_low, eps_high,       \
-      dual_clip, beta, kl_type, agg, max_length, skip_empty_rows, active_only, write_grad
 
 // The CPU kernel: [loss, the 7 statistics, grad (the logits' shape; (0,) without write_grad)].
 std::vector<at::Tensor> policy_loss_cpu_kernel(CREDIT_LOSS_CPU_ARGS) {
-  const LossCall c{labels, advantages, old, ref, mask, gates, weights, temperature, eps_low, eps_high, dual_clip,
-                   beta, ignore_index, kl_type, agg, max_length, skip_empty_rows, active_only};
-  at::Tensor grad;
-  std::vector<at::Tensor> out = run_loss(logits, c, write_grad, grad);
-  out.push_back(grad);
-  return out;
+  TORCH_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
+                  (logits.size(1) == labels.size(1) || logits.size(1) == labels.size(1) + 1),
+              "policy_loss_cpu: logits must be (B, T, V) or (B, T + 1, V), labels (B, T)");
+  check_inputs(labels, advantages, {&old, &ref, &mask, &gates, &weights}, labels.size(0), labels.size(1), agg,
+               max_length);
+  TORCH_CHECK(kl_type >= 1 && kl_type <= 3, "policy_loss_cpu: kl_type must be 1..3");
+  if (logits.scalar_type() == at::kDouble) return loss_impl<double>(CREDIT_LOSS_CPU_NAMES, at::kDouble);
+  return loss_impl<float>(CREDIT_LOSS_CPU_NAMES, at::kFloat);
 }
 
 // The op below autograd (the CPU kernel, or a fake kernel under FakeTensorMode).
@@ -405,7 +394,8 @@ std::vector<at::Tensor> redispatch(CREDIT_LOSS_CPU_ARGS) {
 // grad * g, skipping the pass when g is a plain 1 (as credit_ops/_autograd.py scale_grad does); the host read only
 // for a plain tensor: a traced one (fake, functional) has no value to read.
 at::Tensor scale_grad(const at::Tensor& grad, const at::Tensor& g) {
-  const bool plain = !g.unsafeGetTensorImpl()->is_python_dispatch() && !at::functionalization::impl::isFunctionalTensor(g);
+  const bool plain =
+      !g.unsafeGetTensorImpl()->is_python_dispatch() && !at::functionalization::impl::isFunctionalTensor(g);
   if (plain && g.item<double>() == 1.0) return grad;
   return grad * g.to(grad.scalar_type());
 }
@@ -432,24 +422,22 @@ struct PolicyLossCpuFunction : public torch::autograd::Function<PolicyLossCpuFun
 
 std::vector<at::Tensor> policy_loss_cpu_autograd(CREDIT_LOSS_CPU_ARGS) {
   if (!(write_grad && logits.requires_grad() && at::GradMode::is_enabled())) return redispatch(CREDIT_LOSS_CPU_NAMES);
-  return PolicyLossCpuFunction::apply(logits, std::function<std::vector<at::Tensor>()>([&] {
-                                        return redispatch(CREDIT_LOSS_CPU_NAMES);
-                                      }));
+  return PolicyLossCpuFunction::apply(
+      logits, std::function<std::vector<at::Tensor>()>([&] { return redispatch(CREDIT_LOSS_CPU_NAMES); }));
 }
 
 // ---- credit::fused_linear_policy_loss_cpu: the fused LM head's token-level loss on the CPU in one call, the chunk
 // loop of credit_ops/ops/fused_linear.py policy_loss_forward (the same matmuls in the same order: the same bits)
 // between the inputs and the statistics.
-#define CREDIT_HEAD_CPU_ARGS                                                                                       \
-  const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor>&bias,                        \
-      const at::Tensor &labels, const at::Tensor &advantages, const std::optional<at::Tensor>&old,                 \
-      const std::optional<at::Tensor>&ref, const std::optional<at::Tensor>&mask,                                   \
-      const std::optional<at::Tensor>&gates, const std::optional<at::Tensor>&weights, double temperature,          \
-      int64_t ignore_index, double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_type,       \
-      int64_t agg, int64_t max_length, bool skip_empty_rows, bool active_only, int64_t chunk_rows,                 \
-      bool compute_grad
-#define CREDIT_HEAD_CPU_NAMES                                                                                      \
-  hidden, weight, bias, labels, advantages, old, ref, mask, gates, weights, temperature, ignore_index, eps_low,   \
+#define CREDIT_HEAD_CPU_ARGS                                                                                          \
+  const at::Tensor &hidden, const at::Tensor &weight, const std::optional<at::Tensor>&bias, const at::Tensor &labels, \
+      const at::Tensor &advantages, const std::optional<at::Tensor>&old, const std::optional<at::Tensor>&ref,         \
+      const std::optional<at::Tensor>&mask, const std::optional<at::Tensor>&gates,                                    \
+      const std::optional<at::Tensor>&weights, double temperature, int64_t ignore_index, double eps_low,              \
+      double eps_high, double dual_clip, double beta, int64_t kl_type, int64_t agg, int64_t max_length,               \
+      bool skip_empty_rows, bool active_only, int64_t chunk_rows, bool compute_grad
+#define CREDIT_HEAD_CPU_NAMES                                                                                   \
+  hidden, weight, bias, labels, advantages, old, ref, mask, gates, weights, temperature, ignore_index, eps_low, \
       eps_high, dual_clip, beta, kl_type, agg, max_length, skip_empty_rows, active_only, chunk_rows, compute_grad
 
 template <typename acc_t>
@@ -495,10 +483,8 @@ std::vector<at::Tensor> head_impl(CREDIT_HEAD_CPU_ARGS, at::ScalarType acc) {
       if (gb.defined()) gb.add_(z.sum(0, false, acc));
     }
   }
-  std::vector<at::Tensor> out = stats_impl<acc_t>(logp, entropy, valid, adv, std::nullopt,
-                                                  o.defined() ? std::optional<at::Tensor>(o) : std::nullopt,
-                                                  r.defined() ? std::optional<at::Tensor>(r) : std::nullopt, eps_low,
-                                                  eps_high, kl_type, acc);
+  std::vector<at::Tensor> out = stats_impl<acc_t>(logp, entropy, valid, adv, std::nullopt, defined_or_none(o),
+                                                  defined_or_none(r), eps_low, eps_high, kl_type, acc);
   out.insert(out.begin(), loss);
   if (!compute_grad) {
     for (int k = 0; k < 3; ++k) out.push_back(at::empty({0}, hidden.options()));
@@ -557,8 +543,7 @@ struct FusedHeadCpuFunction : public torch::autograd::Function<FusedHeadCpuFunct
 std::vector<at::Tensor> fused_linear_policy_loss_cpu_autograd(CREDIT_HEAD_CPU_ARGS) {
   const bool wants = hidden.requires_grad() || weight.requires_grad() || (present(bias) && bias->requires_grad());
   if (!(compute_grad && wants && at::GradMode::is_enabled())) return head_redispatch(CREDIT_HEAD_CPU_NAMES);
-  return FusedHeadCpuFunction::apply(hidden, weight, bias,
-                                     std::function<std::vector<at::Tensor>()>([&] {
+  return FusedHeadCpuFunction::apply(hidden, weight, bias, std::function<std::vector<at::Tensor>()>([&] {
                                        return head_redispatch(CREDIT_HEAD_CPU_NAMES);
                                      }));
 }
