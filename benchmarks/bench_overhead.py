@@ -79,6 +79,9 @@ def cases() -> dict:
 
     # The losses' kernel arguments as the wrappers build them (dapo: token_mean over the valid tokens; on the CPU
     # policy_loss and the fused head are one C++ op each, policy_loss_from_logprobs the loss math after prepare).
+    # old, ref, mask, gates, weights, temperature, ignore_index, eps_low, eps_high, dual_clip, beta, kl_type (k3),
+    # agg (token_mean), max_length, skip_empty_rows, active_only:
+    loss_args = (None, None, mask, None, None, 1.0, -100, 0.2, 0.28, 0.0, 0.0, 3, 0, 0, False, False)
     lp_options, lp_inputs = _pl.prepare(
         None, None, adv, old_logprobs=None, ref_logprobs=None, mask=mask, gates=None, weights=None,
         loss_type="dapo", eps_low=None, eps_high=None, dual_clip=None, beta=0.0, kl_type="k3", agg=None,
@@ -134,28 +137,7 @@ def cases() -> dict:
         ),
         "policy_loss": (  # on the CPU one C++ op: inputs, row kernel, statistics (ops/policy_loss.py ONE_CALL)
             lambda: credit_ops.policy_loss(leaf, labels, adv, mask=mask),
-            lambda: ops.policy_loss_cpu(
-                leaf,
-                labels,
-                adv,
-                None,
-                None,
-                mask,
-                None,
-                None,
-                1.0,
-                -100,
-                0.2,
-                0.28,
-                0.0,
-                0.0,
-                3,
-                0,
-                0,
-                False,
-                False,
-                True,
-            ),  # fmt: skip
+            lambda: ops.policy_loss_cpu(leaf, labels, adv, *loss_args, True),
         ),
         "policy_loss_from_logprobs": (
             lambda: credit_ops.policy_loss_from_logprobs(logp, adv, mask=mask),
@@ -167,31 +149,7 @@ def cases() -> dict:
         ),
         "fused_linear_policy_loss": (  # on the CPU one C++ op: inputs, the chunk loop, statistics
             lambda: credit_ops.fused_linear_policy_loss(hidden.view(B, T, H), weight, labels, adv, mask=mask),
-            lambda: ops.fused_linear_policy_loss_cpu(
-                hidden,
-                weight,
-                None,
-                labels,
-                adv,
-                None,
-                None,
-                mask,
-                None,
-                None,
-                1.0,
-                -100,
-                0.2,
-                0.28,
-                0.0,
-                0.0,
-                3,
-                0,
-                0,
-                False,
-                False,
-                B * T,
-                False,
-            ),  # fmt: skip
+            lambda: ops.fused_linear_policy_loss_cpu(hidden, weight, None, labels, adv, *loss_args, B * T, False),
         ),
         "align_edits": (
             lambda: credit_ops.align_edits(a_ids, lengths, b_ids, lengths),
