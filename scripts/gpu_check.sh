@@ -66,7 +66,7 @@ if [[ $STAGES == *checks* ]]; then
   # bad label raising at the next synchronisation, not at the call (benchmarks/bench_overhead.py cuda_checks).
   timeout ${CHECKS_TIMEOUT:-180} $PY -m benchmarks.bench_overhead --cuda >"$OUT/checks.txt" 2>&1
   rc=$?; [ $rc -ne 0 ] && status=1
-  echo "checks: rc=$rc"; grep -E "^(PASS|FAIL|token_logprobs)" "$OUT/checks.txt"
+  echo "checks: rc=$rc"; grep -E "^(PASS|FAIL|token_logprobs|policy_loss|fused_linear)" "$OUT/checks.txt"
 fi
 
 if [[ $STAGES == *sweep* ]]; then
