@@ -543,10 +543,10 @@ def fused_linear_policy_loss(
         flat=loss_type not in reference.SEQUENCE_LOSSES,  # the token-level kernels take rows (N,)
         build=not one_call,
     )
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
     if one_call:
-        needs_grad = torch.is_grad_enabled() and (
-            hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
         out = torch.ops.credit.fused_linear_policy_loss_cpu(
             h, weight, bias, labels, advantages, old_logprobs, ref_logprobs, mask, gates, weights,
             options.temperature, options.ignore_index, options.eps_low, options.eps_high,
@@ -569,9 +569,6 @@ def fused_linear_policy_loss(
             **reference_options(options, old_logprobs, ref_logprobs, gates, weights),
         )
     use_triton = backend == "triton"
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
     if loss_type in reference.SEQUENCE_LOSSES:
         chunk = sequence_chunk_rows(h.shape[0], labels.shape[1], V, h.dtype, chunk_size)
         if needs_grad and chunk > 0 and not torch.compiler.is_compiling():
