@@ -131,14 +131,30 @@ def values_each(bad: dict, msg: str) -> None:
             raise ValueError(msg.format(name=name))
 
 
+_native_checks = None  # whether credit::values_within / values_finite have CPU kernels (no compiled extension: no)
+
+
+def _native_cpu(x: torch.Tensor, where) -> bool:
+    """Whether a value check of the CPU tensor x runs in its C++ pass (csrc/cpu/checks.cpp)."""
+    global _native_checks
+    if _native_checks is None:
+        _native_checks = torch._C._dispatch_has_kernel_for_dispatch_key("credit::values_finite", "CPU")
+    return x.is_cpu and (where is None or where.shape == x.shape) and _native_checks
+
+
 def within_range(x: torch.Tensor, low, high, msg: str, *, allow=None, where=None) -> None:
     """Fail unless every element of ``x`` lies in [low, high] (a bound None: unbounded) or equals ``allow``; NaN
-    fails. ``where`` (bool, x's shape): only those elements count. The allowed and uncounted elements are replaced by
+    fails. ``where`` (bool, x's shape): only those elements count. On CPU tensors one pass in C++
+    (credit::values_within; integers compared exactly). Otherwise the allowed and uncounted elements are replaced by
     an in-range value, then one reduction decides: on the host an ``aminmax`` and one scalar read (exact: a bad
     element makes the min or max leave the range), on CUDA in "async" mode a device-side assertion (7 small launches
     for ids with an ignore_index, no synchronisation)."""
     mode = _value_mode(x)
     if mode == "off" or x.numel() == 0:
+        return
+    if mode == "sync" and _native_cpu(x, where):
+        if not torch.ops.credit.values_within(x, low, high, allow, where):
+            raise ValueError(msg)
         return
     fill = low if low is not None else high
     if allow is not None:
@@ -164,15 +180,21 @@ def ids_in_range(name: str, ids: torch.Tensor, upper: int, *, ignore_index=None)
 
 def finite_each(tensors: dict, msg: str, *, where=None) -> None:
     """Fail when a tensor of ``tensors`` (name -> float tensor or None) holds a NaN or inf (only where ``where``,
-    bool, is set, when given); ``msg`` names the first offender through ``{name}``. One float64 sum per tensor
-    decides (it is finite exactly when every summed element is, since no float32 / float16 / bfloat16 sum can
-    overflow float64): on the host with one scalar read for all of them, and an element-wise pass only to name the
-    offender; on CUDA in "async" mode as a device-side assertion per tensor (float64 input: element-wise)."""
+    bool, is set, when given); ``msg`` names the first offender through ``{name}``. On CPU tensors one C++ pass each
+    (credit::values_finite). Otherwise one float64 sum per tensor decides (it is finite exactly when every summed
+    element is, since no float32 / float16 / bfloat16 sum can overflow float64): on the host with one scalar read
+    for all of them, and an element-wise pass only to name the offender; on CUDA in "async" mode as a device-side
+    assertion per tensor (float64 input: element-wise)."""
     tensors = {k: t for k, t in tensors.items() if t is not None and t.numel()}
     if not tensors:
         return
     mode = _value_mode(next(iter(tensors.values())))
     if mode == "off":
+        return
+    if mode == "sync" and all(_native_cpu(t, where) for t in tensors.values()):
+        for name, t in tensors.items():
+            if not torch.ops.credit.values_finite(t, where):
+                raise ValueError(msg.format(name=name))
         return
     masked = lambda t: t if where is None else torch.where(where, t, 0)
     if mode == "async":

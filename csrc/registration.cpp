@@ -13,6 +13,12 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(credit, m) {
+  // ---- value checks (credit_ops/_checks.py within_range on CPU tensors): whether every element of x that `where`
+  //      (bool, x's shape) counts lies in [low, high] (None: unbounded) or equals `allow`; NaN fails.
+  m.def("values_within(Tensor x, float? low, float? high, float? allow, Tensor? where) -> bool");
+  // finite_each on CPU tensors: whether every element of the float tensor x that `where` counts is finite.
+  m.def("values_finite(Tensor x, Tensor? where) -> bool");
+
   // ---- token_logprobs (docs/method.md §3): logits (B, T, V) with stride(2) == 1, labels (B, T) -> logprobs (B, T),
   //      entropy (B, T) or (0,), lse (B, T); the backward returns a contiguous (B, T, V) gradient.
   m.def(

@@ -145,6 +145,8 @@ RANGE_CASES = [  # x, low, high, allow, where (None: all count)
     ([0.0, 1.5, NAN], 0, 1, None, [True, False, False]),
     ([0.0, -INF], 0, None, None, None),
     ([INF, 2.0], None, 3.0, None, None),
+    ([2**53 + 1], 0, 2**53, None, None),  # int64 compared exactly (a float64 comparison would round it in)
+    ([2**62, -(2**62)], -(2**62), 2**62, None, None),
 ]
 
 
@@ -157,16 +159,19 @@ def _expected_bad(x, low, high, allow, where):
     return False
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "sync-tensor-ops", "async"])
 @pytest.mark.parametrize("case", RANGE_CASES, ids=str)
 def test_within_range_is_exact(monkeypatch, mode, case):
-    """The host path (one aminmax) and the device-assertion path (run here through the CPU's torch._assert_async,
-    which raises at once) reject exactly the tensors an element-wise reading rejects."""
+    """The CPU's C++ pass (credit::values_within), the host path of other devices (one aminmax) and the
+    device-assertion path (run here through the CPU's torch._assert_async, which raises at once) reject exactly the
+    tensors an element-wise reading rejects."""
     x, low, high, allow, where = case
     t = torch.tensor(x)
     w = None if where is None else torch.tensor(where)
-    monkeypatch.setattr(_checks, "_value_mode", lambda _: mode)
-    error = ValueError if mode == "sync" else RuntimeError
+    if mode == "sync-tensor-ops":
+        monkeypatch.setattr(_checks, "_native_checks", False)
+    monkeypatch.setattr(_checks, "_value_mode", lambda _: mode.removesuffix("-tensor-ops"))
+    error = ValueError if mode.startswith("sync") else RuntimeError
     if _expected_bad(x, low, high, allow, where):
         with pytest.raises(error, match="bad value"):
             _checks.within_range(t, low, high, "bad value", allow=allow, where=w)
@@ -187,17 +192,20 @@ FINITE_CASES = [  # dtype, values, where
 ]
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "sync-tensor-ops", "async"])
 @pytest.mark.parametrize("case", FINITE_CASES, ids=str)
 def test_finite_is_exact(monkeypatch, mode, case):
+    """As test_within_range_is_exact for finite_each: the CPU's C++ pass, the float64-sum host path, the device path."""
     dtype, x, where = case
     t = torch.tensor(x, dtype=dtype)
     w = None if where is None else torch.tensor(where)
-    monkeypatch.setattr(_checks, "_value_mode", lambda _: mode)
+    if mode == "sync-tensor-ops":
+        monkeypatch.setattr(_checks, "_native_checks", False)
+    monkeypatch.setattr(_checks, "_value_mode", lambda _: mode.removesuffix("-tensor-ops"))
     bad = any(not math.isfinite(v) and (where is None or where[i]) for i, v in enumerate(x))
     other = torch.ones(2)  # a finite tensor listed first: the message names the offender
     if bad:
-        with pytest.raises(ValueError if mode == "sync" else RuntimeError, match="x must be finite"):
+        with pytest.raises(ValueError if mode.startswith("sync") else RuntimeError, match="x must be finite"):
             _checks.finite_each({"other": other, "x": t}, "{name} must be finite", where=w)
     else:
         _checks.finite_each({"other": other, "x": t}, "{name} must be finite", where=w)
