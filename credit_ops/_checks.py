@@ -1,10 +1,10 @@
 """Input validation shared by every public op. Errors name the argument and are raised before a kernel runs.
 
 Shape, dtype and device checks are free (metadata only). Checks on *values* (ids in range, finite rewards) need
-the data. On CPU they always run, raise a ``ValueError`` at the call and cost no synchronisation (each is one or two
-reductions and a scalar read: a range check is one ``aminmax``, a finiteness check one ``sum``, with an exact
-element-wise pass only to confirm a failure). On CUDA the mode decides, because reading a result on the host waits
-for the GPU:
+the data. On CPU they always run, raise a ``ValueError`` at the call and cost no synchronisation (each is one pass in
+C++, csrc/cpu/checks.cpp; without the compiled extension one or two reductions and a scalar read: a range check is
+one ``aminmax``, a finiteness check one ``sum``, with an exact element-wise pass only to confirm a failure). On
+CUDA the mode decides, because reading a result on the host waits for the GPU:
 
     "async"  (default on CUDA) queue a device-side assertion (torch._assert_async with the check's message): no host
              synchronisation, CUDA-graph safe, nothing waits. A bad value is reported at the next synchronisation
