@@ -14,14 +14,19 @@
 namespace credit::cpu {
 namespace {
 
+// `where` of a check of x, contiguous (undefined when every element counts).
+at::Tensor counted(const std::optional<at::Tensor>& where, const at::Tensor& x) {
+  if (!where.has_value()) return at::Tensor();
+  TORCH_CHECK(where->scalar_type() == at::kBool && where->sizes() == x.sizes(),
+              "value checks: where must be a bool tensor of x's shape");
+  return where->contiguous();
+}
+
 // Every counted element of x in [low, high] (a bound absent: unbounded) or equal to allow; NaN fails. where
 // (bool, x's shape), when given, says which elements count.
 bool values_within_cpu(const at::Tensor& x, std::optional<double> low, std::optional<double> high,
                        std::optional<double> allow, const std::optional<at::Tensor>& where) {
-  TORCH_CHECK(!where.has_value() || (where->scalar_type() == at::kBool && where->sizes() == x.sizes()),
-              "values_within: where must be a bool tensor of x's shape");
-  const at::Tensor c = x.contiguous();
-  const at::Tensor w = where.has_value() ? where->contiguous() : at::Tensor();
+  const at::Tensor c = x.contiguous(), w = counted(where, x);
   const bool* m = w.defined() ? w.const_data_ptr<bool>() : nullptr;
   const int64_t n = c.numel();
   bool ok = true;
@@ -60,10 +65,7 @@ bool values_within_cpu(const at::Tensor& x, std::optional<double> low, std::opti
 
 // Every counted element of the float tensor x finite (where, when given: bool, x's shape, the counted elements).
 bool values_finite_cpu(const at::Tensor& x, const std::optional<at::Tensor>& where) {
-  TORCH_CHECK(!where.has_value() || (where->scalar_type() == at::kBool && where->sizes() == x.sizes()),
-              "values_finite: where must be a bool tensor of x's shape");
-  const at::Tensor c = x.contiguous();
-  const at::Tensor w = where.has_value() ? where->contiguous() : at::Tensor();
+  const at::Tensor c = x.contiguous(), w = counted(where, x);
   const bool* m = w.defined() ? w.const_data_ptr<bool>() : nullptr;
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "values_finite", [&] {

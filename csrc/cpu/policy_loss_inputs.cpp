@@ -32,7 +32,7 @@ namespace {
 // The aggregation ids (credit_ops.reference.AGGREGATIONS, in order).
 enum Agg : int64_t { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
 
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+using pl::present;
 
 // A new CPU tensor without a trip through the dispatcher (at::empty's ~0.5 us is a tenth of these ops' time on the
 // tiny tensors where their cost matters).
@@ -339,6 +339,12 @@ std::vector<at::Tensor> policy_loss_stats_cpu(const at::Tensor& logp, const std:
   logits, labels, advantages, old, ref, mask, gates, weights, temperature, ignore_index, eps_low, eps_high, dual_clip, \
       beta, kl_type, agg, max_length, skip_empty_rows, active_only, write_grad
 
+// The tokens whose loss coefficient can be nonzero (ops/policy_loss.py active_tokens, the one rule of active_only):
+// token weight != 0 and, with beta = 0, advantage != 0.
+at::Tensor carries(const at::Tensor& w, const at::Tensor& adv, double beta) {
+  return beta != 0.0 ? w.ne(0) : w.ne(0).logical_and_(adv.ne(0));
+}
+
 const auto defined_or_none = [](const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 };
@@ -348,15 +354,10 @@ std::vector<at::Tensor> loss_impl(CREDIT_LOSS_CPU_ARGS, at::ScalarType acc) {
   const int64_t B = labels.size(0), T = labels.size(1), V = logits.size(2);
   Inputs in = inputs_impl<acc_t>(labels, advantages, old, ref, mask, gates, weights, std::nullopt, B, T, V,
                                  ignore_index, agg, max_length, skip_empty_rows, logits.size(1) == T + 1, false, acc);
-  if (active_only) {  // the rows whose coefficient is 0 become ignored rows (ops/policy_loss.py active_tokens)
-    AT_DISPATCH_INDEX_TYPES(in.labels.scalar_type(), "policy_loss_cpu", [&] {
-      index_t* y = in.labels.mutable_data_ptr<index_t>();
-      acc_t* v = in.valid.mutable_data_ptr<acc_t>();
-      const acc_t *w = in.w.const_data_ptr<acc_t>(), *a = in.adv.const_data_ptr<acc_t>();
-      for (int64_t i = 0; i < in.labels.numel(); ++i)
-        if (!(w[i] != acc_t(0) && (beta != 0.0 || a[i] != acc_t(0))))
-          y[i] = static_cast<index_t>(ignore_index), v[i] = 0;
-    });
+  if (active_only) {  // the rows whose coefficient is 0 become ignored rows
+    const at::Tensor skipped = carries(in.w, in.adv, beta).logical_not_();
+    in.labels.masked_fill_(skipped, ignore_index);
+    in.valid.masked_fill_(skipped, 0);
   }
   const at::Tensor x = logits.stride(-1) == 1 ? logits : logits.contiguous();
   at::Tensor grad = write_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
@@ -448,9 +449,8 @@ std::vector<at::Tensor> head_impl(CREDIT_HEAD_CPU_ARGS, at::ScalarType acc) {
   at::Tensor h = hidden.contiguous(), W = weight.contiguous(), b = present(bias) ? bias->contiguous() : at::Tensor();
   at::Tensor lab = in.labels, valid = in.valid, adv = in.adv, w = in.w, o = in.old, r = in.ref, index;
   if (active_only) {  // the rows whose coefficient is 0 leave all three matmuls (ops/policy_loss.py active_tokens)
-    const at::Tensor carries = beta != 0.0 ? w.ne(0) : w.ne(0).logical_and_(adv.ne(0));
-    index = carries.nonzero().squeeze(1);
-    if (index.numel() < carries.numel()) {
+    index = carries(w, adv, beta).nonzero().squeeze(1);
+    if (index.numel() < w.numel()) {
       for (at::Tensor* t : {&h, &lab, &valid, &adv, &w, &o, &r})
         if (t->defined()) *t = t->index_select(0, index);
     } else {
